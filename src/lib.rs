@@ -1,0 +1,15 @@
+//! # pointwise
+//!
+//! Train networks built from 1×1 (pointwise) convolutions, and see how they are trained.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod checkpoint;
+pub mod element;
+pub mod error;
+pub mod gradcheck;
+pub mod graph;
+pub mod ops;
+
+pub use element::Element;
+pub use error::{Error, Result};
+pub use graph::{Graph, NodeId};

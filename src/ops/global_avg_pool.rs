@@ -1,0 +1,97 @@
+//! # GlobalAvgPool: one number per channel
+//!
+//! ## What
+//! The mean of each channel over all its pixels. It removes H and W entirely and keeps C: the
+//! usual bridge from feature maps to a classifier.
+//!
+//! ## Shapes
+//! x (N, C, H, W) → y (N, C); P = H·W.
+//!
+//! ## Derivation
+//! ```text
+//! y[n,c] = (1/P) Σ_{h,w} x[n,c,h,w]        ∂L/∂x[n,c,h,w] = dy[n,c] / P
+//! ```
+//! Because it is linear and blind to position, global average pooling alone cannot detect a
+//! pattern whose sign flips from pixel to pixel: +v and −v average to 0. A 1×1 convolution and
+//! a ReLU *before* it can (|v·x| survives the average); the `train_bottleneck` example shows it.
+//!
+//! ## Cost
+//! Forward one add per input element; backward one add per input element.
+
+use super::{check_image, check_same};
+use crate::element::{count, Element};
+use crate::error::Result;
+use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis};
+
+const OP: &str = "global_avg_pool";
+
+/// Checks the input and returns the output shape (N, C).
+pub fn output_shape(x: &[usize]) -> Result<[usize; 2]> {
+    let [batch, channels, _, _] = check_image(OP, x)?;
+    Ok([batch, channels])
+}
+
+/// Forward: y[n,c] = mean over the plane.
+pub fn forward<T: Element>(x: ArrayView4<T>, mut y: ArrayViewMut2<T>) -> Result<()> {
+    check_same(OP, "output", &output_shape(x.shape())?, y.shape())?;
+    let pixels = count::<T>(x.shape()[2] * x.shape()[3]);
+    for (x_sample, mut y_row) in x.outer_iter().zip(y.outer_iter_mut()) {
+        for (plane, y) in x_sample.outer_iter().zip(y_row.iter_mut()) {
+            *y = plane.sum() / pixels;
+        }
+    }
+    Ok(())
+}
+
+/// Backward: every pixel of plane (n, c) receives dy[n,c] / P.
+pub fn backward<T: Element>(dy: ArrayView2<T>, mut dx: ArrayViewMut4<T>) -> Result<()> {
+    check_same(
+        OP,
+        "output gradient",
+        &output_shape(dx.shape())?,
+        dy.shape(),
+    )?;
+    let pixels = count::<T>(dx.shape()[2] * dx.shape()[3]);
+    for (dy_row, mut dx_sample) in dy.outer_iter().zip(dx.outer_iter_mut()) {
+        for (&g, mut plane) in dy_row.iter().zip(dx_sample.axis_iter_mut(Axis(0))) {
+            plane += g / pixels;
+        }
+    }
+    Ok(())
+}
+
+/// The specification, as explicit loops.
+pub fn forward_reference<T: Element>(x: ArrayView4<T>, mut y: ArrayViewMut2<T>) -> Result<()> {
+    let [batch, channels] = output_shape(x.shape())?;
+    check_same(OP, "output", &[batch, channels], y.shape())?;
+    let (height, width) = (x.shape()[2], x.shape()[3]);
+    for n in 0..batch {
+        for c in 0..channels {
+            let mut sum = T::zero();
+            for h in 0..height {
+                for w in 0..width {
+                    sum += x[[n, c, h, w]];
+                }
+            }
+            y[[n, c]] = sum / count::<T>(height * width);
+        }
+    }
+    Ok(())
+}
+
+/// The specification of the backward pass.
+pub fn backward_reference<T: Element>(dy: ArrayView2<T>, mut dx: ArrayViewMut4<T>) -> Result<()> {
+    let [batch, channels] = output_shape(dx.shape())?;
+    check_same(OP, "output gradient", &[batch, channels], dy.shape())?;
+    let (height, width) = (dx.shape()[2], dx.shape()[3]);
+    for n in 0..batch {
+        for c in 0..channels {
+            for h in 0..height {
+                for w in 0..width {
+                    dx[[n, c, h, w]] += dy[[n, c]] / count::<T>(height * width);
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! # Linear: a fully-connected layer, which *is* a 1×1 convolution
+//!
+//! ## What
+//! `y[n] = W·x[n] + b`. A fully-connected layer on C features is a 1×1 convolution on a 1×1
+//! feature map with C channels (the observation behind fully-convolutional networks), so this
+//! op has no GEMM code of its own: it views (N, C) as (N, C, 1, 1) and calls [`conv1x1`].
+//! `tests/ops.rs` shows the equivalence on numbers.
+//!
+//! ## Shapes
+//! x (N, F), weight (F1, F), bias (F1), y (N, F1). As a convolution: P = 1 pixel per sample.
+//!
+//! ## Derivation
+//! The conv1x1 derivation with P = 1:
+//! ```text
+//! y[n,o] = Σ_c W[o,c]·x[n,c] + b[o]
+//! dW = Σₙ dy[n]·x[n]ᵀ  (F1×1)·(1×F) → (F1×F)     dx[n] = Wᵀ·dy[n]  (F×F1)·(F1×1) → (F×1)
+//! db = Σₙ dy[n]
+//! ```
+//!
+//! ## Cost
+//! Forward 2·N·F1·F FLOPs; backward 4·N·F1·F + N·F1.
+
+use super::{check_ndim, conv1x1};
+use crate::element::Element;
+use crate::error::Result;
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+
+const OP: &str = "linear";
+
+/// Checks x (N, F), weight (F1, F) and bias (F1) and returns the output shape (N, F1).
+pub fn output_shape(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result<[usize; 2]> {
+    check_ndim(OP, "input (N, F)", x, 2)?;
+    let [batch, c_out, _, _] = conv1x1::output_shape(&[x[0], x[1], 1, 1], weight, bias)?;
+    Ok([batch, c_out])
+}
+
+/// Forward, as `conv1x1::forward` on (N, F, 1, 1).
+pub fn forward<T: Element>(
+    x: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    bias: Option<ArrayView1<T>>,
+    y: ArrayViewMut2<T>,
+) -> Result<()> {
+    output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
+    check_ndim(OP, "output (N, F1)", y.shape(), 2)?;
+    // (N, F) → (N, F, 1, 1): new axes of length 1, no copy.
+    let x_map = x.insert_axis(Axis(2)).insert_axis(Axis(3));
+    let y_map = y.insert_axis(Axis(2)).insert_axis(Axis(3));
+    conv1x1::forward(x_map, weight, bias, y_map)
+}
+
+/// Backward, as `conv1x1::backward` on (N, F, 1, 1).
+pub fn backward<T: Element>(
+    x: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    dy: ArrayView2<T>,
+    dx: Option<ArrayViewMut2<T>>,
+    dweight: Option<ArrayViewMut2<T>>,
+    dbias: Option<ArrayViewMut1<T>>,
+) -> Result<()> {
+    output_shape(x.shape(), weight.shape(), None)?;
+    check_ndim(OP, "output gradient (N, F1)", dy.shape(), 2)?;
+    let dx = dx.map(|d| d.insert_axis(Axis(2)).insert_axis(Axis(3)));
+    conv1x1::backward(
+        x.insert_axis(Axis(2)).insert_axis(Axis(3)),
+        weight,
+        dy.insert_axis(Axis(2)).insert_axis(Axis(3)),
+        dx,
+        dweight,
+        dbias,
+    )
+}
+
+/// The specification: the textbook fully-connected layer, y[n,o] = Σ_c W[o,c]·x[n,c] + b[o].
+pub fn forward_reference<T: Element>(
+    x: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    bias: Option<ArrayView1<T>>,
+    mut y: ArrayViewMut2<T>,
+) -> Result<()> {
+    let [batch, c_out] = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
+    super::check_same(OP, "output", &[batch, c_out], y.shape())?;
+    for n in 0..batch {
+        for o in 0..c_out {
+            let mut sum = bias.as_ref().map_or(T::zero(), |b| b[o]);
+            for c in 0..x.shape()[1] {
+                sum += weight[[o, c]] * x[[n, c]];
+            }
+            y[[n, o]] = sum;
+        }
+    }
+    Ok(())
+}
+
+/// The specification of the backward pass.
+pub fn backward_reference<T: Element>(
+    x: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    dy: ArrayView2<T>,
+    mut dx: Option<ArrayViewMut2<T>>,
+    mut dweight: Option<ArrayViewMut2<T>>,
+    mut dbias: Option<ArrayViewMut1<T>>,
+) -> Result<()> {
+    let [batch, c_out] = output_shape(x.shape(), weight.shape(), None)?;
+    super::check_same(OP, "output gradient", &[batch, c_out], dy.shape())?;
+    if let Some(dx) = &dx {
+        super::check_same(OP, "input gradient", x.shape(), dx.shape())?;
+    }
+    if let Some(dweight) = &dweight {
+        super::check_same(OP, "weight gradient", weight.shape(), dweight.shape())?;
+    }
+    if let Some(dbias) = &dbias {
+        super::check_same(OP, "bias gradient", &[c_out], dbias.shape())?;
+    }
+    for n in 0..batch {
+        for o in 0..c_out {
+            let g = dy[[n, o]];
+            if let Some(dbias) = dbias.as_mut() {
+                dbias[o] += g;
+            }
+            for c in 0..x.shape()[1] {
+                if let Some(dweight) = dweight.as_mut() {
+                    dweight[[o, c]] += g * x[[n, c]];
+                }
+                if let Some(dx) = dx.as_mut() {
+                    dx[[n, c]] += g * weight[[o, c]];
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! # MaxPool: shrinks H and W by keeping the largest value of each window
+//!
+//! ## What
+//! Each output pixel is the maximum over a `window`×`window` patch of its channel, patches taken
+//! every `stride` pixels. Channels are never mixed: pooling changes H and W, never C.
+//!
+//! ## Shapes
+//! x (N, C, H, W) → y (N, C, H′, W′) with H′ = ⌊(H − k)/s⌋ + 1, W′ = ⌊(W − k)/s⌋ + 1.
+//! Saved for backward: for each output element, the position (h·W + w) of its arg-max in its
+//! channel plane, (N·C·H′·W′) integers.
+//!
+//! ## Derivation
+//! ```text
+//! y[n,c,i,j] = x[n,c,h*,w*]   where (h*, w*) = arg max over the window at (i·s, j·s)
+//! ∂L/∂x[n,c,h,w] = Σ over windows whose arg-max is (h,w) of dy[n,c,i,j]
+//! ```
+//! The whole gradient of a window goes to one input, its arg-max. **Tie rule:** the first
+//! maximum in row-major order within the window wins (a later equal value does not replace it).
+//! With overlapping windows (s < k) one input can be the arg-max of several windows and
+//! receives the sum. Gradient checks keep windows free of ties, where the max is not
+//! differentiable.
+//!
+//! ## Cost
+//! Forward k² compares per output element; backward one add per output element.
+
+use super::{check_image, check_same, pooled_len};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use ndarray::{ArrayView2, ArrayView4, ArrayViewMut4};
+
+const OP: &str = "max_pool";
+
+/// Checks the input and the pool settings and returns the output shape.
+pub fn output_shape(x: &[usize], window: usize, stride: usize) -> Result<[usize; 4]> {
+    let [batch, channels, height, width] = check_image(OP, x)?;
+    let out_height = pooled_len(OP, height, window, stride, x)?;
+    let out_width = pooled_len(OP, width, window, stride, x)?;
+    Ok([batch, channels, out_height, out_width])
+}
+
+fn check_argmax(len: usize, found: usize) -> Result<()> {
+    if len != found {
+        return Err(Error::shape_mismatch(
+            OP,
+            "arg-max buffer length",
+            len.to_string(),
+            found.to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Arg-max of one window of one channel plane, first maximum in row-major order.
+fn window_argmax<T: Element>(
+    plane: &ArrayView2<T>,
+    top: usize,
+    left: usize,
+    window: usize,
+) -> (usize, usize) {
+    let mut best = (top, left);
+    for h in top..top + window {
+        for w in left..left + window {
+            if plane[[h, w]] > plane[best] {
+                best = (h, w);
+            }
+        }
+    }
+    best
+}
+
+/// Forward: y = window maximum; `argmax` receives the winner's position (h·W + w) in its plane.
+pub fn forward<T: Element>(
+    x: ArrayView4<T>,
+    window: usize,
+    stride: usize,
+    mut y: ArrayViewMut4<T>,
+    argmax: &mut [usize],
+) -> Result<()> {
+    let out = output_shape(x.shape(), window, stride)?;
+    check_same(OP, "output", &out, y.shape())?;
+    check_argmax(y.len(), argmax.len())?;
+    let width = x.shape()[3];
+    let mut winners = argmax.iter_mut();
+    for (x_sample, mut y_sample) in x.outer_iter().zip(y.outer_iter_mut()) {
+        for (plane, mut y_plane) in x_sample.outer_iter().zip(y_sample.outer_iter_mut()) {
+            for ((i, j), y) in y_plane.indexed_iter_mut() {
+                let (h, w) = window_argmax(&plane, i * stride, j * stride, window);
+                *y = plane[[h, w]];
+                if let Some(winner) = winners.next() {
+                    *winner = h * width + w;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Backward: routes each dy to its window's arg-max, dx[arg-max] += dy.
+pub fn backward<T: Element>(
+    dy: ArrayView4<T>,
+    argmax: &[usize],
+    mut dx: ArrayViewMut4<T>,
+) -> Result<()> {
+    check_argmax(dy.len(), argmax.len())?;
+    let [batch, channels, height, width] = check_image(OP, dx.shape())?;
+    check_same(
+        OP,
+        "output gradient batch and channels",
+        &[batch, channels],
+        &dy.shape()[..2],
+    )?;
+    let plane_len = height * width;
+    if let Some(&bad) = argmax.iter().find(|&&position| position >= plane_len) {
+        return Err(Error::shape_mismatch(
+            OP,
+            "arg-max position",
+            format!("< {plane_len}"),
+            bad.to_string(),
+        ));
+    }
+    let mut winners = argmax.iter();
+    for (dy_sample, mut dx_sample) in dy.outer_iter().zip(dx.outer_iter_mut()) {
+        for (dy_plane, mut dx_plane) in dy_sample.outer_iter().zip(dx_sample.outer_iter_mut()) {
+            for &g in dy_plane.iter() {
+                if let Some(&position) = winners.next() {
+                    dx_plane[[position / width, position % width]] += g;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The specification: the window maximum by explicit 6-deep loops, first maximum wins.
+/// Returns the arg-max positions it found, so the tests can compare them too.
+pub fn forward_reference<T: Element>(
+    x: ArrayView4<T>,
+    window: usize,
+    stride: usize,
+    mut y: ArrayViewMut4<T>,
+) -> Result<Vec<usize>> {
+    let [batch, channels, out_height, out_width] = output_shape(x.shape(), window, stride)?;
+    check_same(
+        OP,
+        "output",
+        &[batch, channels, out_height, out_width],
+        y.shape(),
+    )?;
+    let width = x.shape()[3];
+    let mut argmax = Vec::with_capacity(y.len());
+    for n in 0..batch {
+        for c in 0..channels {
+            for i in 0..out_height {
+                for j in 0..out_width {
+                    let (mut best_h, mut best_w) = (i * stride, j * stride);
+                    for di in 0..window {
+                        for dj in 0..window {
+                            let (h, w) = (i * stride + di, j * stride + dj);
+                            if x[[n, c, h, w]] > x[[n, c, best_h, best_w]] {
+                                (best_h, best_w) = (h, w);
+                            }
+                        }
+                    }
+                    y[[n, c, i, j]] = x[[n, c, best_h, best_w]];
+                    argmax.push(best_h * width + best_w);
+                }
+            }
+        }
+    }
+    Ok(argmax)
+}
+
+/// The specification of the backward pass, recomputing the arg-max from x.
+pub fn backward_reference<T: Element>(
+    x: ArrayView4<T>,
+    window: usize,
+    stride: usize,
+    dy: ArrayView4<T>,
+    mut dx: ArrayViewMut4<T>,
+) -> Result<()> {
+    let [batch, channels, out_height, out_width] = output_shape(x.shape(), window, stride)?;
+    check_same(
+        OP,
+        "output gradient",
+        &[batch, channels, out_height, out_width],
+        dy.shape(),
+    )?;
+    check_same(OP, "input gradient", x.shape(), dx.shape())?;
+    for n in 0..batch {
+        for c in 0..channels {
+            for i in 0..out_height {
+                for j in 0..out_width {
+                    let (mut best_h, mut best_w) = (i * stride, j * stride);
+                    for di in 0..window {
+                        for dj in 0..window {
+                            let (h, w) = (i * stride + di, j * stride + dj);
+                            if x[[n, c, h, w]] > x[[n, c, best_h, best_w]] {
+                                (best_h, best_w) = (h, w);
+                            }
+                        }
+                    }
+                    dx[[n, c, best_h, best_w]] += dy[[n, c, i, j]];
+                }
+            }
+        }
+    }
+    Ok(())
+}

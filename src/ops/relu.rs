@@ -1,0 +1,78 @@
+//! # ReLU: the per-pixel non-linearity
+//!
+//! ## What
+//! `y = max(x, 0)` elementwise. After a 1×1 convolution it turns the per-pixel linear map into a
+//! small per-pixel MLP (the Network-in-Network idea).
+//!
+//! ## Shapes
+//! x and y have the same shape, any number of dimensions.
+//!
+//! ## Derivation
+//! ```text
+//! y[i] = x[i] if x[i] > 0, else 0
+//! ∂L/∂x[i] = dy[i]·1[x[i] > 0]
+//! ```
+//! At exactly x = 0 the function has a kink and no derivative; we pass **no** gradient there
+//! (the subgradient 0, as PyTorch does). Gradient checks keep inputs away from 0, where a finite
+//! difference would straddle the kink.
+//!
+//! ## Cost
+//! Forward: one compare per element, read x, write y. Backward: one compare and one add per
+//! element, read x and dy, read-modify-write dx.
+
+use super::check_same;
+use crate::element::Element;
+use crate::error::Result;
+use ndarray::{ArrayViewD, ArrayViewMutD, Zip};
+
+const OP: &str = "relu";
+
+/// Forward: y = max(x, 0).
+pub fn forward<T: Element>(x: ArrayViewD<T>, mut y: ArrayViewMutD<T>) -> Result<()> {
+    check_same(OP, "output", x.shape(), y.shape())?;
+    Zip::from(&mut y)
+        .and(&x)
+        .for_each(|y, &x| *y = if x > T::zero() { x } else { T::zero() });
+    Ok(())
+}
+
+/// Backward: dx += dy where x > 0.
+pub fn backward<T: Element>(
+    x: ArrayViewD<T>,
+    dy: ArrayViewD<T>,
+    mut dx: ArrayViewMutD<T>,
+) -> Result<()> {
+    check_same(OP, "output gradient", x.shape(), dy.shape())?;
+    check_same(OP, "input gradient", x.shape(), dx.shape())?;
+    Zip::from(&mut dx).and(&x).and(&dy).for_each(|dx, &x, &dy| {
+        if x > T::zero() {
+            *dx += dy;
+        }
+    });
+    Ok(())
+}
+
+/// The specification, as a loop over flat indices.
+pub fn forward_reference<T: Element>(x: ArrayViewD<T>, mut y: ArrayViewMutD<T>) -> Result<()> {
+    check_same(OP, "output", x.shape(), y.shape())?;
+    for (index, &value) in x.indexed_iter() {
+        y[&index] = if value > T::zero() { value } else { T::zero() };
+    }
+    Ok(())
+}
+
+/// The specification of the backward pass.
+pub fn backward_reference<T: Element>(
+    x: ArrayViewD<T>,
+    dy: ArrayViewD<T>,
+    mut dx: ArrayViewMutD<T>,
+) -> Result<()> {
+    check_same(OP, "output gradient", x.shape(), dy.shape())?;
+    check_same(OP, "input gradient", x.shape(), dx.shape())?;
+    for (index, &value) in x.indexed_iter() {
+        if value > T::zero() {
+            dx[&index] += dy[&index];
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! Every error variant, triggered through the public API; messages name the op and both shapes.
+
+mod common;
+
+use common::random;
+use ndarray::{Array2, Array4};
+use pointwise::ops::{conv1x1, max_pool, softmax_cross_entropy};
+use pointwise::{Error, Graph, NodeId};
+
+fn conv_graph(c_in: usize) -> (Graph<f64>, NodeId, NodeId) {
+    let mut graph = Graph::new();
+    let x = graph.input("x");
+    let weight = graph.param("weight", random(&[3, c_in], 1)).unwrap();
+    let y = graph.conv1x1(x, weight, None).unwrap();
+    (graph, x, y)
+}
+
+#[test]
+fn channel_mismatch_is_a_shape_mismatch_naming_op_and_shapes() {
+    let (mut graph, x, y) = conv_graph(4);
+    graph.set_input(x, random(&[2, 6, 5, 5], 2).view()).unwrap();
+    let error = graph.forward(y).unwrap_err();
+    assert!(
+        matches!(error, Error::ShapeMismatch { op: "conv1x1", .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("conv1x1") && message.contains('4') && message.contains("[2, 6, 5, 5]"),
+        "{message}"
+    );
+}
+
+#[test]
+fn wrong_number_of_dimensions_is_a_shape_mismatch() {
+    let (mut graph, x, y) = conv_graph(4);
+    graph.set_input(x, random(&[2, 4], 2).view()).unwrap();
+    assert!(matches!(
+        graph.forward(y),
+        Err(Error::ShapeMismatch { op: "conv1x1", .. })
+    ));
+}
+
+#[test]
+fn bias_of_the_wrong_length_is_a_shape_mismatch() {
+    let mut graph = Graph::<f64>::new();
+    let x = graph.input("x");
+    let weight = graph.param("weight", random(&[3, 4], 1)).unwrap();
+    let bias = graph.param("bias", random(&[4], 2)).unwrap();
+    assert!(matches!(
+        graph.conv1x1(x, weight, Some(bias)),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
+
+#[test]
+fn pool_window_larger_than_the_input_is_an_invalid_shape() {
+    let mut graph = Graph::<f64>::new();
+    let x = graph.input("x");
+    let pooled = graph.max_pool(x, 3, 1).unwrap();
+    graph.set_input(x, random(&[1, 2, 2, 5], 1).view()).unwrap();
+    let error = graph.forward(pooled).unwrap_err();
+    assert!(
+        matches!(error, Error::InvalidShape { op: "max_pool", .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("window 3"), "{error}");
+
+    let x = Array4::<f64>::zeros((1, 1, 2, 2));
+    assert!(matches!(
+        pointwise::ops::avg_pool::output_shape(x.shape(), 4, 1),
+        Err(Error::InvalidShape { op: "avg_pool", .. })
+    ));
+}
+
+#[test]
+fn zero_sized_dimensions_are_invalid_shapes() {
+    for shape in [[1, 0, 3, 3], [1, 4, 0, 3], [1, 4, 3, 0]] {
+        let (mut graph, x, y) = conv_graph(4);
+        graph
+            .set_input(x, Array4::<f64>::zeros(shape).into_dyn().view())
+            .unwrap();
+        assert!(
+            matches!(graph.forward(y), Err(Error::InvalidShape { .. })),
+            "{shape:?}"
+        );
+    }
+    let mut graph = Graph::<f64>::new();
+    let error = graph
+        .param("weight", Array2::zeros((0, 4)).into_dyn())
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::InvalidShape { op: "param", .. }),
+        "{error:?}"
+    );
+    assert!(matches!(
+        conv1x1::check_weights(&[3, 0], None),
+        Err(Error::InvalidShape { .. })
+    ));
+}
+
+#[test]
+fn an_empty_batch_flows_forward_with_the_right_shape() {
+    let (mut graph, x, y) = conv_graph(4);
+    graph
+        .set_input(x, Array4::<f64>::zeros((0, 4, 3, 3)).into_dyn().view())
+        .unwrap();
+    graph.forward(y).unwrap();
+    assert_eq!(graph.value(y).unwrap().shape(), &[0, 3, 3, 3]);
+}
+
+#[test]
+fn stride_zero_and_window_zero_are_invalid_configs() {
+    let mut graph = Graph::<f64>::new();
+    let x = graph.input("x");
+    assert!(matches!(
+        graph.max_pool(x, 2, 0),
+        Err(Error::InvalidConfig { op: "max_pool", .. })
+    ));
+    assert!(matches!(
+        graph.avg_pool(x, 0, 1),
+        Err(Error::InvalidConfig { op: "avg_pool", .. })
+    ));
+    assert!(matches!(
+        max_pool::output_shape(&[1, 1, 4, 4], 2, 0),
+        Err(Error::InvalidConfig { .. })
+    ));
+}
+
+#[test]
+fn misused_nodes_are_invalid_configs() {
+    let mut graph = Graph::<f64>::new();
+    let x = graph.input("x");
+    let weight = graph.param("weight", random(&[3, 4], 1)).unwrap();
+    // The weight of a conv must be a parameter; a name may be used once.
+    assert!(matches!(
+        graph.conv1x1(weight, x, None),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        graph.conv1x1(weight, weight, None),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        graph.param("weight", random(&[1], 2)),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(graph.mse(x, x), Err(Error::InvalidConfig { .. })));
+}
+
+#[test]
+fn a_loss_over_an_empty_batch_is_an_empty_batch_error() {
+    let mut graph = Graph::<f64>::new();
+    let logits = graph.input("logits");
+    let loss = graph.softmax_cross_entropy(logits).unwrap();
+    graph
+        .set_input(logits, Array2::<f64>::zeros((0, 3)).into_dyn().view())
+        .unwrap();
+    graph.set_labels(loss, &[]).unwrap();
+    assert!(matches!(
+        graph.forward(loss),
+        Err(Error::EmptyBatch {
+            op: "softmax_cross_entropy"
+        })
+    ));
+
+    let mut graph = Graph::<f64>::new();
+    let (prediction, target) = (graph.input("p"), graph.input("t"));
+    let loss = graph.mse(prediction, target).unwrap();
+    graph
+        .set_input(prediction, Array2::<f64>::zeros((0, 3)).into_dyn().view())
+        .unwrap();
+    graph
+        .set_input(target, Array2::<f64>::zeros((0, 3)).into_dyn().view())
+        .unwrap();
+    assert!(matches!(
+        graph.forward(loss),
+        Err(Error::EmptyBatch { op: "mse" })
+    ));
+}
+
+#[test]
+fn a_label_out_of_range_is_reported_with_its_sample() {
+    let mut graph = Graph::<f64>::new();
+    let logits = graph.input("logits");
+    let loss = graph.softmax_cross_entropy(logits).unwrap();
+    graph.set_input(logits, random(&[3, 4], 1).view()).unwrap();
+    graph.set_labels(loss, &[0, 4, 1]).unwrap();
+    let error = graph.forward(loss).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::LabelOutOfRange {
+                sample: 1,
+                label: 4,
+                classes: 4,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    graph.set_labels(loss, &[0, 1]).unwrap();
+    assert!(matches!(
+        graph.forward(loss),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let mut probs = Array2::zeros((1, 2));
+    let result = softmax_cross_entropy::forward(
+        Array2::<f64>::zeros((1, 2)).view(),
+        &[usize::MAX],
+        probs.view_mut(),
+    );
+    assert!(matches!(result, Err(Error::LabelOutOfRange { .. })));
+}
+
+#[test]
+fn unset_inputs_and_foreign_ids_are_graph_errors() {
+    let (mut graph, x, y) = conv_graph(4);
+    assert!(matches!(graph.forward(y), Err(Error::Graph { .. })));
+    let mut other = Graph::<f64>::new();
+    let foreign = (0..10).map(|i| other.input(&i.to_string())).last().unwrap();
+    assert!(matches!(graph.forward(foreign), Err(Error::Graph { .. })));
+    assert!(matches!(graph.relu(foreign), Err(Error::Graph { .. })));
+    // A gradient was not asked for; labels belong to a loss; inputs are set, not ops.
+    assert!(matches!(graph.grad(x), Err(Error::Graph { .. })));
+    assert!(matches!(
+        graph.set_labels(y, &[0]),
+        Err(Error::Graph { .. })
+    ));
+    assert!(matches!(
+        graph.set_input(y, random(&[1], 1).view()),
+        Err(Error::Graph { .. })
+    ));
+}
+
+#[test]
+fn gradient_buffers_of_the_wrong_shape_are_rejected_by_the_ops() {
+    let x = Array4::<f64>::zeros((1, 4, 2, 2));
+    let weight = Array2::<f64>::zeros((3, 4));
+    let dy = Array4::<f64>::zeros((1, 3, 2, 2));
+    let mut dweight = Array2::<f64>::zeros((4, 3));
+    let result = conv1x1::backward(
+        x.view(),
+        weight.view(),
+        dy.view(),
+        None,
+        Some(dweight.view_mut()),
+        None,
+    );
+    assert!(matches!(result, Err(Error::ShapeMismatch { .. })));
+}

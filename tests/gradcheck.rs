@@ -1,0 +1,341 @@
+//! Every backward pass against central finite differences in f64, for every input of every op
+//! (x, weight, bias), on the shapes of `common::CASES`.
+
+mod common;
+
+use common::{away_from_zero, distinct_values, random, Case, CASES};
+use pointwise::gradcheck::{self, TensorReport};
+use pointwise::{Graph, NodeId};
+
+/// Finite-difference step: small enough that truncation (≈ ε² = 1e-12) is negligible, large
+/// enough that f64 cancellation (≈ 1e-16·|f|/ε = 1e-10·|f|) is too.
+const EPS: f64 = 1e-6;
+/// Both error sources above are ≤ 1e-9 of the gradient scale on these graphs; a wrong index,
+/// factor or missing term gives errors of order 1.
+const REL_TOL: f64 = 1e-7;
+
+fn assert_close(reports: &[TensorReport], context: &str) {
+    for report in reports {
+        assert!(report.elements > 0, "{context}: {report}");
+        assert!(
+            report.max_gradient > 0.0,
+            "{context}: gradient is identically zero, nothing was checked: {report}"
+        );
+        assert!(
+            report.max_rel_error <= REL_TOL,
+            "{context}: {report} exceeds {REL_TOL:e}"
+        );
+    }
+}
+
+/// Builds `input_with_grad` x and checks `build(x)` w.r.t. x and the returned extra leaves.
+fn check_graph(
+    context: &str,
+    seed: u64,
+    build: impl FnOnce(&mut Graph<f64>) -> (NodeId, Vec<NodeId>),
+) {
+    let mut graph = Graph::new();
+    let (output, wrt) = build(&mut graph);
+    let reports = gradcheck::check(&mut graph, output, &wrt, EPS, seed).unwrap();
+    assert_eq!(reports.len(), wrt.len());
+    assert_close(&reports, context);
+}
+
+fn conv_graph(
+    graph: &mut Graph<f64>,
+    case: &Case,
+    seed: u64,
+    with_bias: bool,
+) -> (NodeId, Vec<NodeId>) {
+    let x = graph.input_with_grad("x");
+    graph
+        .set_input(x, random(&case.image(), seed).view())
+        .unwrap();
+    let weight = graph
+        .param("weight", random(&[case.c_out, case.c_in], seed + 1))
+        .unwrap();
+    let mut wrt = vec![x, weight];
+    let bias = with_bias.then(|| {
+        graph
+            .param("bias", random(&[case.c_out], seed + 2))
+            .unwrap()
+    });
+    wrt.extend(bias);
+    (graph.conv1x1(x, weight, bias).unwrap(), wrt)
+}
+
+#[test]
+fn conv1x1_dx_dweight_dbias_match_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(&format!("conv1x1 {case:?}"), i as u64, |g| {
+            conv_graph(g, case, 10 * i as u64, true)
+        });
+    }
+}
+
+#[test]
+fn conv1x1_without_bias_matches_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(&format!("conv1x1 no bias {case:?}"), i as u64, |g| {
+            conv_graph(g, case, 10 * i as u64, false)
+        });
+    }
+}
+
+#[test]
+fn linear_dx_dweight_dbias_match_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(&format!("linear {case:?}"), i as u64, |graph| {
+            let x = graph.input_with_grad("x");
+            graph
+                .set_input(x, random(&[case.batch, case.c_in], i as u64).view())
+                .unwrap();
+            let weight = graph
+                .param("weight", random(&[case.c_out, case.c_in], 100 + i as u64))
+                .unwrap();
+            let bias = graph
+                .param("bias", random(&[case.c_out], 200 + i as u64))
+                .unwrap();
+            (
+                graph.linear(x, weight, Some(bias)).unwrap(),
+                vec![x, weight, bias],
+            )
+        });
+    }
+}
+
+#[test]
+fn relu_dx_matches_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(&format!("relu {case:?}"), i as u64, |graph| {
+            let x = graph.input_with_grad("x");
+            // |x| ≥ 0.05 ≫ EPS: no finite difference straddles the kink at 0.
+            graph
+                .set_input(x, away_from_zero(&case.image(), i as u64, 0.05).view())
+                .unwrap();
+            (graph.relu(x).unwrap(), vec![x])
+        });
+    }
+}
+
+/// (window, stride) settings: non-overlapping, overlapping, and a window covering odd sizes.
+const POOLS: [(usize, usize); 3] = [(1, 1), (2, 1), (2, 2)];
+
+#[test]
+fn max_pool_dx_matches_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        for &(window, stride) in POOLS
+            .iter()
+            .filter(|(w, _)| *w <= case.height.min(case.width))
+        {
+            check_graph(
+                &format!("max_pool k{window} s{stride} {case:?}"),
+                i as u64,
+                |graph| {
+                    let x = graph.input_with_grad("x");
+                    // Values 0.01 apart ≫ 2·EPS: the arg-max of a window never changes under the step.
+                    graph
+                        .set_input(x, distinct_values(&case.image(), i as u64, 0.01).view())
+                        .unwrap();
+                    (graph.max_pool(x, window, stride).unwrap(), vec![x])
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn avg_pool_dx_matches_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        for &(window, stride) in POOLS
+            .iter()
+            .filter(|(w, _)| *w <= case.height.min(case.width))
+        {
+            check_graph(
+                &format!("avg_pool k{window} s{stride} {case:?}"),
+                i as u64,
+                |graph| {
+                    let x = graph.input_with_grad("x");
+                    graph
+                        .set_input(x, random(&case.image(), i as u64).view())
+                        .unwrap();
+                    (graph.avg_pool(x, window, stride).unwrap(), vec![x])
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn global_avg_pool_dx_matches_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(&format!("global_avg_pool {case:?}"), i as u64, |graph| {
+            let x = graph.input_with_grad("x");
+            graph
+                .set_input(x, random(&case.image(), i as u64).view())
+                .unwrap();
+            (graph.global_avg_pool(x).unwrap(), vec![x])
+        });
+    }
+}
+
+#[test]
+fn add_dleft_dright_match_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(&format!("add {case:?}"), i as u64, |graph| {
+            let left = graph.input_with_grad("left");
+            let right = graph.input_with_grad("right");
+            graph
+                .set_input(left, random(&case.image(), i as u64).view())
+                .unwrap();
+            graph
+                .set_input(right, random(&case.image(), 50 + i as u64).view())
+                .unwrap();
+            (graph.add(left, right).unwrap(), vec![left, right])
+        });
+    }
+}
+
+#[test]
+fn add_of_a_value_with_itself_matches_finite_difference() {
+    check_graph("x + x", 3, |graph| {
+        let x = graph.input_with_grad("x");
+        graph.set_input(x, random(&[2, 3, 2, 2], 3).view()).unwrap();
+        (graph.add(x, x).unwrap(), vec![x])
+    });
+}
+
+#[test]
+fn softmax_cross_entropy_dlogits_matches_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(
+            &format!("softmax_cross_entropy {case:?}"),
+            i as u64,
+            |graph| {
+                let logits = graph.input_with_grad("logits");
+                // Scaled up so that probabilities are far from uniform.
+                graph
+                    .set_input(
+                        logits,
+                        (random(&[case.batch, case.c_out], i as u64) * 3.0).view(),
+                    )
+                    .unwrap();
+                let loss = graph.softmax_cross_entropy(logits).unwrap();
+                let labels: Vec<usize> =
+                    (0..case.batch).map(|n| (n * 7 + i) % case.c_out).collect();
+                graph.set_labels(loss, &labels).unwrap();
+                (loss, vec![logits])
+            },
+        );
+    }
+}
+
+#[test]
+fn mse_dprediction_dtarget_match_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(&format!("mse {case:?}"), i as u64, |graph| {
+            let prediction = graph.input_with_grad("prediction");
+            let target = graph.input_with_grad("target");
+            graph
+                .set_input(prediction, random(&case.image(), i as u64).view())
+                .unwrap();
+            graph
+                .set_input(target, random(&case.image(), 70 + i as u64).view())
+                .unwrap();
+            (
+                graph.mse(prediction, target).unwrap(),
+                vec![prediction, target],
+            )
+        });
+    }
+}
+
+/// conv1x1 → relu → conv1x1 → relu → max pool → global avg pool → linear → softmax-CE, checked
+/// with respect to every parameter tensor at once.
+#[test]
+fn whole_bottleneck_network_matches_finite_difference() {
+    for (seed, batch, channels, reduced, height, width, classes) in [
+        (1, 1, 6, 3, 4, 4, 3),
+        (2, 3, 5, 7, 5, 4, 4),
+        (3, 2, 8, 2, 2, 3, 5),
+    ] {
+        let mut graph = Graph::<f64>::new();
+        let x = graph.input("x");
+        graph
+            .set_input(x, random(&[batch, channels, height, width], seed).view())
+            .unwrap();
+        let reduce_w = graph
+            .param("reduce.weight", random(&[reduced, channels], seed + 1))
+            .unwrap();
+        let reduce_b = graph
+            .param("reduce.bias", random(&[reduced], seed + 2) * 0.1)
+            .unwrap();
+        let expand_w = graph
+            .param("expand.weight", random(&[channels, reduced], seed + 3))
+            .unwrap();
+        let expand_b = graph
+            .param("expand.bias", random(&[channels], seed + 4) * 0.1)
+            .unwrap();
+        let head_w = graph
+            .param("head.weight", random(&[classes, channels], seed + 5))
+            .unwrap();
+        let head_b = graph
+            .param("head.bias", random(&[classes], seed + 6))
+            .unwrap();
+        let reduce = graph.conv1x1(x, reduce_w, Some(reduce_b)).unwrap();
+        let hidden = graph.relu(reduce).unwrap();
+        let expand = graph.conv1x1(hidden, expand_w, Some(expand_b)).unwrap();
+        let features = graph.relu(expand).unwrap();
+        let pooled = graph.max_pool(features, 2, 1).unwrap();
+        let summary = graph.global_avg_pool(pooled).unwrap();
+        let logits = graph.linear(summary, head_w, Some(head_b)).unwrap();
+        let loss = graph.softmax_cross_entropy(logits).unwrap();
+        graph
+            .set_labels(loss, &(0..batch).map(|n| n % classes).collect::<Vec<_>>())
+            .unwrap();
+        graph.forward(loss).unwrap();
+
+        // The check is only meaningful away from kinks: every pre-activation well clear of 0
+        // and every pooling window with a clear winner (verified, not assumed).
+        for pre_activation in [reduce, expand] {
+            let margin = graph
+                .value(pre_activation)
+                .unwrap()
+                .iter()
+                .fold(f64::INFINITY, |m, v| m.min(v.abs()));
+            assert!(
+                margin > 1e-4,
+                "seed {seed}: a pre-activation is within {margin:e} of the ReLU kink"
+            );
+        }
+        let activations = graph
+            .value(features)
+            .unwrap()
+            .into_dimensionality::<ndarray::Ix4>()
+            .unwrap();
+        for window in activations.windows((1, 1, 2, 2)) {
+            let mut sorted: Vec<f64> = window.iter().copied().collect();
+            sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+            // A window of ReLU zeros ties at 0, harmlessly: its inputs are all below the kink
+            // (checked above), so no step moves them and both sides of the difference agree.
+            assert!(
+                sorted[0] - sorted[1] > 1e-4 || sorted[0] == 0.0,
+                "seed {seed}: a max-pool window has a near tie"
+            );
+        }
+
+        let params = graph.params();
+        assert_eq!(params.len(), 6);
+        let reports = gradcheck::check(&mut graph, loss, &params, EPS, seed).unwrap();
+        assert_close(&reports, &format!("bottleneck seed {seed}"));
+    }
+}
+
+#[test]
+fn gradcheck_detects_a_wrong_gradient() {
+    // The checker must be able to fail: compare a correct gradient with a perturbed one.
+    let report = gradcheck::compare("w", [1.0, 2.0, 3.0], &[1.0, 2.0, 3.0 + 1e-3]);
+    assert!(report.max_rel_error > REL_TOL, "{report}");
+    let report = gradcheck::compare("w", [1.0, f64::NAN], &[1.0, 2.0]);
+    assert!(report.max_rel_error.is_nan() || report.max_rel_error > REL_TOL);
+}

@@ -1,0 +1,333 @@
+//! The fast path of every op against its reference index loops (the specification kept in the
+//! op's file), forward and backward. Gradient buffers start non-zero, so the tests also check
+//! that backward accumulates (`+=`) rather than overwrites.
+
+mod common;
+
+use approx::assert_abs_diff_eq;
+use common::{distinct_values, random, CASES};
+use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix2, Ix4, IxDyn};
+use pointwise::ops::{
+    add, avg_pool, conv1x1, global_avg_pool, linear, max_pool, mse, relu, softmax_cross_entropy,
+};
+
+/// Fast and reference paths sum in different orders; in f64 they agree to rounding.
+const TOL: f64 = 1e-12;
+
+fn r4(shape: [usize; 4], seed: u64) -> Array4<f64> {
+    random(&shape, seed).into_dimensionality::<Ix4>().unwrap()
+}
+fn r2(shape: [usize; 2], seed: u64) -> Array2<f64> {
+    random(&shape, seed).into_dimensionality::<Ix2>().unwrap()
+}
+fn r1(len: usize, seed: u64) -> Array1<f64> {
+    random(&[len], seed).into_dimensionality::<Ix1>().unwrap()
+}
+
+#[test]
+fn conv1x1_fast_path_matches_reference_loops() {
+    for (i, case) in CASES.iter().enumerate() {
+        let seed = 10 * i as u64;
+        let x = r4(case.image(), seed);
+        let weight = r2([case.c_out, case.c_in], seed + 1);
+        let bias = r1(case.c_out, seed + 2);
+        let out = [case.batch, case.c_out, case.height, case.width];
+        let (mut y, mut y_ref) = (Array4::zeros(out), Array4::zeros(out));
+        conv1x1::forward(x.view(), weight.view(), Some(bias.view()), y.view_mut()).unwrap();
+        conv1x1::forward_reference(x.view(), weight.view(), Some(bias.view()), y_ref.view_mut())
+            .unwrap();
+        assert_abs_diff_eq!(y, y_ref, epsilon = TOL);
+
+        let dy = r4(out, seed + 3);
+        let (mut dx, mut dw, mut db) = (
+            r4(case.image(), 1),
+            r2([case.c_out, case.c_in], 2),
+            r1(case.c_out, 3),
+        );
+        let (mut dx_ref, mut dw_ref, mut db_ref) = (dx.clone(), dw.clone(), db.clone());
+        conv1x1::backward(
+            x.view(),
+            weight.view(),
+            dy.view(),
+            Some(dx.view_mut()),
+            Some(dw.view_mut()),
+            Some(db.view_mut()),
+        )
+        .unwrap();
+        conv1x1::backward_reference(
+            x.view(),
+            weight.view(),
+            dy.view(),
+            Some(dx_ref.view_mut()),
+            Some(dw_ref.view_mut()),
+            Some(db_ref.view_mut()),
+        )
+        .unwrap();
+        assert_abs_diff_eq!(dx, dx_ref, epsilon = TOL);
+        assert_abs_diff_eq!(dw, dw_ref, epsilon = TOL);
+        assert_abs_diff_eq!(db, db_ref, epsilon = TOL);
+    }
+}
+
+#[test]
+fn linear_fast_path_matches_reference_loops() {
+    for (i, case) in CASES.iter().enumerate() {
+        let seed = 10 * i as u64;
+        let x = r2([case.batch, case.c_in], seed);
+        let weight = r2([case.c_out, case.c_in], seed + 1);
+        let bias = r1(case.c_out, seed + 2);
+        let (mut y, mut y_ref) = (
+            Array2::zeros((case.batch, case.c_out)),
+            Array2::zeros((case.batch, case.c_out)),
+        );
+        linear::forward(x.view(), weight.view(), Some(bias.view()), y.view_mut()).unwrap();
+        linear::forward_reference(x.view(), weight.view(), Some(bias.view()), y_ref.view_mut())
+            .unwrap();
+        assert_abs_diff_eq!(y, y_ref, epsilon = TOL);
+
+        let dy = r2([case.batch, case.c_out], seed + 3);
+        let (mut dx, mut dw, mut db) = (
+            r2([case.batch, case.c_in], 1),
+            r2([case.c_out, case.c_in], 2),
+            r1(case.c_out, 3),
+        );
+        let (mut dx_ref, mut dw_ref, mut db_ref) = (dx.clone(), dw.clone(), db.clone());
+        linear::backward(
+            x.view(),
+            weight.view(),
+            dy.view(),
+            Some(dx.view_mut()),
+            Some(dw.view_mut()),
+            Some(db.view_mut()),
+        )
+        .unwrap();
+        linear::backward_reference(
+            x.view(),
+            weight.view(),
+            dy.view(),
+            Some(dx_ref.view_mut()),
+            Some(dw_ref.view_mut()),
+            Some(db_ref.view_mut()),
+        )
+        .unwrap();
+        assert_abs_diff_eq!(dx, dx_ref, epsilon = TOL);
+        assert_abs_diff_eq!(dw, dw_ref, epsilon = TOL);
+        assert_abs_diff_eq!(db, db_ref, epsilon = TOL);
+    }
+}
+
+/// A fully-connected layer on (N, F) features and a 1×1 convolution on the same numbers laid
+/// out as (N, F, 1, 1) maps are the same function, with the same gradients (the FCN insight).
+#[test]
+fn fully_connected_layer_is_a_1x1_convolution_on_1x1_maps() {
+    let (batch, c_in, c_out) = (4, 7, 3);
+    let x = r2([batch, c_in], 1);
+    let weight = r2([c_out, c_in], 2);
+    let bias = r1(c_out, 3);
+    let mut fc = Array2::zeros((batch, c_out));
+    linear::forward_reference(x.view(), weight.view(), Some(bias.view()), fc.view_mut()).unwrap();
+    let x_map = x
+        .clone()
+        .into_shape_with_order((batch, c_in, 1, 1))
+        .unwrap();
+    let mut conv = Array4::zeros((batch, c_out, 1, 1));
+    conv1x1::forward(
+        x_map.view(),
+        weight.view(),
+        Some(bias.view()),
+        conv.view_mut(),
+    )
+    .unwrap();
+    assert_abs_diff_eq!(
+        fc,
+        conv.into_shape_with_order((batch, c_out)).unwrap(),
+        epsilon = TOL
+    );
+
+    let dy = r2([batch, c_out], 4);
+    let (mut dw_fc, mut dw_conv) = (Array2::zeros((c_out, c_in)), Array2::zeros((c_out, c_in)));
+    linear::backward_reference(
+        x.view(),
+        weight.view(),
+        dy.view(),
+        None,
+        Some(dw_fc.view_mut()),
+        None,
+    )
+    .unwrap();
+    let dy_map = dy.into_shape_with_order((batch, c_out, 1, 1)).unwrap();
+    conv1x1::backward(
+        x_map.view(),
+        weight.view(),
+        dy_map.view(),
+        None,
+        Some(dw_conv.view_mut()),
+        None,
+    )
+    .unwrap();
+    assert_abs_diff_eq!(dw_fc, dw_conv, epsilon = TOL);
+}
+
+#[test]
+fn relu_and_add_fast_paths_match_reference_loops() {
+    for (i, case) in CASES.iter().enumerate() {
+        let shape = IxDyn(&case.image());
+        let (a, b) = (
+            random(&case.image(), i as u64),
+            random(&case.image(), 100 + i as u64),
+        );
+        let (mut y, mut y_ref) = (ArrayD::zeros(shape.clone()), ArrayD::zeros(shape.clone()));
+        relu::forward(a.view(), y.view_mut()).unwrap();
+        relu::forward_reference(a.view(), y_ref.view_mut()).unwrap();
+        assert_eq!(y, y_ref);
+        let (mut dx, mut dx_ref) = (b.clone(), b.clone());
+        relu::backward(a.view(), b.view(), dx.view_mut()).unwrap();
+        relu::backward_reference(a.view(), b.view(), dx_ref.view_mut()).unwrap();
+        assert_eq!(dx, dx_ref);
+
+        add::forward(a.view(), b.view(), y.view_mut()).unwrap();
+        add::forward_reference(a.view(), b.view(), y_ref.view_mut()).unwrap();
+        assert_eq!(y, y_ref);
+        let (mut da, mut da_ref) = (a.clone(), a.clone());
+        add::backward(b.view(), da.view_mut()).unwrap();
+        add::backward_reference(b.view(), da_ref.view_mut()).unwrap();
+        assert_eq!(da, da_ref);
+    }
+}
+
+#[test]
+fn pooling_fast_paths_match_reference_loops() {
+    for (i, case) in CASES.iter().enumerate() {
+        let x = distinct_values(&case.image(), i as u64, 0.01)
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        for (window, stride) in [(1, 1), (2, 1), (2, 2), (3, 2)] {
+            let Ok(out) = max_pool::output_shape(x.shape(), window, stride) else {
+                continue;
+            };
+            let (mut y, mut y_ref) = (Array4::zeros(out), Array4::zeros(out));
+            let mut argmax = vec![0; y.len()];
+            max_pool::forward(x.view(), window, stride, y.view_mut(), &mut argmax).unwrap();
+            let argmax_ref =
+                max_pool::forward_reference(x.view(), window, stride, y_ref.view_mut()).unwrap();
+            assert_eq!(y, y_ref);
+            assert_eq!(argmax, argmax_ref);
+            let dy = r4(out, 7);
+            let (mut dx, mut dx_ref) = (r4(case.image(), 8), r4(case.image(), 8));
+            max_pool::backward(dy.view(), &argmax, dx.view_mut()).unwrap();
+            max_pool::backward_reference(x.view(), window, stride, dy.view(), dx_ref.view_mut())
+                .unwrap();
+            assert_abs_diff_eq!(dx, dx_ref, epsilon = TOL);
+
+            avg_pool::forward(x.view(), window, stride, y.view_mut()).unwrap();
+            avg_pool::forward_reference(x.view(), window, stride, y_ref.view_mut()).unwrap();
+            assert_abs_diff_eq!(y, y_ref, epsilon = TOL);
+            avg_pool::backward(dy.view(), window, stride, dx.view_mut()).unwrap();
+            avg_pool::backward_reference(dy.view(), window, stride, dx_ref.view_mut()).unwrap();
+            assert_abs_diff_eq!(dx, dx_ref, epsilon = TOL);
+        }
+        let out = (case.batch, case.c_in);
+        let (mut y, mut y_ref) = (Array2::zeros(out), Array2::zeros(out));
+        global_avg_pool::forward(x.view(), y.view_mut()).unwrap();
+        global_avg_pool::forward_reference(x.view(), y_ref.view_mut()).unwrap();
+        assert_abs_diff_eq!(y, y_ref, epsilon = TOL);
+        let dy = r2([case.batch, case.c_in], 9);
+        let (mut dx, mut dx_ref) = (r4(case.image(), 10), r4(case.image(), 10));
+        global_avg_pool::backward(dy.view(), dx.view_mut()).unwrap();
+        global_avg_pool::backward_reference(dy.view(), dx_ref.view_mut()).unwrap();
+        assert_abs_diff_eq!(dx, dx_ref, epsilon = TOL);
+    }
+}
+
+#[test]
+fn max_pool_routes_a_tied_window_to_its_first_maximum() {
+    let x = Array4::from_shape_vec((1, 1, 2, 2), vec![1.0, 3.0, 3.0, 2.0]).unwrap();
+    let mut y = Array4::zeros((1, 1, 1, 1));
+    let mut argmax = vec![0];
+    max_pool::forward(x.view(), 2, 2, y.view_mut(), &mut argmax).unwrap();
+    assert_eq!(argmax, vec![1], "row-major first maximum is (0, 1)");
+    let mut dx = Array4::zeros((1, 1, 2, 2));
+    max_pool::backward(
+        Array4::from_elem((1, 1, 1, 1), 5.0).view(),
+        &argmax,
+        dx.view_mut(),
+    )
+    .unwrap();
+    assert_eq!(dx.into_raw_vec_and_offset().0, vec![0.0, 5.0, 0.0, 0.0]);
+}
+
+#[test]
+fn relu_passes_no_gradient_at_exactly_zero() {
+    let x = ArrayD::from_shape_vec(IxDyn(&[3]), vec![-1.0, 0.0, 2.0]).unwrap();
+    let mut dx = ArrayD::zeros(IxDyn(&[3]));
+    relu::backward(
+        x.view(),
+        ArrayD::from_elem(IxDyn(&[3]), 1.0).view(),
+        dx.view_mut(),
+    )
+    .unwrap();
+    assert_eq!(dx.into_raw_vec_and_offset().0, vec![0.0, 0.0, 1.0]);
+}
+
+#[test]
+fn loss_fast_paths_match_reference_loops() {
+    for (i, case) in CASES.iter().enumerate() {
+        let logits = r2([case.batch, case.c_out], i as u64) * 5.0;
+        let labels: Vec<usize> = (0..case.batch).map(|n| (n + i) % case.c_out).collect();
+        let mut probs = Array2::zeros(logits.dim());
+        let loss =
+            softmax_cross_entropy::forward(logits.view(), &labels, probs.view_mut()).unwrap();
+        let loss_ref = softmax_cross_entropy::forward_reference(logits.view(), &labels).unwrap();
+        assert_abs_diff_eq!(loss, loss_ref, epsilon = TOL);
+        let (mut dz, mut dz_ref) = (
+            r2([case.batch, case.c_out], 1),
+            r2([case.batch, case.c_out], 1),
+        );
+        softmax_cross_entropy::backward(probs.view(), &labels, 0.7, dz.view_mut()).unwrap();
+        softmax_cross_entropy::backward_reference(logits.view(), &labels, 0.7, dz_ref.view_mut())
+            .unwrap();
+        assert_abs_diff_eq!(dz, dz_ref, epsilon = TOL);
+
+        let (p, t) = (
+            random(&case.image(), i as u64),
+            random(&case.image(), 40 + i as u64),
+        );
+        let loss = mse::forward(p.view(), t.view()).unwrap();
+        assert_abs_diff_eq!(
+            loss,
+            mse::forward_reference(p.view(), t.view()).unwrap(),
+            epsilon = TOL
+        );
+        let (mut dp, mut dt) = (p.clone(), t.clone());
+        let (mut dp_ref, mut dt_ref) = (p.clone(), t.clone());
+        mse::backward(
+            p.view(),
+            t.view(),
+            0.7,
+            Some(dp.view_mut()),
+            Some(dt.view_mut()),
+        )
+        .unwrap();
+        mse::backward_reference(
+            p.view(),
+            t.view(),
+            0.7,
+            Some(dp_ref.view_mut()),
+            Some(dt_ref.view_mut()),
+        )
+        .unwrap();
+        assert_abs_diff_eq!(dp, dp_ref, epsilon = TOL);
+        assert_abs_diff_eq!(dt, dt_ref, epsilon = TOL);
+    }
+}
+
+#[test]
+fn softmax_cross_entropy_is_stable_for_huge_logits() {
+    let logits =
+        Array2::from_shape_vec((2, 3), vec![1000.0f32, 0.0, -1000.0, 88.0, 89.0, 90.0]).unwrap();
+    let mut probs = Array2::zeros((2, 3));
+    let loss = softmax_cross_entropy::forward(logits.view(), &[0, 2], probs.view_mut()).unwrap();
+    assert!(loss.is_finite() && probs.iter().all(|p| p.is_finite()));
+    // Sample 0 is certain and right (loss 0); sample 1 has loss log(1 + e⁻¹ + e⁻²) ≈ 0.4076.
+    assert_abs_diff_eq!(loss, 0.407_606 / 2.0, epsilon = 1e-5);
+}

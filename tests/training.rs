@@ -1,0 +1,257 @@
+//! Training end to end: the loss falls, the bottleneck learns what the baseline cannot, runs
+//! are reproducible, and a diverging run stops with an error instead of corrupting the weights.
+
+use ndarray::{ArrayD, IxDyn};
+use pointwise::data::{generate, SyntheticConfig};
+use pointwise::optim::{Optimizer, OptimizerKind, Schedule};
+use pointwise::train::{accuracy, TrainConfig, Trainer};
+use pointwise::{Architecture, Error, Graph, Model};
+
+fn small_data() -> pointwise::data::Synthetic {
+    let config = SyntheticConfig {
+        train_images: 1024,
+        test_images: 256,
+        ..SyntheticConfig::default()
+    };
+    generate(&config, 3).unwrap()
+}
+
+fn config(optimizer: OptimizerKind, lr: f64) -> TrainConfig {
+    TrainConfig {
+        epochs: 4,
+        batch_size: 16,
+        lr,
+        optimizer,
+        cosine: true,
+        seed: 11,
+    }
+}
+
+/// Trains for 4 epochs × 64 batches = 256 steps; returns (per-epoch losses, test accuracy).
+fn train(architecture: Architecture, config: &TrainConfig) -> (Vec<f64>, f64, Model) {
+    let data = small_data();
+    let mut model = Model::new(architecture, 5).unwrap();
+    let mut trainer = Trainer::new(config.clone(), data.train.len()).unwrap();
+    let mut losses = Vec::new();
+    // The first batch's loss, before any update, is the starting point.
+    let mut first = None;
+    for _ in 0..config.epochs {
+        let report = trainer
+            .train_epoch(&mut model, &data.train, |index, _, loss| {
+                if index == 0 && first.is_none() {
+                    first = Some(loss);
+                }
+            })
+            .unwrap();
+        losses.push(report.train_loss);
+    }
+    losses.insert(0, first.unwrap());
+    let test_accuracy = accuracy(&mut model, &data.test, 64).unwrap();
+    (losses, test_accuracy, model)
+}
+
+#[test]
+fn bottleneck_loss_falls_tenfold_and_test_accuracy_exceeds_95_percent() {
+    for (optimizer, lr) in [(OptimizerKind::sgd(), 0.05), (OptimizerKind::adam(), 0.01)] {
+        let (losses, test_accuracy, _) =
+            train(Architecture::bottleneck(32, 8, 4), &config(optimizer, lr));
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(
+            last < first / 10.0,
+            "{optimizer:?}: loss {first} → {last} did not fall tenfold"
+        );
+        assert!(
+            test_accuracy >= 0.95,
+            "{optimizer:?}: test accuracy {test_accuracy}"
+        );
+    }
+}
+
+#[test]
+fn residual_bottleneck_also_learns() {
+    let mut architecture = Architecture::bottleneck(32, 8, 4);
+    architecture.bottleneck.as_mut().unwrap().residual = true;
+    let (_, test_accuracy, _) = train(architecture, &config(OptimizerKind::sgd(), 0.05));
+    assert!(test_accuracy >= 0.95, "test accuracy {test_accuracy}");
+}
+
+#[test]
+fn global_average_pooling_alone_stays_near_chance() {
+    // 4 classes: chance is 25 %. The blob's signs cancel exactly under the average.
+    let (_, test_accuracy, _) = train(
+        Architecture::baseline(32, 4),
+        &config(OptimizerKind::sgd(), 0.05),
+    );
+    assert!(
+        test_accuracy <= 0.40,
+        "baseline test accuracy {test_accuracy}"
+    );
+}
+
+#[test]
+fn two_runs_with_one_seed_are_bit_identical() {
+    let config = config(OptimizerKind::adam(), 0.01);
+    let (losses_a, accuracy_a, model_a) = train(Architecture::bottleneck(32, 8, 4), &config);
+    let (losses_b, accuracy_b, model_b) = train(Architecture::bottleneck(32, 8, 4), &config);
+    assert_eq!(
+        losses_a.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+        losses_b.iter().map(|l| l.to_bits()).collect::<Vec<_>>()
+    );
+    assert_eq!(accuracy_a, accuracy_b);
+    for ((name_a, a), (name_b, b)) in model_a.tensors().into_iter().zip(model_b.tensors()) {
+        assert_eq!(name_a, name_b);
+        assert!(
+            a.iter()
+                .zip(b.iter())
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name_a} differs"
+        );
+    }
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_non_finite_error_naming_the_step() {
+    let data = small_data();
+    let mut model = Model::new(Architecture::bottleneck(32, 8, 4), 5).unwrap();
+    let mut trainer = Trainer::new(config(OptimizerKind::sgd(), 1e6), data.train.len()).unwrap();
+    let mut error = None;
+    for _ in 0..4 {
+        if let Err(e) = trainer.train_epoch(&mut model, &data.train, |_, _, _| {}) {
+            error = Some(e);
+            break;
+        }
+    }
+    let error = error.expect("lr 1e6 must diverge");
+    assert!(
+        matches!(&error, Error::NonFinite { what } if what.contains("step")),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_non_finite_input_is_refused_before_any_update() {
+    let data = small_data();
+    let mut model = Model::new(Architecture::bottleneck(32, 8, 4), 5).unwrap();
+    let before: Vec<Vec<f32>> = model
+        .tensors()
+        .iter()
+        .map(|(_, t)| t.iter().copied().collect())
+        .collect();
+    let mut images = data
+        .train
+        .images
+        .slice(ndarray::s![0..4, .., .., ..])
+        .to_owned();
+    images[[1, 2, 3, 4]] = f32::NAN;
+    let error = model
+        .forward_backward(images.view(), &[0, 1, 2, 3])
+        .unwrap_err();
+    assert!(matches!(error, Error::NonFinite { .. }), "{error}");
+    let after: Vec<Vec<f32>> = model
+        .tensors()
+        .iter()
+        .map(|(_, t)| t.iter().copied().collect())
+        .collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn sgd_and_adam_follow_their_update_formulas() {
+    // One parameter θ = [1, -2] with loss mse(θ, 0) = (θ₀² + θ₁²)/2, so ∇ = θ.
+    let run = |kind: OptimizerKind, steps: usize| {
+        let mut graph = Graph::<f64>::new();
+        let theta = graph
+            .param(
+                "theta",
+                ArrayD::from_shape_vec(IxDyn(&[2]), vec![1.0, -2.0]).unwrap(),
+            )
+            .unwrap();
+        let zero = graph.input("zero");
+        graph
+            .set_input(zero, ArrayD::zeros(IxDyn(&[2])).view())
+            .unwrap();
+        let loss = graph.mse(theta, zero).unwrap();
+        let mut optimizer = Optimizer::new(kind).unwrap();
+        for _ in 0..steps {
+            graph.zero_grad();
+            graph.forward(loss).unwrap();
+            graph.backward(loss).unwrap();
+            optimizer.step(&mut graph, 0.1).unwrap();
+        }
+        graph.value(theta).unwrap().to_owned()
+    };
+    // SGD, μ = 0.9, λ = 0: v₁ = θ₀ → θ₁ = 0.9·θ₀; v₂ = 0.9·θ₀ + 0.9·θ₀ → θ₂ = 0.9θ₀ − 0.1·1.8θ₀ = 0.72θ₀.
+    let sgd = run(
+        OptimizerKind::Sgd {
+            momentum: 0.9,
+            weight_decay: 0.0,
+        },
+        2,
+    );
+    approx::assert_abs_diff_eq!(sgd[0], 0.72, epsilon = 1e-12);
+    approx::assert_abs_diff_eq!(sgd[1], -1.44, epsilon = 1e-12);
+    // Adam's first step moves every coordinate by lr·sign(g) (m̂/√ŝ = g/|g|, up to ε).
+    let adam = run(OptimizerKind::adam(), 1);
+    approx::assert_abs_diff_eq!(adam[0], 0.9, epsilon = 1e-6);
+    approx::assert_abs_diff_eq!(adam[1], -1.9, epsilon = 1e-6);
+}
+
+#[test]
+fn schedules_give_the_documented_rates() {
+    let cosine = Schedule::Cosine {
+        warmup_steps: 10,
+        total_steps: 110,
+    };
+    approx::assert_abs_diff_eq!(cosine.rate(1.0, 0), 0.1, epsilon = 1e-12);
+    approx::assert_abs_diff_eq!(cosine.rate(1.0, 10), 1.0, epsilon = 1e-12);
+    approx::assert_abs_diff_eq!(cosine.rate(1.0, 60), 0.5, epsilon = 1e-12);
+    approx::assert_abs_diff_eq!(cosine.rate(1.0, 110), 0.0, epsilon = 1e-12);
+    let step = Schedule::Step {
+        every: 5,
+        factor: 0.5,
+    };
+    assert_eq!(
+        (step.rate(1.0, 4), step.rate(1.0, 5), step.rate(1.0, 10)),
+        (1.0, 0.5, 0.25)
+    );
+}
+
+#[test]
+fn bad_training_settings_are_invalid_configs() {
+    let zero_epochs = TrainConfig {
+        epochs: 0,
+        ..config(OptimizerKind::sgd(), 0.1)
+    };
+    assert!(matches!(
+        Trainer::new(zero_epochs, 10),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        Trainer::new(config(OptimizerKind::sgd(), f64::NAN), 10),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        Trainer::new(config(OptimizerKind::sgd(), 0.1), 0),
+        Err(Error::EmptyBatch { .. })
+    ));
+    let bad_momentum = OptimizerKind::Sgd {
+        momentum: 1.5,
+        weight_decay: 0.0,
+    };
+    assert!(matches!(
+        Optimizer::<f32>::new(bad_momentum),
+        Err(Error::InvalidConfig { .. })
+    ));
+    let odd_blob = SyntheticConfig {
+        blob_side: 3,
+        ..SyntheticConfig::default()
+    };
+    assert!(matches!(
+        generate(&odd_blob, 0),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        Model::new(Architecture::bottleneck(0, 8, 4), 0),
+        Err(Error::InvalidConfig { .. })
+    ));
+}

@@ -168,6 +168,45 @@ impl Default for LoadOptions {
 }
 
 impl Checkpoint {
+    /// A readable description: the architecture, its layers, each tensor's name, shape and
+    /// min/max/mean, and the metadata.
+    pub fn describe(&self) -> String {
+        let mut text = format!(
+            "architecture: {} input channels, {} classes, {}\n",
+            self.architecture.channels,
+            self.architecture.classes,
+            match &self.architecture.bottleneck {
+                Some(spec) => format!("bottleneck {spec:?}"),
+                None => "baseline (global average pool → linear)".to_string(),
+            }
+        );
+        for layer in self.architecture.layers() {
+            text += &format!(
+                "  layer {:<10} {:<22} {:>5} → {}\n",
+                layer.name, layer.kind, layer.c_in, layer.c_out
+            );
+        }
+        text += "tensors:\n";
+        for (name, value) in &self.tensors {
+            let count = value.len().max(1) as f64;
+            let (min, max) = value
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                    (lo.min(v), hi.max(v))
+                });
+            let mean = value.iter().map(|&v| f64::from(v)).sum::<f64>() / count;
+            text += &format!(
+                "  {name:<14} {:<12} min {min:>9.4}  max {max:>9.4}  mean {mean:>9.4}\n",
+                format!("{:?}", value.shape())
+            );
+        }
+        text += &format!(
+            "metadata: written by pointwise {}, seed {}, {} epochs\n",
+            self.metadata.crate_version, self.metadata.seed, self.metadata.epochs
+        );
+        text
+    }
+
     /// Builds a fresh model of the stored architecture holding the stored weights.
     pub fn into_model(self) -> Result<Model> {
         let mut model = Model::new(self.architecture, 0)?;
@@ -364,23 +403,28 @@ fn read_u64(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(word)
 }
 
-/// Decodes with a byte limit of the smallest power of two ≥ the payload length (bincode's limit
-/// is a compile-time constant, hence the ladder): a length prefix can claim at most about twice
-/// the payload before it is refused, so it cannot trigger a large allocation.
+/// Decodes with a memory budget proportional to the payload. bincode's limit counts the
+/// in-memory size of what it decodes (a 1-byte varint claims 8 bytes as a u64), so the budget
+/// is 8× the payload, rounded up to a power of two because the limit is a compile-time constant
+/// (hence the ladder). A forged length prefix is refused before it allocates more than that.
 fn decode_limited(
     payload: &[u8],
 ) -> std::result::Result<(Payload, usize), bincode::error::DecodeError> {
     use bincode::config::standard;
     use bincode::serde::decode_from_slice;
+    let budget = payload.len().saturating_mul(8);
     macro_rules! ladder {
         ($($bits:literal)*) => {
-            $(if payload.len() <= 1usize << $bits {
+            $(if budget <= 1usize << $bits {
                 return decode_from_slice(payload, standard().with_limit::<{ 1usize << $bits }>());
             })*
         };
     }
-    ladder!(10 12 14 16 18 20 22 24 26 28);
-    decode_from_slice(payload, standard().with_limit::<{ MAX_PAYLOAD as usize }>())
+    ladder!(12 14 16 18 20 22 24 26 28 30);
+    decode_from_slice(
+        payload,
+        standard().with_limit::<{ 8 * MAX_PAYLOAD as usize }>(),
+    )
 }
 
 /// Validates the bytes of a weights file and returns its contents.

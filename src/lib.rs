@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod element;
 pub mod error;
+pub mod export;
 pub mod gradcheck;
 pub mod graph;
 pub mod model;

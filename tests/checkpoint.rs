@@ -1,0 +1,674 @@
+//! Weight files as untrusted input: the fault table of shared RELIABILITY.md, one typed error per
+//! case, never a panic; failed saves never destroy the previous file; round trips are exact.
+
+use ndarray::{ArrayD, IxDyn};
+use pointwise::checkpoint::{
+    self, from_bytes, load, load_into, to_bytes, write_atomically_with, CheckpointError,
+    LoadOptions, Metadata, FORMAT_VERSION, HEADER_LEN, MAGIC,
+};
+use pointwise::data::{generate, SyntheticConfig};
+use pointwise::export::{from_safetensors, to_safetensors};
+use pointwise::model::{Architecture, BottleneckSpec, Layer};
+use pointwise::{Error, Model};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Serialize, Serializer};
+use std::path::PathBuf;
+
+fn folder(test: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("checkpoint")
+        .join(test);
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).unwrap();
+    path
+}
+
+fn model(seed: u64) -> Model {
+    Model::new(Architecture::bottleneck(6, 3, 4), seed).unwrap()
+}
+
+fn valid_bytes() -> Vec<u8> {
+    to_bytes(&model(1), &Metadata::new(1, 2)).unwrap()
+}
+
+fn checkpoint_error(result: pointwise::Result<checkpoint::Checkpoint>) -> CheckpointError {
+    match result {
+        Err(Error::Checkpoint(error)) => error,
+        other => panic!("expected a checkpoint error, got {other:?}"),
+    }
+}
+
+fn all_values(model: &Model) -> Vec<u32> {
+    model
+        .tensors()
+        .iter()
+        .flat_map(|(_, t)| t.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+        .collect()
+}
+
+// ---- crafting payloads: a mirror of the private payload struct (serde encodes fields in order)
+
+#[derive(Serialize)]
+struct RawPayload<D: Serialize> {
+    architecture: Architecture,
+    layers: Vec<Layer>,
+    metadata: Metadata,
+    tensors: Vec<RawTensor<D>>,
+}
+
+#[derive(Serialize)]
+struct RawTensor<D: Serialize> {
+    name: String,
+    dtype: String,
+    shape: Vec<u64>,
+    data: D,
+}
+
+/// A sequence that claims `0` elements in its length prefix and holds none.
+struct ForgedLength(u64);
+impl Serialize for ForgedLength {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        serializer.serialize_seq(Some(self.0 as usize))?.end()
+    }
+}
+
+fn with_header(payload: &[u8]) -> Vec<u8> {
+    let mut bytes = MAGIC.to_vec();
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+fn architecture() -> Architecture {
+    Architecture::bottleneck(6, 3, 4)
+}
+
+/// The six tensors of `architecture()` with the right shapes, editable before encoding.
+fn tensors() -> Vec<RawTensor<Vec<f32>>> {
+    architecture()
+        .tensor_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let count = shape.iter().product::<usize>();
+            RawTensor {
+                name,
+                dtype: "f32".into(),
+                shape: shape.iter().map(|&d| d as u64).collect(),
+                data: (0..count).map(|i| i as f32 * 0.1).collect(),
+            }
+        })
+        .collect()
+}
+
+fn encode<D: Serialize>(tensors: Vec<RawTensor<D>>) -> Vec<u8> {
+    let payload = RawPayload {
+        layers: architecture().layers(),
+        architecture: architecture(),
+        metadata: Metadata::new(0, 0),
+        tensors,
+    };
+    with_header(&bincode::serde::encode_to_vec(&payload, bincode::config::standard()).unwrap())
+}
+
+// ---- the fault table
+
+#[test]
+fn the_crafted_payload_mirror_is_accepted_when_honest() {
+    // Guards the tests below: their payloads differ from a valid one only by the fault.
+    from_bytes(&encode(tensors()), LoadOptions::default()).unwrap();
+}
+
+#[test]
+fn empty_and_tiny_files_are_bad_magic_or_truncated() {
+    assert!(matches!(
+        checkpoint_error(from_bytes(&[], LoadOptions::default())),
+        CheckpointError::BadMagic { hint: Some(_), .. }
+    ));
+    for len in 1..HEADER_LEN {
+        let error = checkpoint_error(from_bytes(&valid_bytes()[..len], LoadOptions::default()));
+        assert!(
+            matches!(error, CheckpointError::Truncated { .. }),
+            "{len}: {error}"
+        );
+    }
+    let error = checkpoint_error(from_bytes(b"hello", LoadOptions::default()));
+    assert!(matches!(error, CheckpointError::BadMagic { .. }), "{error}");
+}
+
+#[test]
+fn truncation_at_every_byte_offset_is_an_error_and_leaves_the_model_unchanged() {
+    let bytes = valid_bytes();
+    for len in 0..bytes.len() {
+        let error = checkpoint_error(from_bytes(&bytes[..len], LoadOptions::default()));
+        assert!(
+            matches!(
+                error,
+                CheckpointError::Truncated { .. } | CheckpointError::BadMagic { .. }
+            ),
+            "cut at {len}: {error}"
+        );
+    }
+    // Through the file API too, into a live model, for a spread of offsets.
+    let dir = folder("truncation");
+    let mut live = model(9);
+    let before = all_values(&live);
+    for len in (0..bytes.len()).step_by(97) {
+        let path = dir.join(format!("cut{len}.pw"));
+        std::fs::write(&path, &bytes[..len]).unwrap();
+        assert!(load_into(&mut live, &path, LoadOptions::default()).is_err());
+        assert_eq!(all_values(&live), before);
+    }
+}
+
+#[test]
+fn every_flipped_byte_is_detected() {
+    let bytes = valid_bytes();
+    for index in 0..bytes.len() {
+        let mut damaged = bytes.clone();
+        damaged[index] ^= 0xFF;
+        let error = checkpoint_error(from_bytes(&damaged, LoadOptions::default()));
+        let expected = match index {
+            0..=7 => matches!(error, CheckpointError::BadMagic { .. }),
+            8..=9 => matches!(error, CheckpointError::UnsupportedVersion { .. }),
+            10..=17 => matches!(
+                error,
+                CheckpointError::LimitExceeded { .. }
+                    | CheckpointError::Truncated { .. }
+                    | CheckpointError::TrailingBytes { .. }
+            ),
+            _ => matches!(error, CheckpointError::Checksum { .. }),
+        };
+        assert!(expected, "byte {index}: {error}");
+    }
+}
+
+#[test]
+fn foreign_formats_are_bad_magic_with_a_hint() {
+    let safetensors = to_safetensors(&model(1)).unwrap();
+    let error = checkpoint_error(from_bytes(&safetensors, LoadOptions::default()));
+    assert!(
+        matches!(error, CheckpointError::BadMagic { hint: Some(h), .. } if h.contains("safetensors")),
+        "{error}"
+    );
+    let error = checkpoint_error(from_bytes(
+        b"PK\x03\x04 a torch zip",
+        LoadOptions::default(),
+    ));
+    assert!(error.to_string().contains(".pt"), "{error}");
+}
+
+#[test]
+fn a_newer_format_version_names_both_versions() {
+    let mut bytes = valid_bytes();
+    bytes[8..10].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    let error = checkpoint_error(from_bytes(&bytes, LoadOptions::default()));
+    assert_eq!(
+        error,
+        CheckpointError::UnsupportedVersion {
+            found: FORMAT_VERSION + 1,
+            supported: FORMAT_VERSION
+        }
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("unsupported format version 2, this build reads ≤ 1"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_huge_declared_payload_length_is_refused_before_reading() {
+    let mut bytes = valid_bytes();
+    bytes[10..18].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(matches!(
+        checkpoint_error(from_bytes(&bytes, LoadOptions::default())),
+        CheckpointError::LimitExceeded { .. }
+    ));
+    let mut bytes = valid_bytes();
+    let longer = (bytes.len() - HEADER_LEN + 1) as u64;
+    bytes[10..18].copy_from_slice(&longer.to_le_bytes());
+    assert!(matches!(
+        checkpoint_error(from_bytes(&bytes, LoadOptions::default())),
+        CheckpointError::Truncated { .. }
+    ));
+}
+
+#[test]
+fn a_forged_tensor_length_prefix_is_a_decode_error() {
+    for forged in [u64::MAX, 1 << 40, 1 << 20] {
+        let crafted: Vec<RawTensor<ForgedLength>> = tensors()
+            .into_iter()
+            .map(|t| RawTensor {
+                name: t.name,
+                dtype: t.dtype,
+                shape: t.shape,
+                data: ForgedLength(forged),
+            })
+            .collect();
+        let error = checkpoint_error(from_bytes(&encode(crafted), LoadOptions::default()));
+        assert!(
+            matches!(error, CheckpointError::Decode { .. }),
+            "{forged}: {error}"
+        );
+    }
+}
+
+#[test]
+fn dimensions_whose_product_overflows_are_shape_overflow() {
+    let mut crafted = tensors();
+    crafted[0].shape = vec![2, 1 << 63];
+    let error = checkpoint_error(from_bytes(&encode(crafted), LoadOptions::default()));
+    assert!(
+        matches!(error, CheckpointError::ShapeOverflow { .. }),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_shape_larger_than_its_data_is_a_data_length_error() {
+    let mut crafted = tensors();
+    crafted[0].shape = vec![3, 7];
+    let error = checkpoint_error(from_bytes(&encode(crafted), LoadOptions::default()));
+    assert!(
+        matches!(
+            error,
+            CheckpointError::DataLength {
+                expected: 21,
+                found: 18,
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_valid_shape_that_differs_from_the_architecture_is_a_shape_mismatch() {
+    let mut crafted = tensors();
+    crafted[0].shape = vec![6, 3]; // reduce.weight stored transposed: (F, F1) instead of (F1, F)
+    let error = checkpoint_error(from_bytes(&encode(crafted), LoadOptions::default()));
+    assert!(
+        matches!(&error, CheckpointError::ShapeMismatch { name, .. } if name == "reduce.weight"),
+        "{error}"
+    );
+}
+
+#[test]
+fn missing_and_extra_tensors_are_all_listed() {
+    let mut crafted = tensors();
+    crafted.remove(3);
+    crafted.remove(0);
+    crafted.push(RawTensor {
+        name: "extra.weight".into(),
+        dtype: "f32".into(),
+        shape: vec![1],
+        data: vec![0.0],
+    });
+    let error = checkpoint_error(from_bytes(&encode(crafted), LoadOptions::default()));
+    assert_eq!(
+        error,
+        CheckpointError::TensorNames {
+            missing: vec!["reduce.weight".into(), "expand.bias".into()],
+            unexpected: vec!["extra.weight".into()],
+        }
+    );
+}
+
+#[test]
+fn duplicate_tensor_names_are_refused() {
+    let mut crafted = tensors();
+    let copy = RawTensor {
+        name: crafted[1].name.clone(),
+        dtype: "f32".into(),
+        shape: crafted[1].shape.clone(),
+        data: crafted[1].data.clone(),
+    };
+    crafted.push(copy);
+    let error = checkpoint_error(from_bytes(&encode(crafted), LoadOptions::default()));
+    assert!(
+        matches!(error, CheckpointError::DuplicateTensor { .. }),
+        "{error}"
+    );
+}
+
+#[test]
+fn another_dtype_is_refused() {
+    let mut crafted = tensors();
+    crafted[2].dtype = "f64".into();
+    assert!(matches!(
+        checkpoint_error(from_bytes(&encode(crafted), LoadOptions::default())),
+        CheckpointError::DType { .. }
+    ));
+}
+
+#[test]
+fn trailing_bytes_are_refused_outside_and_inside_the_payload() {
+    let mut bytes = valid_bytes();
+    bytes.extend_from_slice(b"junk");
+    assert_eq!(
+        checkpoint_error(from_bytes(&bytes, LoadOptions::default())),
+        CheckpointError::TrailingBytes { count: 4 }
+    );
+    // Inside: a payload with extra bytes that the header length and the checksum both cover.
+    let valid = valid_bytes();
+    let mut payload = valid[HEADER_LEN..].to_vec();
+    payload.extend_from_slice(&[0, 0, 0]);
+    assert_eq!(
+        checkpoint_error(from_bytes(&with_header(&payload), LoadOptions::default())),
+        CheckpointError::TrailingBytes { count: 3 }
+    );
+}
+
+#[test]
+fn nan_and_infinite_weights_are_refused_unless_allowed() {
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut crafted = tensors();
+        crafted[4].data[5] = bad;
+        let bytes = encode(crafted);
+        let error = checkpoint_error(from_bytes(&bytes, LoadOptions::default()));
+        assert!(
+            matches!(&error, CheckpointError::NonFinite { name, index: 5, .. } if name == "head.weight"),
+            "{error}"
+        );
+        let allowed = LoadOptions {
+            allow_non_finite: true,
+            ..LoadOptions::default()
+        };
+        assert!(from_bytes(&bytes, allowed).is_ok());
+    }
+    // And a model holding NaN refuses to be saved at all.
+    let mut diverged = model(1);
+    let id = diverged.graph().find("head.bias").unwrap();
+    diverged.graph_mut().leaf_value_mut(id).unwrap()[[0]] = f32::NAN;
+    assert!(matches!(
+        to_bytes(&diverged, &Metadata::new(0, 0)),
+        Err(Error::Checkpoint(CheckpointError::NonFinite { .. }))
+    ));
+}
+
+#[test]
+fn an_invalid_or_inconsistent_architecture_is_refused() {
+    let payload = RawPayload {
+        layers: Architecture::baseline(6, 4).layers(),
+        architecture: architecture(),
+        metadata: Metadata::new(0, 0),
+        tensors: tensors(),
+    };
+    let bytes =
+        with_header(&bincode::serde::encode_to_vec(&payload, bincode::config::standard()).unwrap());
+    assert!(matches!(
+        checkpoint_error(from_bytes(&bytes, LoadOptions::default())),
+        CheckpointError::Architecture { .. }
+    ));
+    // A file of another architecture does not go into this model.
+    let dir = folder("architecture");
+    let path = dir.join("other.pw");
+    let other = Model::new(Architecture::bottleneck(6, 2, 4), 0).unwrap();
+    checkpoint::save(&other, &Metadata::new(0, 0), &path).unwrap();
+    let mut live = model(3);
+    let before = all_values(&live);
+    assert!(matches!(
+        load_into(&mut live, &path, LoadOptions::default()),
+        Err(Error::Checkpoint(CheckpointError::Architecture { .. }))
+    ));
+    assert_eq!(all_values(&live), before);
+}
+
+#[test]
+fn a_file_over_the_size_limit_is_refused_before_it_is_read() {
+    let dir = folder("size");
+    let path = dir.join("w.pw");
+    checkpoint::save(&model(1), &Metadata::new(0, 0), &path).unwrap();
+    let small = LoadOptions {
+        max_file_bytes: 100,
+        ..LoadOptions::default()
+    };
+    assert!(matches!(
+        load(&path, small),
+        Err(Error::Checkpoint(CheckpointError::TooLarge { .. }))
+    ));
+    assert!(matches!(
+        load(&dir.join("absent.pw"), LoadOptions::default()),
+        Err(Error::Io { action: "open", .. })
+    ));
+}
+
+// ---- saving
+
+#[test]
+fn an_interrupted_save_leaves_the_previous_file_loading_bit_identically() {
+    let dir = folder("interrupted");
+    let path = dir.join("w.pw");
+    let original = model(1);
+    checkpoint::save(&original, &Metadata::new(1, 1), &path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let replacement = to_bytes(&model(2), &Metadata::new(2, 2)).unwrap();
+    for k in (0..replacement.len())
+        .step_by(37)
+        .chain([replacement.len() - 1])
+    {
+        // A writer that dies after k bytes, like a crash or a full disk.
+        let result = write_atomically_with(&path, &replacement, |file, bytes| {
+            use std::io::Write;
+            file.write_all(&bytes[..k])?;
+            Err(std::io::Error::other(format!(
+                "injected failure after {k} bytes"
+            )))
+        });
+        assert!(
+            matches!(
+                result,
+                Err(Error::Io {
+                    action: "write",
+                    ..
+                })
+            ),
+            "{k}: {result:?}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            good,
+            "after a failure at byte {k}"
+        );
+        let reloaded = load(&path, LoadOptions::default())
+            .unwrap()
+            .into_model()
+            .unwrap();
+        assert_eq!(all_values(&reloaded), all_values(&original));
+        assert!(!checkpoint::temporary_path(&path).unwrap().exists());
+    }
+}
+
+#[test]
+fn a_stale_temporary_file_is_cleaned_up_by_the_next_save() {
+    let dir = folder("stale");
+    let path = dir.join("w.pw");
+    let temporary = checkpoint::temporary_path(&path).unwrap();
+    std::fs::write(&temporary, b"left by a crash").unwrap();
+    checkpoint::save(&model(1), &Metadata::new(0, 0), &path).unwrap();
+    assert!(!temporary.exists());
+    load(&path, LoadOptions::default()).unwrap();
+}
+
+#[test]
+fn saving_over_a_directory_is_an_io_error() {
+    let dir = folder("directory");
+    let target = dir.join("taken");
+    std::fs::create_dir(&target).unwrap();
+    assert!(matches!(
+        checkpoint::save(&model(1), &Metadata::new(0, 0), &target),
+        Err(Error::Io { .. })
+    ));
+    assert!(target.is_dir());
+}
+
+// ---- round trips and compatibility
+
+fn random_architecture(rng: &mut StdRng) -> Architecture {
+    let channels = rng.random_range(1..24);
+    let classes = rng.random_range(1..9);
+    let bottleneck = rng.random_bool(0.7).then(|| BottleneckSpec {
+        reduced: rng.random_range(1..12),
+        residual: rng.random_bool(0.5),
+        pool_window: rng.random_range(1..3),
+        pool_stride: rng.random_range(1..3),
+    });
+    Architecture {
+        channels,
+        classes,
+        bottleneck,
+    }
+}
+
+#[test]
+fn round_trips_over_random_architectures_are_bit_identical() {
+    let mut rng = StdRng::seed_from_u64(2024);
+    let dir = folder("round_trip");
+    for case in 0..40 {
+        let architecture = random_architecture(&mut rng);
+        let mut original = Model::new(architecture.clone(), case).unwrap();
+        // Random values over many magnitudes, including subnormals and signed zeros.
+        let tensors: Vec<(String, ArrayD<f32>)> = original
+            .tensors()
+            .iter()
+            .map(|(name, t)| {
+                let values = (0..t.len())
+                    .map(|_| match rng.random_range(0..4) {
+                        0 => rng.random_range(-1.0..1.0),
+                        1 => rng.random_range(-1e30f32..1e30),
+                        2 => f32::from_bits(rng.random_range(1..0x0080_0000)), // subnormal
+                        _ => -0.0,
+                    })
+                    .collect();
+                (
+                    name.clone(),
+                    ArrayD::from_shape_vec(IxDyn(t.shape()), values).unwrap(),
+                )
+            })
+            .collect();
+        original.set_tensors(&tensors).unwrap();
+        let path = dir.join(format!("case{case}.pw"));
+        checkpoint::save(&original, &Metadata::new(case, 1), &path).unwrap();
+        let loaded = load(&path, LoadOptions::default()).unwrap();
+        assert_eq!(loaded.architecture, architecture);
+        assert_eq!(loaded.metadata.seed, case);
+        let mut reloaded = loaded.into_model().unwrap();
+        assert_eq!(all_values(&reloaded), all_values(&original), "case {case}");
+        let via_safetensors =
+            from_safetensors(&to_safetensors(&original).unwrap(), &architecture).unwrap();
+        assert_eq!(via_safetensors, tensors, "case {case}: safetensors");
+
+        // Identical forward outputs on a random batch (finite weights only: reset the huge ones).
+        let small = Model::new(architecture.clone(), case + 100).unwrap();
+        let mut twin = Model::new(architecture.clone(), 0).unwrap();
+        let small_tensors: Vec<(String, ArrayD<f32>)> = small
+            .tensors()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_owned()))
+            .collect();
+        twin.set_tensors(
+            &from_safetensors(&to_safetensors(&small).unwrap(), &architecture).unwrap(),
+        )
+        .unwrap();
+        reloaded.set_tensors(&small_tensors).unwrap();
+        let height = 2 + case as usize % 3;
+        let images = ndarray::Array4::from_shape_fn(
+            (2, architecture.channels, height, 3),
+            |(n, c, h, w)| ((n * 31 + c * 7 + h * 3 + w) % 11) as f32 - 5.0,
+        );
+        let mut small = small;
+        let expected = small.logits(images.view()).unwrap();
+        assert_eq!(twin.logits(images.view()).unwrap(), expected);
+        let path = dir.join(format!("small{case}.pw"));
+        checkpoint::save(&small, &Metadata::new(0, 0), &path).unwrap();
+        let mut from_file = load(&path, LoadOptions::default())
+            .unwrap()
+            .into_model()
+            .unwrap();
+        assert_eq!(from_file.logits(images.view()).unwrap(), expected);
+    }
+}
+
+#[test]
+fn safetensors_uses_pytorch_layout_and_is_validated_on_import() {
+    let original = model(4);
+    let bytes = to_safetensors(&original).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(file.tensor("reduce.weight").unwrap().shape(), &[3, 6, 1, 1]);
+    assert_eq!(file.tensor("expand.weight").unwrap().shape(), &[6, 3, 1, 1]);
+    assert_eq!(file.tensor("head.weight").unwrap().shape(), &[4, 6]);
+    assert_eq!(file.tensor("head.bias").unwrap().shape(), &[4]);
+    // Imported into another architecture: refused with the expected shape named.
+    let error = from_safetensors(&bytes, &Architecture::bottleneck(6, 2, 4)).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Checkpoint(CheckpointError::ShapeMismatch { .. })
+        ),
+        "{error}"
+    );
+    let error = from_safetensors(&bytes, &Architecture::baseline(6, 4)).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Checkpoint(CheckpointError::TensorNames { .. })
+        ),
+        "{error}"
+    );
+    assert!(from_safetensors(b"garbage", &architecture()).is_err());
+}
+
+/// The compatibility promise: a file written by format version 1 loads forever, with the
+/// predictions it gave when it was written (data/README.md says how it was made).
+#[test]
+fn the_format_v1_fixture_still_loads_and_predicts_as_recorded() {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data");
+    let checkpoint = load(&fixture.join("bottleneck_v1.pw"), LoadOptions::default()).unwrap();
+    assert_eq!(checkpoint.architecture, Architecture::bottleneck(32, 8, 4));
+    assert_eq!(
+        (checkpoint.metadata.seed, checkpoint.metadata.epochs),
+        (7, 3)
+    );
+    let mut model = checkpoint.into_model().unwrap();
+    let data = generate(&SyntheticConfig::default(), 7).unwrap();
+    let logits = model
+        .logits(data.test.images.slice(ndarray::s![0..8, .., .., ..]))
+        .unwrap();
+    let recorded = std::fs::read_to_string(fixture.join("bottleneck_v1.logits.txt")).unwrap();
+    let rows: Vec<Vec<f32>> = recorded
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().map(|v| v.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), 8);
+    for (row, expected) in logits.outer_iter().zip(&rows) {
+        for (&got, &want) in row.iter().zip(expected) {
+            // Not bit-exact: another CPU may run another GEMM kernel (FMA or not).
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{got} vs recorded {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn inspect_reports_every_corrupted_file_as_one_line() {
+    // What `examples/inspect_weights` prints for a bad file: the error's Display, one line.
+    let bytes = valid_bytes();
+    for index in (0..bytes.len()).step_by(13) {
+        let mut damaged = bytes.clone();
+        damaged[index] ^= 0x55;
+        let message = from_bytes(&damaged, LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !message.is_empty() && !message.contains('\n'),
+            "{message:?}"
+        );
+    }
+}

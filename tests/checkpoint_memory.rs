@@ -1,0 +1,65 @@
+//! A forged length prefix must be refused before any large allocation. A counting global
+//! allocator records the largest single request made while a hostile file is decoded.
+
+use pointwise::checkpoint::{from_bytes, to_bytes, LoadOptions, Metadata, HEADER_LEN};
+use pointwise::{Architecture, Model};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Counting;
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; only a counter is updated.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+#[test]
+fn forged_length_prefixes_allocate_no_more_than_a_small_multiple_of_the_file() {
+    let model = Model::new(Architecture::bottleneck(6, 3, 4), 1).unwrap();
+    let valid = to_bytes(&model, &Metadata::new(0, 0)).unwrap();
+    // Every varint length position in the payload forged to u64::MAX in turn: bincode's
+    // varint marker 253 followed by 8 bytes. The checksum is recomputed so that decoding runs.
+    let payload = &valid[HEADER_LEN..];
+    let mut decoded_any = 0;
+    for position in 0..payload.len() {
+        let mut forged = payload[..position].to_vec();
+        forged.push(253);
+        forged.extend_from_slice(&u64::MAX.to_le_bytes());
+        forged.extend_from_slice(&payload[position + 1..]);
+        let mut bytes = valid[..10].to_vec();
+        bytes.extend_from_slice(&(forged.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&forged).to_le_bytes());
+        bytes.extend_from_slice(&forged);
+        LARGEST.store(0, Ordering::Relaxed);
+        let result = from_bytes(&bytes, LoadOptions::default());
+        let largest = LARGEST.load(Ordering::Relaxed);
+        // serde preallocates a sequence from its declared length, capped at 1 MiB (its
+        // `size_hint::cautious`); beyond that only what the decode budget allows.
+        let bound = (16 * bytes.len()).max(1 << 20);
+        assert!(
+            largest <= bound,
+            "byte {position}: one allocation of {largest} bytes for a {}-byte file",
+            bytes.len()
+        );
+        decoded_any += usize::from(result.is_ok());
+    }
+    // Only forgeries that land on a field no length is read from can decode; most must fail.
+    assert!(
+        decoded_any < payload.len() / 10,
+        "{decoded_any} forged files decoded"
+    );
+}

@@ -17,10 +17,12 @@
 //! The math never lives here: each arm of the two `match`es calls one op module's `forward` or
 //! `backward`.
 
+use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::ops::{
-    add, avg_pool, conv1x1, global_avg_pool, linear, max_pool, mse, relu, softmax_cross_entropy,
+    add, avg_pool, conv1x1, conv2d, global_avg_pool, linear, max_pool, mse, relu,
+    softmax_cross_entropy,
 };
 use ndarray::{
     ArrayD, ArrayView, ArrayViewD, ArrayViewMut, ArrayViewMutD, Dimension, Ix0, Ix1, Ix2, Ix4,
@@ -49,6 +51,12 @@ enum Op<T> {
         input: NodeId,
         weight: NodeId,
         bias: Option<NodeId>,
+    },
+    Conv2d {
+        input: NodeId,
+        weight: NodeId,
+        bias: Option<NodeId>,
+        padding: usize,
     },
     Linear {
         input: NodeId,
@@ -93,6 +101,7 @@ impl<T> Op<T> {
             Op::Input => "input",
             Op::Param => "param",
             Op::Conv1x1 { .. } => "conv1x1",
+            Op::Conv2d { .. } => "conv2d",
             Op::Linear { .. } => "linear",
             Op::Relu { .. } => "relu",
             Op::MaxPool { .. } => "max_pool",
@@ -111,6 +120,12 @@ impl<T> Op<T> {
                 input,
                 weight,
                 bias,
+            }
+            | Op::Conv2d {
+                input,
+                weight,
+                bias,
+                ..
             }
             | Op::Linear {
                 input,
@@ -221,6 +236,26 @@ fn distinct<T, const K: usize>(
     })
 }
 
+/// The input, weight and optional bias nodes of a layer, mutably and at once.
+#[allow(clippy::type_complexity)]
+fn weighted_inputs<T>(
+    before: &mut [Node<T>],
+    input: NodeId,
+    weight: NodeId,
+    bias: Option<NodeId>,
+) -> Result<(&mut Node<T>, &mut Node<T>, Option<&mut Node<T>>)> {
+    Ok(match bias {
+        Some(bias) => {
+            let [x, w, b] = distinct(before, [input, weight, bias])?;
+            (x, w, Some(b))
+        }
+        None => {
+            let [x, w] = distinct(before, [input, weight])?;
+            (x, w, None)
+        }
+    })
+}
+
 impl<T: Element> Graph<T> {
     /// An empty graph.
     pub fn new() -> Self {
@@ -281,7 +316,7 @@ impl<T: Element> Graph<T> {
     }
 
     fn auto_name(&self, kind: &str) -> String {
-        format!("{kind}{}", self.nodes.len())
+        format!("{kind}#{}", self.nodes.len())
     }
 
     /// A data input that needs no gradient (the common case: a batch of images).
@@ -315,6 +350,32 @@ impl<T: Element> Graph<T> {
         Ok(id)
     }
 
+    /// Validates the nodes of a layer: distinct existing ids, weight and bias parameters whose
+    /// shapes `check_weights` accepts. Returns whether the layer's output needs a gradient.
+    fn check_layer(
+        &self,
+        op: &'static str,
+        input: NodeId,
+        weight: NodeId,
+        bias: Option<NodeId>,
+        check_weights: impl FnOnce(&[usize], Option<&[usize]>) -> Result<()>,
+    ) -> Result<bool> {
+        let ids: Vec<NodeId> = [Some(input), Some(weight), bias]
+            .into_iter()
+            .flatten()
+            .collect();
+        let requires_grad = self.check_inputs(op, &ids)?;
+        self.check_param(op, "weight", weight)?;
+        if let Some(bias) = bias {
+            self.check_param(op, "bias", bias)?;
+        }
+        check_weights(
+            self.nodes[weight.0].value.shape(),
+            bias.map(|b| self.nodes[b.0].value.shape()),
+        )?;
+        Ok(requires_grad)
+    }
+
     /// A 1×1 convolution of `input` (N, F, H, W) by `weight` (F1, F), plus an optional `bias` (F1).
     pub fn conv1x1(
         &mut self,
@@ -322,28 +383,36 @@ impl<T: Element> Graph<T> {
         weight: NodeId,
         bias: Option<NodeId>,
     ) -> Result<NodeId> {
-        let ids: Vec<NodeId> = [Some(input), Some(weight), bias]
-            .into_iter()
-            .flatten()
-            .collect();
-        let requires_grad = self.check_inputs("conv1x1", &ids)?;
-        self.check_param("conv1x1", "weight", weight)?;
-        if let Some(bias) = bias {
-            self.check_param("conv1x1", "bias", bias)?;
-        }
-        conv1x1::check_weights(
-            self.nodes[weight.0].value.shape(),
-            bias.map(|b| self.nodes[b.0].value.shape()),
-        )?;
-        Ok(self.push(
-            self.auto_name("conv1x1"),
-            Op::Conv1x1 {
-                input,
-                weight,
-                bias,
-            },
-            requires_grad,
-        ))
+        let requires_grad = self.check_layer("conv1x1", input, weight, bias, |w, b| {
+            conv1x1::check_weights(w, b).map(drop)
+        })?;
+        let op = Op::Conv1x1 {
+            input,
+            weight,
+            bias,
+        };
+        Ok(self.push(self.auto_name("conv1x1"), op, requires_grad))
+    }
+
+    /// A K×K convolution of `input` (N, F, H, W) by `weight` (F1, F, K, K), stride 1, zero
+    /// padding `padding` on every side, plus an optional `bias` (F1).
+    pub fn conv2d(
+        &mut self,
+        input: NodeId,
+        weight: NodeId,
+        bias: Option<NodeId>,
+        padding: usize,
+    ) -> Result<NodeId> {
+        let requires_grad = self.check_layer("conv2d", input, weight, bias, |w, b| {
+            conv2d::check_weights(w, b).map(drop)
+        })?;
+        let op = Op::Conv2d {
+            input,
+            weight,
+            bias,
+            padding,
+        };
+        Ok(self.push(self.auto_name("conv2d"), op, requires_grad))
     }
 
     /// A fully-connected layer on `input` (N, F): a 1×1 convolution on 1×1 maps.
@@ -353,28 +422,15 @@ impl<T: Element> Graph<T> {
         weight: NodeId,
         bias: Option<NodeId>,
     ) -> Result<NodeId> {
-        let ids: Vec<NodeId> = [Some(input), Some(weight), bias]
-            .into_iter()
-            .flatten()
-            .collect();
-        let requires_grad = self.check_inputs("linear", &ids)?;
-        self.check_param("linear", "weight", weight)?;
-        if let Some(bias) = bias {
-            self.check_param("linear", "bias", bias)?;
-        }
-        conv1x1::check_weights(
-            self.nodes[weight.0].value.shape(),
-            bias.map(|b| self.nodes[b.0].value.shape()),
-        )?;
-        Ok(self.push(
-            self.auto_name("linear"),
-            Op::Linear {
-                input,
-                weight,
-                bias,
-            },
-            requires_grad,
-        ))
+        let requires_grad = self.check_layer("linear", input, weight, bias, |w, b| {
+            conv1x1::check_weights(w, b).map(drop)
+        })?;
+        let op = Op::Linear {
+            input,
+            weight,
+            bias,
+        };
+        Ok(self.push(self.auto_name("linear"), op, requires_grad))
     }
 
     /// max(x, 0), elementwise.
@@ -540,6 +596,20 @@ impl<T: Element> Graph<T> {
                     let b = b.map(typed::<T, Ix1>).transpose()?;
                     conv1x1::forward(typed(x)?, typed(w)?, b, typed_mut(value)?)?;
                 }
+                Op::Conv2d {
+                    input,
+                    weight,
+                    bias,
+                    padding,
+                } => {
+                    let (x, w) = (&before[input.0].value, &before[weight.0].value);
+                    let b = bias.map(|b| &before[b.0].value);
+                    let shape =
+                        conv2d::output_shape(x.shape(), w.shape(), b.map(|b| b.shape()), *padding)?;
+                    resize(value, &shape);
+                    let b = b.map(typed::<T, Ix1>).transpose()?;
+                    conv2d::forward(typed(x)?, typed(w)?, b, *padding, typed_mut(value)?)?;
+                }
                 Op::Linear {
                     input,
                     weight,
@@ -677,35 +747,44 @@ impl<T: Element> Graph<T> {
                     input,
                     weight,
                     bias,
+                } => {
+                    let (x_node, w_node, b_node) = weighted_inputs(before, *input, *weight, *bias)?;
+                    let (x, dx) = value_and_grad::<T, Ix4>(x_node)?;
+                    let (w, dw) = value_and_grad::<T, Ix2>(w_node)?;
+                    let db = b_node
+                        .map(value_and_grad::<T, Ix1>)
+                        .transpose()?
+                        .and_then(|(_, db)| db);
+                    conv1x1::backward(x, w, typed(dy)?, dx, dw, db)?;
                 }
-                | Op::Linear {
+                Op::Conv2d {
+                    input,
+                    weight,
+                    bias,
+                    padding,
+                } => {
+                    let (x_node, w_node, b_node) = weighted_inputs(before, *input, *weight, *bias)?;
+                    let (x, dx) = value_and_grad::<T, Ix4>(x_node)?;
+                    let (w, dw) = value_and_grad::<T, Ix4>(w_node)?;
+                    let db = b_node
+                        .map(value_and_grad::<T, Ix1>)
+                        .transpose()?
+                        .and_then(|(_, db)| db);
+                    conv2d::backward(x, w, *padding, typed(dy)?, dx, dw, db)?;
+                }
+                Op::Linear {
                     input,
                     weight,
                     bias,
                 } => {
-                    let is_linear = matches!(node.op, Op::Linear { .. });
-                    let (x_node, w_node, b_node) = match bias {
-                        Some(b) => {
-                            let [x, w, b] = distinct(before, [*input, *weight, *b])?;
-                            (x, w, Some(b))
-                        }
-                        None => {
-                            let [x, w] = distinct(before, [*input, *weight])?;
-                            (x, w, None)
-                        }
-                    };
+                    let (x_node, w_node, b_node) = weighted_inputs(before, *input, *weight, *bias)?;
+                    let (x, dx) = value_and_grad::<T, Ix2>(x_node)?;
                     let (w, dw) = value_and_grad::<T, Ix2>(w_node)?;
-                    let db = match b_node {
-                        Some(b) => value_and_grad::<T, Ix1>(b)?.1,
-                        None => None,
-                    };
-                    if is_linear {
-                        let (x, dx) = value_and_grad::<T, Ix2>(x_node)?;
-                        linear::backward(x, w, typed(dy)?, dx, dw, db)?;
-                    } else {
-                        let (x, dx) = value_and_grad::<T, Ix4>(x_node)?;
-                        conv1x1::backward(x, w, typed(dy)?, dx, dw, db)?;
-                    }
+                    let db = b_node
+                        .map(value_and_grad::<T, Ix1>)
+                        .transpose()?
+                        .and_then(|(_, db)| db);
+                    linear::backward(x, w, typed(dy)?, dx, dw, db)?;
                 }
                 Op::Relu { input } => {
                     if let (x, Some(dx)) = value_and_grad::<T, IxDyn>(&mut before[input.0])? {
@@ -818,7 +897,7 @@ impl<T: Element> Graph<T> {
         Ok(node.value.view_mut())
     }
 
-    /// The node's name (`"reduce.weight"`, or `"conv1x14"` for an op: kind and position).
+    /// The node's name (`"reduce.weight"`, or `"conv1x1#4"` for an op: kind and position).
     pub fn name(&self, id: NodeId) -> Result<&str> {
         Ok(&self.node(id)?.name)
     }
@@ -831,6 +910,110 @@ impl<T: Element> Graph<T> {
     /// The ids a node reads.
     pub fn inputs(&self, id: NodeId) -> Result<Vec<NodeId>> {
         Ok(self.node(id)?.op.inputs())
+    }
+
+    /// What a node costs (parameters, multiply-adds, GEMM shapes), from the shapes of the last
+    /// forward pass; see [`crate::cost`].
+    pub fn cost(&self, id: NodeId) -> Result<Cost> {
+        let node = self.node(id)?;
+        let shape = |id: &NodeId, ndim: usize| -> Result<&[usize]> {
+            let shape = self.nodes[id.0].value.shape();
+            if shape.len() != ndim {
+                return Err(Error::graph(format!(
+                    "cost of {:?}: run forward first",
+                    node.name
+                )));
+            }
+            Ok(shape)
+        };
+        let needs_grad = |id: &NodeId| self.nodes[id.0].requires_grad;
+        Ok(match &node.op {
+            Op::Conv1x1 {
+                input,
+                weight,
+                bias,
+            } => cost::conv1x1(
+                shape(input, 4)?,
+                shape(weight, 2)?[0],
+                bias.is_some(),
+                needs_grad(input),
+            ),
+            Op::Conv2d {
+                input,
+                weight,
+                bias,
+                ..
+            } => {
+                let y = &node.value.shape();
+                cost::conv2d(
+                    shape(input, 4)?,
+                    shape(weight, 4)?,
+                    y,
+                    bias.is_some(),
+                    needs_grad(input),
+                )
+            }
+            Op::Linear {
+                input,
+                weight,
+                bias,
+            } => cost::linear(
+                shape(input, 2)?,
+                shape(weight, 2)?[0],
+                bias.is_some(),
+                needs_grad(input),
+            ),
+            _ => Cost::default(),
+        })
+    }
+
+    /// The sum of every node's cost (after a forward pass).
+    pub fn total_cost(&self) -> Result<Cost> {
+        let mut total = Cost::default();
+        for id in self.node_ids() {
+            let cost = self.cost(id)?;
+            total.params += cost.params;
+            total.forward_macs += cost.forward_macs;
+            total.backward_macs += cost.backward_macs;
+            total.gemms.extend(cost.gemms);
+        }
+        Ok(total)
+    }
+
+    /// Every node id, in creation order.
+    pub fn node_ids(&self) -> impl Iterator<Item = NodeId> {
+        (0..self.nodes.len()).map(NodeId)
+    }
+
+    /// A table of every op node after a forward pass: its output shape (which node changes C,
+    /// which changes H and W), its parameters, its multiply-adds and the GEMMs it runs.
+    pub fn summary(&self) -> Result<String> {
+        let mut text = format!(
+            "{:<22} {:<22} {:>18} {:>9} {:>14} {:>14}  GEMMs (per sample × batch)\n",
+            "node", "kind", "output shape", "params", "fwd MACs", "bwd MACs"
+        );
+        for (index, node) in self.nodes.iter().enumerate() {
+            if matches!(node.op, Op::Input | Op::Param) {
+                continue;
+            }
+            let cost = self.cost(NodeId(index))?;
+            text += &format!(
+                "{:<22} {:<22} {:>18} {:>9} {:>14} {:>14}  {}\n",
+                node.name,
+                node.op.kind(),
+                format!("{:?}", node.value.shape()),
+                cost.params,
+                cost.forward_macs,
+                cost.backward_macs,
+                cost.gemms.join("; ")
+            );
+        }
+        let total = self.total_cost()?;
+        text += &format!(
+            "{:<22} {:<22} {:>18} {:>9} {:>14} {:>14}\n",
+            "total", "", "", total.params, total.forward_macs, total.backward_macs
+        );
+        Ok(text)
     }
 
     /// The node with this name, if any.

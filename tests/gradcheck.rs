@@ -339,3 +339,42 @@ fn gradcheck_detects_a_wrong_gradient() {
     let report = gradcheck::compare("w", [1.0, f64::NAN], &[1.0, 2.0]);
     assert!(report.max_rel_error.is_nan() || report.max_rel_error > REL_TOL);
 }
+
+/// (kernel, padding) settings: K = 1 (a 1×1 conv), odd K with "same" padding, even K = 4
+/// with p = 2 (output grows by one), and no padding.
+const KERNELS: [(usize, usize); 4] = [(1, 0), (3, 1), (4, 2), (2, 0)];
+
+#[test]
+fn conv2d_dx_dweight_dbias_match_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        for &(kernel, padding) in &KERNELS {
+            if case.height + 2 * padding < kernel || case.width + 2 * padding < kernel {
+                continue;
+            }
+            check_graph(
+                &format!("conv2d k{kernel} p{padding} {case:?}"),
+                i as u64,
+                |graph| {
+                    let seed = 10 * i as u64 + kernel as u64;
+                    let x = graph.input_with_grad("x");
+                    graph
+                        .set_input(x, random(&case.image(), seed).view())
+                        .unwrap();
+                    let weight = graph
+                        .param(
+                            "weight",
+                            random(&[case.c_out, case.c_in, kernel, kernel], seed + 1),
+                        )
+                        .unwrap();
+                    let bias = graph
+                        .param("bias", random(&[case.c_out], seed + 2))
+                        .unwrap();
+                    (
+                        graph.conv2d(x, weight, Some(bias), padding).unwrap(),
+                        vec![x, weight, bias],
+                    )
+                },
+            );
+        }
+    }
+}

@@ -331,3 +331,124 @@ fn softmax_cross_entropy_is_stable_for_huge_logits() {
     // Sample 0 is certain and right (loss 0); sample 1 has loss log(1 + e⁻¹ + e⁻²) ≈ 0.4076.
     assert_abs_diff_eq!(loss, 0.407_606 / 2.0, epsilon = 1e-5);
 }
+
+#[test]
+fn conv2d_fast_path_matches_reference_loops() {
+    use pointwise::ops::conv2d;
+    for (i, case) in CASES.iter().enumerate() {
+        for (kernel, padding) in [(1, 0), (3, 1), (4, 2), (2, 0), (3, 0)] {
+            let seed = 10 * i as u64 + kernel as u64;
+            let x = r4(case.image(), seed);
+            let weight = r4([case.c_out, case.c_in, kernel, kernel], seed + 1);
+            let bias = r1(case.c_out, seed + 2);
+            let Ok(out) = conv2d::output_shape(x.shape(), weight.shape(), None, padding) else {
+                continue;
+            };
+            let (mut y, mut y_ref) = (Array4::zeros(out), Array4::zeros(out));
+            conv2d::forward(
+                x.view(),
+                weight.view(),
+                Some(bias.view()),
+                padding,
+                y.view_mut(),
+            )
+            .unwrap();
+            conv2d::forward_reference(
+                x.view(),
+                weight.view(),
+                Some(bias.view()),
+                padding,
+                y_ref.view_mut(),
+            )
+            .unwrap();
+            assert_abs_diff_eq!(y, y_ref, epsilon = TOL);
+
+            let dy = r4(out, seed + 3);
+            let (mut dx, mut dw, mut db) = (
+                r4(case.image(), 1),
+                r4(weight.dim().into(), 2),
+                r1(case.c_out, 3),
+            );
+            let (mut dx_ref, mut dw_ref, mut db_ref) = (dx.clone(), dw.clone(), db.clone());
+            conv2d::backward(
+                x.view(),
+                weight.view(),
+                padding,
+                dy.view(),
+                Some(dx.view_mut()),
+                Some(dw.view_mut()),
+                Some(db.view_mut()),
+            )
+            .unwrap();
+            conv2d::backward_reference(
+                x.view(),
+                weight.view(),
+                padding,
+                dy.view(),
+                Some(dx_ref.view_mut()),
+                Some(dw_ref.view_mut()),
+                Some(db_ref.view_mut()),
+            )
+            .unwrap();
+            assert_abs_diff_eq!(dx, dx_ref, epsilon = TOL);
+            assert_abs_diff_eq!(dw, dw_ref, epsilon = TOL);
+            assert_abs_diff_eq!(db, db_ref, epsilon = TOL);
+        }
+    }
+}
+
+/// With K = 1 and no padding, a K×K convolution is a 1×1 convolution: same outputs, same
+/// gradients, once the weight (F1, F, 1, 1) is read as (F1, F).
+#[test]
+fn conv2d_with_a_1x1_kernel_equals_conv1x1() {
+    use pointwise::ops::conv2d;
+    for (i, case) in CASES.iter().enumerate() {
+        let x = r4(case.image(), i as u64);
+        let weight = r2([case.c_out, case.c_in], 50 + i as u64);
+        let weight4 = weight
+            .clone()
+            .into_shape_with_order((case.c_out, case.c_in, 1, 1))
+            .unwrap();
+        let bias = r1(case.c_out, 60 + i as u64);
+        let out = [case.batch, case.c_out, case.height, case.width];
+        let (mut y1, mut yk) = (Array4::zeros(out), Array4::zeros(out));
+        conv1x1::forward(x.view(), weight.view(), Some(bias.view()), y1.view_mut()).unwrap();
+        conv2d::forward(
+            x.view(),
+            weight4.view(),
+            Some(bias.view()),
+            0,
+            yk.view_mut(),
+        )
+        .unwrap();
+        assert_abs_diff_eq!(y1, yk, epsilon = TOL);
+        let dy = r4(out, 70 + i as u64);
+        let (mut dx1, mut dxk) = (Array4::zeros(x.dim()), Array4::zeros(x.dim()));
+        let (mut dw1, mut dwk) = (Array2::zeros(weight.dim()), Array4::zeros(weight4.dim()));
+        conv1x1::backward(
+            x.view(),
+            weight.view(),
+            dy.view(),
+            Some(dx1.view_mut()),
+            Some(dw1.view_mut()),
+            None,
+        )
+        .unwrap();
+        conv2d::backward(
+            x.view(),
+            weight4.view(),
+            0,
+            dy.view(),
+            Some(dxk.view_mut()),
+            Some(dwk.view_mut()),
+            None,
+        )
+        .unwrap();
+        assert_abs_diff_eq!(dx1, dxk, epsilon = TOL);
+        assert_abs_diff_eq!(
+            dw1,
+            dwk.into_shape_with_order(weight.dim()).unwrap(),
+            epsilon = TOL
+        );
+    }
+}

@@ -186,7 +186,7 @@ pub fn backward<T: Element>(
     Ok(())
 }
 
-/// The specification: Yₙ[o,p] = Σ_c W[o,c]·Xₙ[c,p] + b[o], as plain loops.
+/// The specification: `Yₙ[o,p] = Σ_c W[o,c]·Xₙ[c,p] + b[o]`, as plain loops.
 pub fn forward_reference<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,

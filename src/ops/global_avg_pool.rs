@@ -31,7 +31,7 @@ pub fn output_shape(x: &[usize]) -> Result<[usize; 2]> {
     Ok([batch, channels])
 }
 
-/// Forward: y[n,c] = mean over the plane.
+/// Forward: `y[n,c]` = mean over the plane.
 pub fn forward<T: Element>(x: ArrayView4<T>, mut y: ArrayViewMut2<T>) -> Result<()> {
     check_same(OP, "output", &output_shape(x.shape())?, y.shape())?;
     let pixels = count::<T>(x.shape()[2] * x.shape()[3]);
@@ -43,7 +43,7 @@ pub fn forward<T: Element>(x: ArrayView4<T>, mut y: ArrayViewMut2<T>) -> Result<
     Ok(())
 }
 
-/// Backward: every pixel of plane (n, c) receives dy[n,c] / P.
+/// Backward: every pixel of plane (n, c) receives `dy[n,c] / P`.
 pub fn backward<T: Element>(dy: ArrayView2<T>, mut dx: ArrayViewMut4<T>) -> Result<()> {
     check_same(
         OP,

@@ -71,7 +71,7 @@ pub fn backward<T: Element>(
     )
 }
 
-/// The specification: the textbook fully-connected layer, y[n,o] = Σ_c W[o,c]·x[n,c] + b[o].
+/// The specification: the textbook fully-connected layer, `y[n,o] = Σ_c W[o,c]·x[n,c] + b[o]`.
 pub fn forward_reference<T: Element>(
     x: ArrayView2<T>,
     weight: ArrayView2<T>,

@@ -1,7 +1,7 @@
 //! # SoftmaxCrossEntropy: the classification loss
 //!
 //! ## What
-//! The mean over the batch of −log softmax(logits)[label]: the negative log-likelihood of the
+//! The mean over the batch of `−log softmax(logits)[label]`: the negative log-likelihood of the
 //! right class under the network's predicted distribution.
 //!
 //! ## Shapes
@@ -14,7 +14,7 @@
 //! L = −(1/N) Σₙ log p[n, yₙ]
 //! ∂L/∂z[n,k] = (p[n,k] − 1[k = yₙ]) / N
 //! ```
-//! Subtracting the row maximum m[n] changes nothing mathematically (it cancels in the ratio) but
+//! Subtracting the row maximum `m[n]` changes nothing mathematically (it cancels in the ratio) but
 //! keeps every exp ≤ 1, so large logits cannot overflow; log p is computed as
 //! (z − m) − log Σ exp(z − m), never as the log of a rounded probability.
 //!

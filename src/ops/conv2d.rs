@@ -1,0 +1,392 @@
+//! # Conv2d: a K×K convolution (stride 1, zero padding p), as im2col + GEMM
+//!
+//! ## What
+//! Every output pixel mixes a K×K neighbourhood of every input channel. It is here to measure
+//! what a 1×1 convolution saves: with K = 1 and p = 0 it *is* a 1×1 convolution (a test shows
+//! it), and a 1×1 reduction in front of it cuts its cost by the channel ratio.
+//!
+//! ## Shapes
+//! x (N, F, H, W), weight (F1, F, K, K), bias (F1) → y (N, F1, H′, W′) with
+//! H′ = H + 2p − K + 1, W′ = W + 2p − K + 1; P′ = H′·W′. The padding p is the same on all four
+//! sides, so with an even K the output cannot keep the input's size: K = 4, p = 2 gives H + 1
+//! (asymmetric "same" padding, as in TensorFlow, is not offered).
+//!
+//! ## Derivation
+//! im2col copies, for sample n, every K×K patch into a column of Cₙ (F·K·K, P′):
+//!
+//! ```text
+//! Cₙ[(c·K + i)·K + j, h′·W′ + w′] = x[n, c, h′ + i − p, w′ + j − p]     (0 outside the image)
+//! Yₙ = W̃·Cₙ + b·1ᵀ          W̃ = weight viewed as (F1, F·K·K)    (F1×FKK)·(FKK×P′) → (F1×P′)
+//! ```
+//! which is the index form `y[n,o,h′,w′] = Σ_{c,i,j} W[o,c,i,j]·x[n,c,h′+i−p,w′+j−p] + b[o]`.
+//! Differentiating the GEMM exactly as for conv1x1:
+//!
+//! ```text
+//! dW̃ += Σₙ dYₙ·Cₙᵀ        (F1×P′)·(P′×FKK) → (F1×FKK)
+//! dCₙ  = W̃ᵀ·dYₙ           (FKK×F1)·(F1×P′) → (FKK×P′)
+//! db  += Σₙ Σₚ dYₙ[:, p]
+//! ```
+//! and col2im, the transpose of im2col, adds each entry of dCₙ back into the input pixel it was
+//! copied from: dx[n,c,h′+i−p,w′+j−p] += dCₙ[(c·K+i)·K+j, h′·W′+w′]. A pixel that sits in
+//! several patches receives the sum.
+//!
+//! ## Cost
+//! Forward 2·N·F1·F·K²·P′ FLOPs, backward twice that (dW and dX) plus N·F1·P′ for db.
+//! im2col copies K² times the input: the memory traffic a 1×1 convolution never pays.
+
+use super::{check_image, check_ndim, check_same, shape_text};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{
+    Array2, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut3,
+    ArrayViewMut4, Axis,
+};
+
+const OP: &str = "conv2d";
+
+/// Checks x (N, F, H, W), weight (F1, F, K, K), bias (F1) and padding; returns (N, F1, H′, W′).
+pub fn output_shape(
+    x: &[usize],
+    weight: &[usize],
+    bias: Option<&[usize]>,
+    padding: usize,
+) -> Result<[usize; 4]> {
+    let [batch, c_in, height, width] = check_image(OP, x)?;
+    let [c_out, weight_c_in, kernel] = check_weights(weight, bias)?;
+    if c_in != weight_c_in {
+        return Err(Error::shape_mismatch(
+            OP,
+            "input channels",
+            format!("{weight_c_in} (weight is {})", shape_text(weight)),
+            format!("{c_in} (input shape {})", shape_text(x)),
+        ));
+    }
+    let padded = |len: usize| {
+        len.checked_add(padding.saturating_mul(2))
+            .filter(|&l| l >= kernel)
+    };
+    match (padded(height), padded(width)) {
+        (Some(h), Some(w)) => Ok([batch, c_out, h - kernel + 1, w - kernel + 1]),
+        _ => Err(Error::invalid_shape(
+            OP,
+            format!("a {kernel}×{kernel} kernel does not fit the input padded by {padding}"),
+            x,
+        )),
+    }
+}
+
+/// Checks weight (F1, F, K, K) with non-zero sizes and bias (F1); returns [F1, F, K].
+pub fn check_weights(weight: &[usize], bias: Option<&[usize]>) -> Result<[usize; 3]> {
+    check_ndim(OP, "weight (F1, F, K, K)", weight, 4)?;
+    if weight.contains(&0) || weight[2] != weight[3] {
+        return Err(Error::invalid_shape(
+            OP,
+            "weight must be (F1, F, K, K) with non-zero sizes and a square kernel",
+            weight,
+        ));
+    }
+    if let Some(bias) = bias {
+        check_same(OP, "bias", &weight[..1], bias)?;
+    }
+    Ok([weight[0], weight[1], weight[2]])
+}
+
+/// The weight (F1, F, K, K) seen as the matrix W̃ (F1, F·K·K), without copying.
+fn weight_matrix<T: Element>(weight: ArrayView4<'_, T>) -> Result<ArrayView2<'_, T>> {
+    let (c_out, c_in, kernel, _) = weight.dim();
+    weight
+        .into_shape_with_order((c_out, c_in * kernel * kernel))
+        .map_err(|_| {
+            Error::invalid_shape(
+                OP,
+                "weight must be in standard (row-major) layout",
+                &[c_out, c_in, kernel, kernel],
+            )
+        })
+}
+
+/// The input pixel that entry (row, column) of the column matrix copies, if inside the image.
+fn source(
+    row: usize,
+    column: usize,
+    kernel: usize,
+    padding: usize,
+    out_width: usize,
+    x_shape: (usize, usize),
+) -> Option<(usize, usize, usize)> {
+    let (channel, i, j) = (row / (kernel * kernel), row / kernel % kernel, row % kernel);
+    let (h, w) = (
+        (column / out_width + i).checked_sub(padding)?,
+        (column % out_width + j).checked_sub(padding)?,
+    );
+    (h < x_shape.0 && w < x_shape.1).then_some((channel, h, w))
+}
+
+/// im2col for one sample: fills `columns` (F·K·K, P′).
+fn im2col<T: Element>(
+    x: ArrayView3<T>,
+    kernel: usize,
+    padding: usize,
+    out_width: usize,
+    columns: &mut Array2<T>,
+) {
+    let (_, height, width) = x.dim();
+    for ((row, column), slot) in columns.indexed_iter_mut() {
+        *slot = match source(row, column, kernel, padding, out_width, (height, width)) {
+            Some(pixel) => x[pixel],
+            None => T::zero(),
+        };
+    }
+}
+
+/// col2im for one sample: dx[pixel] += dC[row, column] for every entry that came from a pixel.
+fn col2im<T: Element>(
+    columns: &Array2<T>,
+    kernel: usize,
+    padding: usize,
+    out_width: usize,
+    mut dx: ArrayViewMut3<T>,
+) {
+    let (_, height, width) = dx.dim();
+    for ((row, column), &g) in columns.indexed_iter() {
+        if let Some(pixel) = source(row, column, kernel, padding, out_width, (height, width)) {
+            dx[pixel] += g;
+        }
+    }
+}
+
+/// Forward: Yₙ = W̃·im2col(Xₙ) + b for every sample.
+pub fn forward<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView4<T>,
+    bias: Option<ArrayView1<T>>,
+    padding: usize,
+    mut y: ArrayViewMut4<T>,
+) -> Result<()> {
+    let [_, c_out, out_height, out_width] = output_shape(
+        x.shape(),
+        weight.shape(),
+        bias.as_ref().map(|b| b.shape()),
+        padding,
+    )?;
+    check_same(
+        OP,
+        "output",
+        &[x.shape()[0], c_out, out_height, out_width],
+        y.shape(),
+    )?;
+    let kernel = weight.shape()[2];
+    let weight = weight_matrix(weight)?;
+    let mut columns = Array2::zeros((weight.ncols(), out_height * out_width));
+    for (x_n, y_block) in x.outer_iter().zip(y.outer_iter_mut()) {
+        im2col(x_n, kernel, padding, out_width, &mut columns);
+        let mut y_n = y_block
+            .into_shape_with_order((c_out, out_height * out_width))
+            .map_err(|_| {
+                Error::invalid_shape(
+                    OP,
+                    "output must be in standard layout",
+                    &[c_out, out_height, out_width],
+                )
+            })?;
+        let beta = match &bias {
+            Some(bias) => {
+                y_n.assign(&bias.view().insert_axis(Axis(1)));
+                T::one()
+            }
+            None => T::zero(),
+        };
+        // (F1×FKK)·(FKK×P′) → (F1×P′)
+        general_mat_mul(T::one(), &weight, &columns, beta, &mut y_n);
+    }
+    Ok(())
+}
+
+/// Backward: accumulates dW̃ = Σₙ dYₙ·Cₙᵀ, dXₙ = col2im(W̃ᵀ·dYₙ) and db = Σ dY into the given
+/// buffers (a `None` buffer is skipped).
+pub fn backward<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView4<T>,
+    padding: usize,
+    dy: ArrayView4<T>,
+    mut dx: Option<ArrayViewMut4<T>>,
+    dweight: Option<ArrayViewMut4<T>>,
+    mut dbias: Option<ArrayViewMut1<T>>,
+) -> Result<()> {
+    let [_, c_out, out_height, out_width] =
+        check_gradients(&x, &weight, padding, &dy, &dx, &dweight, &dbias)?;
+    let kernel = weight.shape()[2];
+    let weight = weight_matrix(weight)?;
+    let mut dweight = match dweight {
+        Some(d) => Some(d.into_shape_with_order(weight.dim()).map_err(|_| {
+            Error::invalid_shape(
+                OP,
+                "weight gradient must be in standard layout",
+                &[weight.nrows(), weight.ncols()],
+            )
+        })?),
+        None => None,
+    };
+    let pixels = out_height * out_width;
+    let mut columns = Array2::zeros((weight.ncols(), pixels));
+    let mut dcolumns = Array2::zeros((weight.ncols(), pixels));
+    for (n, (x_n, dy_block)) in x.outer_iter().zip(dy.outer_iter()).enumerate() {
+        let dy_n = dy_block
+            .into_shape_with_order((c_out, pixels))
+            .map_err(|_| {
+                Error::invalid_shape(
+                    OP,
+                    "output gradient must be in standard layout",
+                    &[c_out, pixels],
+                )
+            })?;
+        if let Some(dweight) = dweight.as_mut() {
+            im2col(x_n, kernel, padding, out_width, &mut columns);
+            // (F1×P′)·(P′×FKK) += into (F1×FKK)
+            general_mat_mul(T::one(), &dy_n, &columns.t(), T::one(), dweight);
+        }
+        if let Some(dx) = dx.as_mut() {
+            // (FKK×F1)·(F1×P′) → (FKK×P′), then scattered back by col2im
+            general_mat_mul(T::one(), &weight.t(), &dy_n, T::zero(), &mut dcolumns);
+            col2im(
+                &dcolumns,
+                kernel,
+                padding,
+                out_width,
+                dx.index_axis_mut(Axis(0), n),
+            );
+        }
+        if let Some(dbias) = dbias.as_mut() {
+            for (db, row) in dbias.iter_mut().zip(dy_n.outer_iter()) {
+                *db += row.sum();
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_gradients<T: Element>(
+    x: &ArrayView4<T>,
+    weight: &ArrayView4<T>,
+    padding: usize,
+    dy: &ArrayView4<T>,
+    dx: &Option<ArrayViewMut4<T>>,
+    dweight: &Option<ArrayViewMut4<T>>,
+    dbias: &Option<ArrayViewMut1<T>>,
+) -> Result<[usize; 4]> {
+    let out = output_shape(x.shape(), weight.shape(), None, padding)?;
+    check_same(OP, "output gradient", &out, dy.shape())?;
+    if let Some(dx) = dx {
+        check_same(OP, "input gradient", x.shape(), dx.shape())?;
+    }
+    if let Some(dweight) = dweight {
+        check_same(OP, "weight gradient", weight.shape(), dweight.shape())?;
+    }
+    if let Some(dbias) = dbias {
+        check_same(OP, "bias gradient", &out[1..2], dbias.shape())?;
+    }
+    Ok(out)
+}
+
+/// The specification: the direct 7-deep loop of the index form, no im2col.
+pub fn forward_reference<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView4<T>,
+    bias: Option<ArrayView1<T>>,
+    padding: usize,
+    mut y: ArrayViewMut4<T>,
+) -> Result<()> {
+    let [batch, c_out, out_height, out_width] = output_shape(
+        x.shape(),
+        weight.shape(),
+        bias.as_ref().map(|b| b.shape()),
+        padding,
+    )?;
+    check_same(
+        OP,
+        "output",
+        &[batch, c_out, out_height, out_width],
+        y.shape(),
+    )?;
+    let (c_in, height, width, kernel) =
+        (x.shape()[1], x.shape()[2], x.shape()[3], weight.shape()[2]);
+    for n in 0..batch {
+        for o in 0..c_out {
+            for oh in 0..out_height {
+                for ow in 0..out_width {
+                    let mut sum = bias.as_ref().map_or(T::zero(), |b| b[o]);
+                    for c in 0..c_in {
+                        for i in 0..kernel {
+                            for j in 0..kernel {
+                                let (h, w) = (oh + i, ow + j);
+                                if h >= padding
+                                    && w >= padding
+                                    && h - padding < height
+                                    && w - padding < width
+                                {
+                                    sum +=
+                                        weight[[o, c, i, j]] * x[[n, c, h - padding, w - padding]];
+                                }
+                            }
+                        }
+                    }
+                    y[[n, o, oh, ow]] = sum;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The specification of the backward pass: the index form differentiated term by term.
+pub fn backward_reference<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView4<T>,
+    padding: usize,
+    dy: ArrayView4<T>,
+    mut dx: Option<ArrayViewMut4<T>>,
+    mut dweight: Option<ArrayViewMut4<T>>,
+    mut dbias: Option<ArrayViewMut1<T>>,
+) -> Result<()> {
+    let [batch, c_out, out_height, out_width] =
+        check_gradients(&x, &weight, padding, &dy, &dx, &dweight, &dbias)?;
+    let (c_in, height, width, kernel) =
+        (x.shape()[1], x.shape()[2], x.shape()[3], weight.shape()[2]);
+    for n in 0..batch {
+        for o in 0..c_out {
+            for oh in 0..out_height {
+                for ow in 0..out_width {
+                    let g = dy[[n, o, oh, ow]];
+                    if let Some(dbias) = dbias.as_mut() {
+                        dbias[o] += g;
+                    }
+                    for c in 0..c_in {
+                        for i in 0..kernel {
+                            for j in 0..kernel {
+                                let (h, w) = (oh + i, ow + j);
+                                if h < padding
+                                    || w < padding
+                                    || h - padding >= height
+                                    || w - padding >= width
+                                {
+                                    continue;
+                                }
+                                if let Some(dweight) = dweight.as_mut() {
+                                    dweight[[o, c, i, j]] +=
+                                        g * x[[n, c, h - padding, w - padding]];
+                                }
+                                if let Some(dx) = dx.as_mut() {
+                                    dx[[n, c, h - padding, w - padding]] +=
+                                        g * weight[[o, c, i, j]];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -383,10 +383,12 @@ fn draw_matrix(
         .configure_mesh()
         .disable_mesh()
         .x_desc("input channel")
+        .y_desc("row")
         .draw()?;
     chart.draw_series(matrix.indexed_iter().map(|((r, c), &v)| {
         Rectangle::new(
-            [(c, rows - 1 - r), (c + 1, rows - r)],
+            // Row r spans r..r+1, so the axis labels are row indices.
+            [(c, r), (c + 1, r + 1)],
             diverging(v, scale).filled(),
         )
     }))?;

@@ -126,7 +126,7 @@ impl SyntheticConfig {
                 self.height.min(self.width)
             ));
         }
-        if (self.blob_side * self.blob_side) % 2 != 0 {
+        if !(self.blob_side * self.blob_side).is_multiple_of(2) {
             return fail(format!(
                 "blob side {} gives an odd pixel count: signs cannot balance",
                 self.blob_side

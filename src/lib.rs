@@ -149,6 +149,7 @@ pub mod data;
 pub mod element;
 pub mod error;
 pub mod export;
+pub mod gemm;
 pub mod gradcheck;
 pub mod graph;
 pub mod model;

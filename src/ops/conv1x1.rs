@@ -34,7 +34,7 @@
 use super::{check_image, check_ndim, check_same, shape_text};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use ndarray::linalg::general_mat_mul;
+use crate::gemm::gemm;
 use ndarray::{
     ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4,
     Axis,
@@ -148,7 +148,7 @@ pub fn forward<T: Element>(
             None => T::zero(),
         };
         // (F1×F)·(F×P) → (F1×P)
-        general_mat_mul(T::one(), &weight, &x_n, beta, &mut y_n);
+        gemm(T::one(), weight.view(), x_n, beta, y_n.view_mut())?;
     }
     Ok(())
 }
@@ -170,12 +170,12 @@ pub fn backward<T: Element>(
         let dy_n = sample_matrix(dy_block)?;
         if let Some(dweight) = dweight.as_mut() {
             // (F1×P)·(P×F) += into (F1×F); Xₙᵀ is a transposed view, not a copy.
-            general_mat_mul(T::one(), &dy_n, &x_n.t(), T::one(), dweight);
+            gemm(T::one(), dy_n.view(), x_n.t(), T::one(), dweight.view_mut())?;
         }
         if let Some(dx) = dx.as_mut() {
             let mut dx_n = sample_matrix_mut(dx.index_axis_mut(Axis(0), n))?;
             // (F×F1)·(F1×P) += into (F×P)
-            general_mat_mul(T::one(), &weight.t(), &dy_n, T::one(), &mut dx_n);
+            gemm(T::one(), weight.t(), dy_n.view(), T::one(), dx_n.view_mut())?;
         }
         if let Some(dbias) = dbias.as_mut() {
             for (db, row) in dbias.iter_mut().zip(dy_n.outer_iter()) {

@@ -37,7 +37,7 @@
 use super::{check_image, check_ndim, check_same, shape_text};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use ndarray::linalg::general_mat_mul;
+use crate::gemm::gemm;
 use ndarray::{
     Array2, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut3,
     ArrayViewMut4, Axis,
@@ -198,7 +198,13 @@ pub fn forward<T: Element>(
             None => T::zero(),
         };
         // (F1×FKK)·(FKK×P′) → (F1×P′)
-        general_mat_mul(T::one(), &weight, &columns, beta, &mut y_n);
+        gemm(
+            T::one(),
+            weight.view(),
+            columns.view(),
+            beta,
+            y_n.view_mut(),
+        )?;
     }
     Ok(())
 }
@@ -244,11 +250,23 @@ pub fn backward<T: Element>(
         if let Some(dweight) = dweight.as_mut() {
             im2col(x_n, kernel, padding, out_width, &mut columns);
             // (F1×P′)·(P′×FKK) += into (F1×FKK)
-            general_mat_mul(T::one(), &dy_n, &columns.t(), T::one(), dweight);
+            gemm(
+                T::one(),
+                dy_n.view(),
+                columns.t(),
+                T::one(),
+                dweight.view_mut(),
+            )?;
         }
         if let Some(dx) = dx.as_mut() {
             // (FKK×F1)·(F1×P′) → (FKK×P′), then scattered back by col2im
-            general_mat_mul(T::one(), &weight.t(), &dy_n, T::zero(), &mut dcolumns);
+            gemm(
+                T::one(),
+                weight.t(),
+                dy_n.view(),
+                T::zero(),
+                dcolumns.view_mut(),
+            )?;
             col2im(
                 &dcolumns,
                 kernel,

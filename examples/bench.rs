@@ -1,0 +1,558 @@
+//! Speed and memory of 1×1 training, against this machine's own limits, in one run.
+//!
+//! ```sh
+//! cargo run --release --example bench                    # 1 and 2 threads, a table
+//! cargo run --release --example bench -- --json out.json # the same figures as JSON
+//! BENCH_THREADS=2 cargo run --release --example bench -- --result-lines   # for ../shared/peers
+//! ```
+//!
+//! Workloads (f32, as in ../shared/peers): W1 = 1×1 conv 256→64 with bias on N = 32, 28×28,
+//! forward (0.822 GFLOP) and forward + backward for input, weight and bias from dY = ones
+//! (2.466 GFLOP); W2 = one training step of the bottleneck block (1×1 256→64 + ReLU, 1×1 64→256 +
+//! ReLU, 2×2 max pool, global average pool, linear 256→10, softmax cross-entropy, backward to
+//! every parameter; 4.11 GFLOP), the optimizer update timed apart; W3 = the GEMM of W1's forward
+//! shape (64×256)·(256×25088) and a 2048³ GEMM, through the crate's GEMM.
+//!
+//! Each thread count runs in a child process of its own, because the thread count of the GEMM
+//! backend is fixed when a process first uses it. Peaks: an FMA loop with 16 independent
+//! accumulators (AVX-512 and AVX2, the best counts), the same measure as ../shared/peers/peak_bench.
+
+use ndarray::{Array2, Array4, ArrayD, IxDyn};
+use pointwise::ops::conv1x1;
+use pointwise::optim::{Optimizer, OptimizerKind};
+use pointwise::{Architecture, Model};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+// ---------------------------------------------------------------- counting allocator
+
+struct Counting;
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; only a counter changes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+// ---------------------------------------------------------------- workloads
+
+const N: usize = 32;
+const C_IN: usize = 256;
+const C_OUT: usize = 64;
+const SIDE: usize = 28;
+const CLASSES: usize = 10;
+const CONV_GFLOP: f64 = 2.0 * (N * SIDE * SIDE * C_IN * C_OUT) as f64 * 1e-9;
+
+/// Deterministic values in [-0.5, 0.5) (xorshift), as the peers' harness makes them.
+fn fill(shape: &[usize], seed: u32) -> ArrayD<f32> {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state as f32 / u32::MAX as f32 - 0.5
+    })
+}
+
+/// Warm up (at least 2 calls and 0.3 s), then time 5 batches of about 0.4 s: (median, min) ms per call.
+fn bench(mut f: impl FnMut()) -> (f64, f64) {
+    let start = Instant::now();
+    let mut calls = 0usize;
+    while calls < 2 || (start.elapsed().as_secs_f64() < 0.3 && calls < 100) {
+        f();
+        calls += 1;
+    }
+    let per_call = start.elapsed().as_secs_f64() / calls as f64;
+    let iterations = ((0.4 / per_call).round() as usize).max(1);
+    let mut samples: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..iterations {
+                f();
+            }
+            t.elapsed().as_secs_f64() * 1e3 / iterations as f64
+        })
+        .collect();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    (samples[samples.len() / 2], samples[0])
+}
+
+struct Figure {
+    workload: &'static str,
+    ms: (f64, f64),
+    gflop: f64,
+}
+
+impl Figure {
+    fn gflops(&self) -> f64 {
+        self.gflop / (self.ms.0 * 1e-3)
+    }
+}
+
+fn gemm_figures() -> Vec<Figure> {
+    let mut figures = Vec::new();
+    for (workload, m, k, n) in [
+        ("W3_conv_gemm", C_OUT, C_IN, N * SIDE * SIDE),
+        ("W3_sq2048", 2048, 2048, 2048),
+    ] {
+        let a = fill(&[m, k], 1).into_dimensionality().unwrap();
+        let b = fill(&[k, n], 2).into_dimensionality().unwrap();
+        let mut c = Array2::<f32>::zeros((m, n));
+        let ms = bench(|| {
+            pointwise::gemm::gemm(1.0, a.view(), b.view(), 0.0, c.view_mut()).unwrap();
+            black_box(&c);
+        });
+        figures.push(Figure {
+            workload,
+            ms,
+            gflop: 2.0 * (m * k * n) as f64 * 1e-9,
+        });
+    }
+    figures
+}
+
+fn w1_figures() -> Vec<Figure> {
+    let x: Array4<f32> = fill(&[N, C_IN, SIDE, SIDE], 3)
+        .into_dimensionality()
+        .unwrap();
+    let weight: Array2<f32> = (fill(&[C_OUT, C_IN], 4) * 0.12)
+        .into_dimensionality()
+        .unwrap();
+    let bias = fill(&[C_OUT], 5)
+        .into_dimensionality::<ndarray::Ix1>()
+        .unwrap();
+    let mut y = Array4::<f32>::zeros((N, C_OUT, SIDE, SIDE));
+    let forward = bench(|| {
+        conv1x1::forward(x.view(), weight.view(), Some(bias.view()), y.view_mut()).unwrap();
+        black_box(&y);
+    });
+    let ones = Array4::<f32>::ones((N, C_OUT, SIDE, SIDE));
+    let mut dx = Array4::<f32>::zeros(x.dim());
+    let mut dweight = Array2::<f32>::zeros(weight.dim());
+    let mut dbias = ndarray::Array1::<f32>::zeros(C_OUT);
+    let forward_backward = bench(|| {
+        conv1x1::forward(x.view(), weight.view(), Some(bias.view()), y.view_mut()).unwrap();
+        // Gradients start from zero each call, as with freshly cleared .grad in the peers.
+        dx.fill(0.0);
+        dweight.fill(0.0);
+        dbias.fill(0.0);
+        conv1x1::backward(
+            x.view(),
+            weight.view(),
+            ones.view(),
+            Some(dx.view_mut()),
+            Some(dweight.view_mut()),
+            Some(dbias.view_mut()),
+        )
+        .unwrap();
+        black_box((&dx, &dweight, &dbias));
+    });
+    vec![
+        Figure {
+            workload: "W1_fwd",
+            ms: forward,
+            gflop: CONV_GFLOP,
+        },
+        Figure {
+            workload: "W1_fwdbwd",
+            ms: forward_backward,
+            gflop: 3.0 * CONV_GFLOP,
+        },
+    ]
+}
+
+/// The W2 model with its batch set; returns the model and the labels.
+fn w2_model() -> (Model, Array4<f32>, Vec<usize>) {
+    let model = Model::new(Architecture::bottleneck(C_IN, C_OUT, CLASSES), 0).unwrap();
+    let images = fill(&[N, C_IN, SIDE, SIDE], 6)
+        .into_dimensionality()
+        .unwrap();
+    let labels = (0..N).map(|n| n % CLASSES).collect();
+    (model, images, labels)
+}
+
+struct Memory {
+    allocations_per_step: f64,
+    peak_rss_mib: f64,
+    minimum_mib: f64,
+}
+
+/// Peak resident memory of this process so far (Linux), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// params + gradients + optimizer state (SGD momentum) + saved activations + the batch, in MiB.
+/// Saved activations: what the backward pass must read — the reduce output (N·64·P, its ReLU
+/// mask can be read from it), the expand output (N·256·P) and the pool's arg-max (N·256·P/4).
+fn theoretical_minimum_mib() -> f64 {
+    let params = (C_OUT * C_IN + C_OUT + C_IN * C_OUT + C_IN + CLASSES * C_IN + CLASSES) as f64;
+    let pixels = (SIDE * SIDE) as f64;
+    let activations = N as f64 * pixels * (C_OUT as f64 + C_IN as f64 + C_IN as f64 / 4.0);
+    let batch = (N * C_IN) as f64 * pixels;
+    (3.0 * params + activations + batch) * 4.0 / (1024.0 * 1024.0)
+}
+
+fn w2_figures() -> (Vec<Figure>, Memory) {
+    let (mut model, images, labels) = w2_model();
+    let step = bench(|| {
+        black_box(model.forward_backward(images.view(), &labels).unwrap());
+    });
+    let mut optimizer = Optimizer::new(OptimizerKind::sgd()).unwrap();
+    let update = bench(|| optimizer.step(model.graph_mut(), 1e-6).unwrap());
+    // Steady state: count allocations over 20 steps after the warm-up above.
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..20 {
+        model.forward_backward(images.view(), &labels).unwrap();
+        optimizer.step(model.graph_mut(), 1e-6).unwrap();
+    }
+    let allocations = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 20.0;
+    let memory = Memory {
+        allocations_per_step: allocations,
+        peak_rss_mib: peak_rss_mib(),
+        minimum_mib: theoretical_minimum_mib(),
+    };
+    let figures = vec![
+        Figure {
+            workload: "W2_step",
+            ms: step,
+            gflop: 5.0 * CONV_GFLOP,
+        },
+        Figure {
+            workload: "W2_update",
+            ms: update,
+            gflop: 0.0,
+        },
+    ];
+    (figures, memory)
+}
+
+// ---------------------------------------------------------------- FMA peak
+
+/// GFLOP/s of `threads` threads each running 16 independent FMA chains.
+fn fma_peak(threads: usize) -> f64 {
+    let run = |threads: usize, kernel: fn(u64) -> f64| -> f64 {
+        (0..5)
+            .map(|_| {
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = (0..threads)
+                        .map(|_| s.spawn(|| kernel(20_000_000)))
+                        .collect();
+                    handles.into_iter().map(|h| h.join().unwrap()).sum::<f64>()
+                })
+            })
+            .fold(0.0, f64::max)
+    };
+    let mut best = run(threads, fma_scalar);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            best = best.max(run(threads, x86::fma_avx2));
+        }
+        if is_x86_feature_detected!("avx512f") {
+            best = best.max(run(threads, x86::fma_avx512));
+        }
+    }
+    best
+}
+
+fn fma_scalar(iterations: u64) -> f64 {
+    let mut acc = [0.0f32; 16];
+    let t = Instant::now();
+    for _ in 0..iterations / 16 {
+        for a in acc.iter_mut() {
+            *a = black_box(*a).mul_add(1.000_000_1, 0.999_999_9);
+        }
+    }
+    black_box(&acc);
+    (iterations / 16 * 16 * 2) as f64 / t.elapsed().as_secs_f64() * 1e-9
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::hint::black_box;
+    use std::time::Instant;
+
+    macro_rules! fma_kernel {
+        ($name:ident, $inner:ident, $feature:literal, $vector:ty, $set1:ident, $fma:ident, $lanes:expr) => {
+            pub fn $name(iterations: u64) -> f64 {
+                // SAFETY: called only after is_x86_feature_detected! confirmed the feature.
+                unsafe { $inner(iterations) }
+            }
+            #[target_feature(enable = $feature)]
+            unsafe fn $inner(iterations: u64) -> f64 {
+                let a = $set1(1.000_000_1);
+                let b = $set1(0.999_999_9);
+                let mut acc: [$vector; 16] = [$set1(0.0); 16];
+                let t = Instant::now();
+                for _ in 0..iterations {
+                    for slot in acc.iter_mut() {
+                        *slot = $fma(*slot, a, b);
+                    }
+                }
+                let seconds = t.elapsed().as_secs_f64();
+                black_box(&acc);
+                (iterations * 16 * $lanes * 2) as f64 / seconds * 1e-9
+            }
+        };
+    }
+    fma_kernel!(
+        fma_avx512,
+        fma_avx512_inner,
+        "avx512f",
+        __m512,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        16
+    );
+    fma_kernel!(
+        fma_avx2,
+        fma_avx2_inner,
+        "avx2,fma",
+        __m256,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        8
+    );
+}
+
+// ---------------------------------------------------------------- driver
+
+struct Run {
+    threads: usize,
+    peak: f64,
+    ceiling: f64,
+    figures: Vec<Figure>,
+    memory: Memory,
+}
+
+fn measure(threads: usize) -> Run {
+    let peak = fma_peak(threads);
+    let mut figures = gemm_figures();
+    figures.extend(w1_figures());
+    let (w2, memory) = w2_figures();
+    figures.extend(w2);
+    let ceiling = figures
+        .iter()
+        .find(|f| f.workload == "W3_conv_gemm")
+        .map_or(f64::NAN, Figure::gflops);
+    Run {
+        threads,
+        peak,
+        ceiling,
+        figures,
+        memory,
+    }
+}
+
+fn print_run(run: &Run) {
+    println!(
+        "\n{} thread(s): FMA peak {:.1} GFLOP/s, GEMM ceiling on W1's shape {:.1} GFLOP/s",
+        run.threads, run.peak, run.ceiling
+    );
+    println!(
+        "{:<52} {:>9} {:>9} {:>9} {:>7} {:>7}",
+        "workload", "ms", "min ms", "GFLOP/s", "%peak", "%ceil"
+    );
+    for f in &run.figures {
+        let (rate, peak, ceil) = if f.gflop > 0.0 {
+            let g = f.gflops();
+            (
+                format!("{g:.1}"),
+                format!("{:.0}%", 100.0 * g / run.peak),
+                format!("{:.0}%", 100.0 * g / run.ceiling),
+            )
+        } else {
+            ("-".into(), "-".into(), "-".into())
+        };
+        println!(
+            "{:<52} {:>9.2} {:>9.2} {:>9} {:>7} {:>7}",
+            describe(f.workload),
+            f.ms.0,
+            f.ms.1,
+            rate,
+            peak,
+            ceil
+        );
+    }
+    let m = &run.memory;
+    println!(
+        "W2 steady state: {:.1} heap allocations per step (fwd + bwd + update); peak RSS {:.0} MiB, theoretical minimum {:.0} MiB ({:.2}×)",
+        m.allocations_per_step,
+        m.peak_rss_mib,
+        m.minimum_mib,
+        m.peak_rss_mib / m.minimum_mib
+    );
+}
+
+fn json(runs: &[Run]) -> String {
+    let mut out = String::from("{\n  \"runs\": [\n");
+    for (i, run) in runs.iter().enumerate() {
+        out += &format!(
+            "    {{\"threads\": {}, \"fma_peak_gflops\": {:.3}, \"gemm_ceiling_gflops\": {:.3}, \"allocations_per_step\": {:.2}, \"peak_rss_mib\": {:.1}, \"theoretical_minimum_mib\": {:.1}, \"workloads\": [\n",
+            run.threads, run.peak, run.ceiling, run.memory.allocations_per_step, run.memory.peak_rss_mib, run.memory.minimum_mib
+        );
+        for (j, f) in run.figures.iter().enumerate() {
+            out += &format!(
+                "      {{\"name\": \"{}\", \"median_ms\": {:.4}, \"min_ms\": {:.4}, \"gflop\": {:.5}, \"gflops\": {:.3}}}{}\n",
+                f.workload,
+                f.ms.0,
+                f.ms.1,
+                f.gflop,
+                if f.gflop > 0.0 { f.gflops() } else { 0.0 },
+                if j + 1 < run.figures.len() { "," } else { "" }
+            );
+        }
+        out += &format!("    ]}}{}\n", if i + 1 < runs.len() { "," } else { "" });
+    }
+    out + "  ]\n}\n"
+}
+
+fn threads_from_env() -> usize {
+    std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--result-lines") {
+        let run = measure(threads_from_env());
+        for f in run.figures.iter().filter(|f| f.gflop > 0.0) {
+            println!(
+                "RESULT\tpointwise\t{}\t{}\t{:.4}\t{:.4}\t{:.5}\t{:.2}",
+                f.workload,
+                run.threads,
+                f.ms.0,
+                f.ms.1,
+                f.gflop,
+                f.gflops()
+            );
+        }
+        return;
+    }
+    if args.iter().any(|a| a == "--child") {
+        // One thread count, in a fresh process: print the figures as JSON for the parent.
+        print!("{}", json(&[measure(threads_from_env())]));
+        return;
+    }
+    let json_path = match args.as_slice() {
+        [] => None,
+        [flag, path] if flag == "--json" => Some(path.clone()),
+        _ => {
+            eprintln!(
+                "usage: cargo run --release --example bench -- [--json FILE | --result-lines]"
+            );
+            std::process::exit(2);
+        }
+    };
+    let exe = std::env::current_exe().unwrap();
+    let mut runs = Vec::new();
+    for threads in [1, 2] {
+        let output = Command::new(&exe)
+            .arg("--child")
+            .env("BENCH_THREADS", threads.to_string())
+            .env("POINTWISE_THREADS", threads.to_string())
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .env("MATMUL_NUM_THREADS", threads.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        runs.push(parse_child(
+            &String::from_utf8_lossy(&output.stdout),
+            threads,
+        ));
+    }
+    for run in &runs {
+        print_run(run);
+    }
+    if let Some(path) = json_path {
+        std::fs::write(&path, json(&runs)).unwrap();
+        println!("\nfigures written to {path}");
+    }
+}
+
+/// Reads back the JSON a child printed (our own fixed format, one value per key).
+fn parse_child(text: &str, threads: usize) -> Run {
+    let number = |line: &str, key: &str| -> f64 {
+        let start = line.find(&format!("\"{key}\": ")).unwrap() + key.len() + 4;
+        let rest = &line[start..];
+        let end = rest.find([',', '}']).unwrap();
+        rest[..end].trim().parse().unwrap()
+    };
+    let header = text.lines().find(|l| l.contains("\"threads\"")).unwrap();
+    let mut figures = Vec::new();
+    for line in text.lines().filter(|l| l.contains("\"name\"")) {
+        let name_start = line.find("\"name\": \"").unwrap() + 9;
+        let name = &line[name_start..name_start + line[name_start..].find('"').unwrap()];
+        let workload = WORKLOADS.iter().copied().find(|w| *w == name).unwrap();
+        figures.push(Figure {
+            workload,
+            ms: (number(line, "median_ms"), number(line, "min_ms")),
+            gflop: number(line, "gflop"),
+        });
+    }
+    Run {
+        threads,
+        peak: number(header, "fma_peak_gflops"),
+        ceiling: number(header, "gemm_ceiling_gflops"),
+        figures,
+        memory: Memory {
+            allocations_per_step: number(header, "allocations_per_step"),
+            peak_rss_mib: number(header, "peak_rss_mib"),
+            minimum_mib: number(header, "theoretical_minimum_mib"),
+        },
+    }
+}
+
+const WORKLOADS: [&str; 6] = [
+    "W3_conv_gemm",
+    "W3_sq2048",
+    "W1_fwd",
+    "W1_fwdbwd",
+    "W2_step",
+    "W2_update",
+];
+
+fn describe(workload: &str) -> &'static str {
+    match workload {
+        "W3_conv_gemm" => "GEMM (64×256)·(256×25088), W1 forward as one GEMM",
+        "W3_sq2048" => "GEMM 2048³, for reference",
+        "W1_fwd" => "W1 forward",
+        "W1_fwdbwd" => "W1 forward + backward (dX, dW, db)",
+        "W2_step" => "W2 training step (fwd + bwd, no update)",
+        _ => "W2 SGD momentum update, apart",
+    }
+}

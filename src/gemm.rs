@@ -1,14 +1,36 @@
 //! The matrix product every layer runs: C ← α·A·B + β·C.
 //!
 //! One entry point, so that the ops say *what* they multiply and this module decides *how*.
-//! A and B may be transposed views (any strides); C must not alias them.
+//!
+//! ## How
+//! For f32 on a CPU with AVX-512, two register-blocked kernels cover the shapes a 1×1
+//! convolution produces without copying or packing anything:
+//!
+//! - **NN** (B's rows contiguous, as Xₙ (F×P) in `Yₙ = W·Xₙ` and dYₙ in `dXₙ = Wᵀ·dYₙ`):
+//!   a tile of C of 6 rows × 64 columns lives in 24 zmm registers; each step k broadcasts
+//!   6 values A[i,k] (A may be any strided view, e.g. Wᵀ) and loads 4 vectors of B's row k,
+//!   then issues 24 FMAs. K is cut in blocks of 128 so that B's panel (128×64) stays in L1.
+//! - **NT** (B's *columns* contiguous, as Xₙᵀ in `dW = Σ dYₙ·Xₙᵀ`): C[i,j] is a dot product of
+//!   row i of A and row j of Bᵀ, both contiguous. A tile of 4×6 dot products lives in 24 zmm
+//!   registers, each accumulating 16 lanes of the sum; each step loads 4 + 6 vectors and issues
+//!   24 FMAs; the lanes are summed once at the end.
+//!
+//! Edges (M not a multiple of the tile height, N or K not a multiple of 16) use smaller tiles
+//! and masked loads and stores, so no element is read or written outside its matrix.
+//!
+//! Everything else (f64, which the gradient checks use; CPUs without AVX-512; layouts the
+//! kernels do not take) goes to ndarray's `general_mat_mul`. `tests/gemm.rs` compares the
+//! kernels with it on many shapes, strides and α, β.
 
 use crate::element::Element;
 use crate::error::{Error, Result};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
+#[cfg(target_arch = "x86_64")]
+use std::any::TypeId;
 
 /// C (M×N) ← α·A (M×K)·B (K×N) + β·C. With β = 0, C's old values are ignored (even NaN).
+/// A and B may be transposed or strided views; C must not overlap them.
 pub fn gemm<T: Element>(
     alpha: T,
     a: ArrayView2<T>,
@@ -25,6 +47,335 @@ pub fn gemm<T: Element>(
             format!("({m}×{k})·({k2}×{n}) → {:?}", c.dim()),
         ));
     }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if TypeId::of::<T>() == TypeId::of::<f32>() && k > 0 && avx512::available() {
+        let strides = |s: &[isize]| [s[0], s[1]];
+        let operands = avx512::Operands {
+            shape: [m, n, k],
+            // T is f32 (TypeId above): the casts only name the element type.
+            alpha: alpha.as_f64() as f32,
+            a: a.as_ptr().cast::<f32>(),
+            a_strides: strides(a.strides()),
+            b: b.as_ptr().cast::<f32>(),
+            b_strides: strides(b.strides()),
+            beta: beta.as_f64() as f32,
+            c: c.as_mut_ptr().cast::<f32>(),
+            c_strides: strides(c.strides()),
+        };
+        // SAFETY: the pointers and strides describe the three views above, whose shapes were
+        // checked to be (M×K), (K×N), (M×N); C is borrowed mutably, so it overlaps neither.
+        if unsafe { avx512::gemm_f32(&operands) } {
+            return Ok(());
+        }
+    }
     general_mat_mul(alpha, &a, &b, beta, &mut c);
     Ok(())
+}
+
+/// Which implementation [`gemm`] uses for element type `T` on this CPU: `"avx512"` for the
+/// kernels of this module, `"ndarray"` for `general_mat_mul`.
+pub fn backend<T: Element>() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if TypeId::of::<T>() == TypeId::of::<f32>() && avx512::available() {
+        return "avx512";
+    }
+    "ndarray"
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    /// Whether this CPU runs AVX-512F (detected once).
+    pub fn available() -> bool {
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    }
+
+    /// Rows of an NN tile and 16-lane vectors across it.
+    const NN_ROWS: usize = 6;
+    const NN_VECTORS: usize = 4;
+    const NN_WIDTH: usize = 16 * NN_VECTORS;
+    /// K block of the NN kernel: B's panel of 128×64 floats is 32 KiB, inside L1.
+    const NN_DEPTH: usize = 128;
+    /// Rows of A and rows of Bᵀ in an NT tile.
+    const NT_ROWS: usize = 4;
+    const NT_COLUMNS: usize = 6;
+
+    /// A product described by raw parts: C (M×N) ← α·A (M×K)·B (K×N) + β·C, element (i, j)
+    /// of a matrix X at `x + i·strides[0] + j·strides[1]`.
+    pub struct Operands {
+        pub shape: [usize; 3],
+        pub alpha: f32,
+        pub a: *const f32,
+        pub a_strides: [isize; 2],
+        pub b: *const f32,
+        pub b_strides: [isize; 2],
+        pub beta: f32,
+        pub c: *mut f32,
+        pub c_strides: [isize; 2],
+    }
+
+    /// Runs the product if a kernel takes these layouts; returns false to let the caller fall
+    /// back.
+    ///
+    /// # Safety
+    /// The operands must describe valid, non-empty matrices (M, N, K > 0) of the stated shapes,
+    /// C must not overlap A or B, and AVX-512F must be available.
+    pub unsafe fn gemm_f32(operands: &Operands) -> bool {
+        let Operands {
+            shape: [m, n, k],
+            alpha,
+            a,
+            b,
+            beta,
+            c,
+            ..
+        } = *operands;
+        let [rsa, csa] = operands.a_strides;
+        let [rsb, csb] = operands.b_strides;
+        let [rsc, csc] = operands.c_strides;
+        if csc != 1 && n > 1 {
+            return false;
+        }
+        if csb == 1 || n == 1 {
+            // SAFETY: the caller's contract; every address the kernel touches is an element of
+            // A, B or C, by the bounds of its loops (rows < m, columns < n with masked tails,
+            // depth < k) and the strides.
+            unsafe { nn(m, n, k, alpha, a, rsa, csa, b, rsb, beta, c, rsc) };
+            true
+        } else if rsb == 1 && csa == 1 {
+            // SAFETY: as above; B[k, j] is at b + j·csb + k, so row j of Bᵀ is contiguous.
+            unsafe { nt(m, n, k, alpha, a, rsa, b, csb, beta, c, rsc) };
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Mask of the first `lanes` (1..=16) lanes.
+    fn lane_mask(lanes: usize) -> __mmask16 {
+        if lanes >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << lanes) - 1) as __mmask16
+        }
+    }
+
+    /// C tile (ROWS × VECTORS·16, the last vector masked) ← α·A·B + β·C over `depth` steps.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn nn_tile<const ROWS: usize, const VECTORS: usize>(
+        depth: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+        last: __mmask16,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); VECTORS]; ROWS];
+        let mask = |v: usize| if v + 1 == VECTORS { last } else { 0xFFFF };
+        for p in 0..depth as isize {
+            let mut row = [_mm512_setzero_ps(); VECTORS];
+            for (v, slot) in row.iter_mut().enumerate() {
+                // SAFETY: b + p·rsb is row p of B's panel; masked lanes are not read.
+                *slot = unsafe { _mm512_maskz_loadu_ps(mask(v), b.offset(p * rsb).add(16 * v)) };
+            }
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                // SAFETY: A[i, p] of the tile's rows.
+                let scalar = unsafe { *a.offset(i as isize * rsa + p * csa) };
+                let broadcast = _mm512_set1_ps(scalar);
+                for (slot, &vector) in acc_row.iter_mut().zip(&row) {
+                    *slot = _mm512_fmadd_ps(broadcast, vector, *slot);
+                }
+            }
+        }
+        let (alpha, beta_vector) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
+        for (i, acc_row) in acc.iter().enumerate() {
+            for (v, &sum) in acc_row.iter().enumerate() {
+                // SAFETY: C[i, 16v..], masked past the tile's last column.
+                unsafe {
+                    let target = c.offset(i as isize * rsc).add(16 * v);
+                    let mut result = _mm512_mul_ps(sum, alpha);
+                    if beta != 0.0 {
+                        result = _mm512_fmadd_ps(
+                            _mm512_maskz_loadu_ps(mask(v), target),
+                            beta_vector,
+                            result,
+                        );
+                    }
+                    _mm512_mask_storeu_ps(target, mask(v), result);
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn nn(
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+    ) {
+        macro_rules! tile {
+            ($rows:expr, $vectors:expr, $($args:expr),*) => {
+                match ($rows, $vectors) {
+                    (6, 4) => nn_tile::<6, 4>($($args),*), (6, 3) => nn_tile::<6, 3>($($args),*),
+                    (6, 2) => nn_tile::<6, 2>($($args),*), (6, 1) => nn_tile::<6, 1>($($args),*),
+                    (5, 4) => nn_tile::<5, 4>($($args),*), (5, 3) => nn_tile::<5, 3>($($args),*),
+                    (5, 2) => nn_tile::<5, 2>($($args),*), (5, 1) => nn_tile::<5, 1>($($args),*),
+                    (4, 4) => nn_tile::<4, 4>($($args),*), (4, 3) => nn_tile::<4, 3>($($args),*),
+                    (4, 2) => nn_tile::<4, 2>($($args),*), (4, 1) => nn_tile::<4, 1>($($args),*),
+                    (3, 4) => nn_tile::<3, 4>($($args),*), (3, 3) => nn_tile::<3, 3>($($args),*),
+                    (3, 2) => nn_tile::<3, 2>($($args),*), (3, 1) => nn_tile::<3, 1>($($args),*),
+                    (2, 4) => nn_tile::<2, 4>($($args),*), (2, 3) => nn_tile::<2, 3>($($args),*),
+                    (2, 2) => nn_tile::<2, 2>($($args),*), (2, 1) => nn_tile::<2, 1>($($args),*),
+                    (1, 4) => nn_tile::<1, 4>($($args),*), (1, 3) => nn_tile::<1, 3>($($args),*),
+                    (1, 2) => nn_tile::<1, 2>($($args),*), _ => nn_tile::<1, 1>($($args),*),
+                }
+            };
+        }
+        for column in (0..n).step_by(NN_WIDTH) {
+            let width = NN_WIDTH.min(n - column);
+            let vectors = width.div_ceil(16);
+            let last = lane_mask(width - 16 * (vectors - 1));
+            for start in (0..k).step_by(NN_DEPTH) {
+                let depth = NN_DEPTH.min(k - start);
+                // Later K blocks add to what the first one wrote.
+                let beta = if start == 0 { beta } else { 1.0 };
+                for row in (0..m).step_by(NN_ROWS) {
+                    let rows = NN_ROWS.min(m - row);
+                    // SAFETY: the tile's corner is inside A, B and C (row < m, column < n,
+                    // start < k); the tile kernel stays inside by rows, depth and the mask.
+                    unsafe {
+                        let a = a.offset(row as isize * rsa + start as isize * csa);
+                        let b = b.offset(start as isize * rsb).add(column);
+                        let c = c.offset(row as isize * rsc).add(column);
+                        tile!(rows, vectors, depth, alpha, a, rsa, csa, b, rsb, beta, c, rsc, last);
+                    }
+                }
+            }
+        }
+    }
+
+    /// C tile (ROWS × COLUMNS) ← α·(dot products of A's rows with Bᵀ's rows) + β·C.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn nt_tile<const ROWS: usize, const COLUMNS: usize>(
+        k: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        bt: *const f32,
+        rsbt: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); COLUMNS]; ROWS];
+        for start in (0..k).step_by(16) {
+            let mask = lane_mask(k - start);
+            let mut bt_vectors = [_mm512_setzero_ps(); COLUMNS];
+            for (j, slot) in bt_vectors.iter_mut().enumerate() {
+                // SAFETY: row j of Bᵀ, lanes start.. masked at k.
+                *slot =
+                    unsafe { _mm512_maskz_loadu_ps(mask, bt.offset(j as isize * rsbt).add(start)) };
+            }
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                // SAFETY: row i of A, lanes start.. masked at k.
+                let a_vector =
+                    unsafe { _mm512_maskz_loadu_ps(mask, a.offset(i as isize * rsa).add(start)) };
+                for (slot, &vector) in acc_row.iter_mut().zip(&bt_vectors) {
+                    *slot = _mm512_fmadd_ps(a_vector, vector, *slot);
+                }
+            }
+        }
+        for (i, acc_row) in acc.iter().enumerate() {
+            for (j, &sum) in acc_row.iter().enumerate() {
+                // SAFETY: C[i, j] of the tile.
+                unsafe {
+                    let target = c.offset(i as isize * rsc).add(j);
+                    let dot = alpha * _mm512_reduce_add_ps(sum);
+                    *target = if beta == 0.0 {
+                        dot
+                    } else {
+                        dot + beta * *target
+                    };
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn nt(
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        bt: *const f32,
+        rsbt: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+    ) {
+        macro_rules! tile {
+            ($rows:expr, $columns:expr, $($args:expr),*) => {
+                match ($rows, $columns) {
+                    (4, 6) => nt_tile::<4, 6>($($args),*), (4, 5) => nt_tile::<4, 5>($($args),*),
+                    (4, 4) => nt_tile::<4, 4>($($args),*), (4, 3) => nt_tile::<4, 3>($($args),*),
+                    (4, 2) => nt_tile::<4, 2>($($args),*), (4, 1) => nt_tile::<4, 1>($($args),*),
+                    (3, 6) => nt_tile::<3, 6>($($args),*), (3, 5) => nt_tile::<3, 5>($($args),*),
+                    (3, 4) => nt_tile::<3, 4>($($args),*), (3, 3) => nt_tile::<3, 3>($($args),*),
+                    (3, 2) => nt_tile::<3, 2>($($args),*), (3, 1) => nt_tile::<3, 1>($($args),*),
+                    (2, 6) => nt_tile::<2, 6>($($args),*), (2, 5) => nt_tile::<2, 5>($($args),*),
+                    (2, 4) => nt_tile::<2, 4>($($args),*), (2, 3) => nt_tile::<2, 3>($($args),*),
+                    (2, 2) => nt_tile::<2, 2>($($args),*), (2, 1) => nt_tile::<2, 1>($($args),*),
+                    (1, 6) => nt_tile::<1, 6>($($args),*), (1, 5) => nt_tile::<1, 5>($($args),*),
+                    (1, 4) => nt_tile::<1, 4>($($args),*), (1, 3) => nt_tile::<1, 3>($($args),*),
+                    (1, 2) => nt_tile::<1, 2>($($args),*), _ => nt_tile::<1, 1>($($args),*),
+                }
+            };
+        }
+        // Bᵀ's rows in blocks of 48 (48 rows of up to 784 floats ≈ 150 KiB, inside L2), and for
+        // each block every row tile of A, whose 4 rows stay in L1 across the block.
+        const BLOCK: usize = 48;
+        for block in (0..n).step_by(BLOCK) {
+            let block_end = (block + BLOCK).min(n);
+            for row in (0..m).step_by(NT_ROWS) {
+                let rows = NT_ROWS.min(m - row);
+                for column in (block..block_end).step_by(NT_COLUMNS) {
+                    let columns = NT_COLUMNS.min(block_end - column);
+                    // SAFETY: the tile's corner is inside A, Bᵀ and C; the tile kernel stays
+                    // inside by rows, columns and the mask at k.
+                    unsafe {
+                        let a = a.offset(row as isize * rsa);
+                        let bt = bt.offset(column as isize * rsbt);
+                        let c = c.offset(row as isize * rsc).add(column);
+                        tile!(rows, columns, k, alpha, a, rsa, bt, rsbt, beta, c, rsc);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -452,3 +452,68 @@ fn conv2d_with_a_1x1_kernel_equals_conv1x1() {
         );
     }
 }
+
+/// The f32 path runs the crate's own GEMM kernels (where the CPU has AVX-512); it must match the
+/// same reference loops, within f32 rounding (relative 1e-5 of the values' scale).
+#[test]
+fn conv1x1_f32_fast_path_matches_reference_loops() {
+    let cases = [
+        (1, 3, 5, 2, 3),
+        (2, 7, 3, 3, 2),
+        (3, 256, 64, 5, 7),
+        (2, 64, 256, 9, 4),
+        (1, 17, 33, 1, 1),
+    ];
+    for (i, &(batch, c_in, c_out, height, width)) in cases.iter().enumerate() {
+        let seed = 10 * i as u64;
+        let f32s = |a: ArrayD<f64>| a.mapv(|v| v as f32);
+        let x = f32s(random(&[batch, c_in, height, width], seed))
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let weight = f32s(random(&[c_out, c_in], seed + 1))
+            .into_dimensionality::<Ix2>()
+            .unwrap();
+        let bias = f32s(random(&[c_out], seed + 2))
+            .into_dimensionality::<Ix1>()
+            .unwrap();
+        let out = (batch, c_out, height, width);
+        let (mut y, mut y_ref) = (Array4::<f32>::zeros(out), Array4::<f32>::zeros(out));
+        conv1x1::forward(x.view(), weight.view(), Some(bias.view()), y.view_mut()).unwrap();
+        conv1x1::forward_reference(x.view(), weight.view(), Some(bias.view()), y_ref.view_mut())
+            .unwrap();
+        let tolerance = 1e-5 * (c_in as f32).sqrt();
+        assert_abs_diff_eq!(y, y_ref, epsilon = tolerance);
+
+        let dy = f32s(random(&[batch, c_out, height, width], seed + 3))
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let (mut dx, mut dw, mut db) = (
+            Array4::<f32>::ones(x.dim()),
+            Array2::<f32>::ones(weight.dim()),
+            Array1::<f32>::ones(c_out),
+        );
+        let (mut dx_ref, mut dw_ref, mut db_ref) = (dx.clone(), dw.clone(), db.clone());
+        conv1x1::backward(
+            x.view(),
+            weight.view(),
+            dy.view(),
+            Some(dx.view_mut()),
+            Some(dw.view_mut()),
+            Some(db.view_mut()),
+        )
+        .unwrap();
+        conv1x1::backward_reference(
+            x.view(),
+            weight.view(),
+            dy.view(),
+            Some(dx_ref.view_mut()),
+            Some(dw_ref.view_mut()),
+            Some(db_ref.view_mut()),
+        )
+        .unwrap();
+        let pixels = (batch * height * width) as f32;
+        assert_abs_diff_eq!(dx, dx_ref, epsilon = 1e-5 * (c_out as f32).sqrt());
+        assert_abs_diff_eq!(dw, dw_ref, epsilon = 1e-5 * pixels.sqrt());
+        assert_abs_diff_eq!(db, db_ref, epsilon = 1e-5 * pixels.sqrt());
+    }
+}

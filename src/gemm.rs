@@ -3,17 +3,18 @@
 //! One entry point, so that the ops say *what* they multiply and this module decides *how*.
 //!
 //! ## How
-//! For f32 on a CPU with AVX-512, two register-blocked kernels cover the shapes a 1×1
-//! convolution produces without copying or packing anything:
+//! For f32 on a CPU with AVX-512, one register-blocked kernel does the arithmetic:
 //!
 //! - **NN** (B's rows contiguous, as Xₙ (F×P) in `Yₙ = W·Xₙ` and dYₙ in `dXₙ = Wᵀ·dYₙ`):
 //!   a tile of C of 6 rows × 64 columns lives in 24 zmm registers; each step k broadcasts
-//!   6 values A[i,k] (A may be any strided view, e.g. Wᵀ) and loads 4 vectors of B's row k,
-//!   then issues 24 FMAs. K is cut in blocks of 128 so that B's panel (128×64) stays in L1.
-//! - **NT** (B's *columns* contiguous, as Xₙᵀ in `dW = Σ dYₙ·Xₙᵀ`): C[i,j] is a dot product of
-//!   row i of A and row j of Bᵀ, both contiguous. A tile of 4×6 dot products lives in 24 zmm
-//!   registers, each accumulating 16 lanes of the sum; each step loads 4 + 6 vectors and issues
-//!   24 FMAs; the lanes are summed once at the end.
+//!   6 values A[i,k] (A may be any strided view, e.g. Wᵀ, so it is never copied) and loads
+//!   4 vectors of B's row k, then issues 24 FMAs. K is cut in blocks of 128 so that B's panel
+//!   (128×64 floats, 32 KiB) stays in L1.
+//! - **B transposed** (B's *columns* contiguous, as Xₙᵀ in `dW = Σ dYₙ·Xₙᵀ`): the smaller of
+//!   the two operands is copied once into a row-major scratch buffer (kept per thread, so it
+//!   is allocated once): B itself when N ≤ M, then NN runs straight into C; otherwise Aᵀ, then
+//!   NN computes Cᵀ = Bᵀ·Aᵀ (Bᵀ's contiguous rows broadcast) and Cᵀ is added back transposed.
+//!   The copy is O(K·min(M, N)) against O(M·N·K) arithmetic.
 //!
 //! Edges (M not a multiple of the tile height, N or K not a multiple of 16) use smaller tiles
 //! and masked loads and stores, so no element is read or written outside its matrix.
@@ -102,9 +103,6 @@ mod avx512 {
     const NN_WIDTH: usize = 16 * NN_VECTORS;
     /// K block of the NN kernel: B's panel of 128×64 floats is 32 KiB, inside L1.
     const NN_DEPTH: usize = 128;
-    /// Rows of A and rows of Bᵀ in an NT tile.
-    const NT_ROWS: usize = 4;
-    const NT_COLUMNS: usize = 6;
 
     /// A product described by raw parts: C (M×N) ← α·A (M×K)·B (K×N) + β·C, element (i, j)
     /// of a matrix X at `x + i·strides[0] + j·strides[1]`.
@@ -148,13 +146,102 @@ mod avx512 {
             // depth < k) and the strides.
             unsafe { nn(m, n, k, alpha, a, rsa, csa, b, rsb, beta, c, rsc) };
             true
-        } else if rsb == 1 && csa == 1 {
-            // SAFETY: as above; B[k, j] is at b + j·csb + k, so row j of Bᵀ is contiguous.
-            unsafe { nt(m, n, k, alpha, a, rsa, b, csb, beta, c, rsc) };
-            true
+        } else if rsb == 1 {
+            // SAFETY: as above.
+            unsafe { transposed(m, n, k, alpha, a, rsa, csa, b, csb, beta, c, rsc) }
         } else {
             false
         }
+    }
+
+    thread_local! {
+        /// Reused scratch of the transposed path: Aᵀ packed, then the product Cᵀ.
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// C ← α·A·B + β·C when B's *columns* are contiguous (B = Xᵀ in dW = dY·Xᵀ): computes
+    /// Cᵀ = Bᵀ·Aᵀ with the NN kernel — Bᵀ's contiguous rows are the broadcast operand, Aᵀ is
+    /// packed once into a row-major scratch — then adds α·Cᵀ transposed into C.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn transposed(
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        csb: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+    ) -> bool {
+        SCRATCH.with(|scratch| {
+            let Ok(mut scratch) = scratch.try_borrow_mut() else {
+                return false;
+            };
+            if n <= m {
+                // B is the smaller operand: pack it row-major (k×n) and run NN straight into C.
+                if scratch.len() < k * n {
+                    scratch.resize(k * n, 0.0);
+                }
+                for j in 0..n {
+                    for (p, slot) in scratch.iter_mut().skip(j).step_by(n).take(k).enumerate() {
+                        // SAFETY: B[p, j] = b + j·csb + p, inside B by the loop bounds.
+                        *slot = unsafe { *b.offset(j as isize * csb + p as isize) };
+                    }
+                }
+                // SAFETY: A (m×k) as given, the packed B (k×n), C (m×n).
+                unsafe {
+                    nn(
+                        m,
+                        n,
+                        k,
+                        alpha,
+                        a,
+                        rsa,
+                        csa,
+                        scratch.as_ptr(),
+                        n as isize,
+                        beta,
+                        c,
+                        rsc,
+                    )
+                };
+                return true;
+            }
+            let needed = k * m + n * m;
+            if scratch.len() < needed {
+                scratch.resize(needed, 0.0);
+            }
+            let (packed, product) = scratch.split_at_mut(k * m);
+            for i in 0..m {
+                for (p, slot) in packed.iter_mut().skip(i).step_by(m).take(k).enumerate() {
+                    // SAFETY: A[i, p], inside A by the loop bounds.
+                    *slot = unsafe { *a.offset(i as isize * rsa + p as isize * csa) };
+                }
+            }
+            let (mi, packed, product_ptr) = (m as isize, packed.as_ptr(), product.as_mut_ptr());
+            // SAFETY: Bᵀ (n×k) at b with row stride csb, packed Aᵀ (k×m), product (n×m): all
+            // inside their buffers.
+            unsafe { nn(n, m, k, 1.0, b, csb, 1, packed, mi, 0.0, product_ptr, mi) };
+            for i in 0..m {
+                for (j, &value) in product.iter().skip(i).step_by(m).take(n).enumerate() {
+                    // SAFETY: C[i, j], inside C by the loop bounds.
+                    unsafe {
+                        let target = c.offset(i as isize * rsc).add(j);
+                        *target = if beta == 0.0 {
+                            alpha * value
+                        } else {
+                            alpha * value + beta * *target
+                        };
+                    }
+                }
+            }
+            true
+        })
     }
 
     /// Mask of the first `lanes` (1..=16) lanes.
@@ -270,109 +357,6 @@ mod avx512 {
                         let b = b.offset(start as isize * rsb).add(column);
                         let c = c.offset(row as isize * rsc).add(column);
                         tile!(rows, vectors, depth, alpha, a, rsa, csa, b, rsb, beta, c, rsc, last);
-                    }
-                }
-            }
-        }
-    }
-
-    /// C tile (ROWS × COLUMNS) ← α·(dot products of A's rows with Bᵀ's rows) + β·C.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn nt_tile<const ROWS: usize, const COLUMNS: usize>(
-        k: usize,
-        alpha: f32,
-        a: *const f32,
-        rsa: isize,
-        bt: *const f32,
-        rsbt: isize,
-        beta: f32,
-        c: *mut f32,
-        rsc: isize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); COLUMNS]; ROWS];
-        for start in (0..k).step_by(16) {
-            let mask = lane_mask(k - start);
-            let mut bt_vectors = [_mm512_setzero_ps(); COLUMNS];
-            for (j, slot) in bt_vectors.iter_mut().enumerate() {
-                // SAFETY: row j of Bᵀ, lanes start.. masked at k.
-                *slot =
-                    unsafe { _mm512_maskz_loadu_ps(mask, bt.offset(j as isize * rsbt).add(start)) };
-            }
-            for (i, acc_row) in acc.iter_mut().enumerate() {
-                // SAFETY: row i of A, lanes start.. masked at k.
-                let a_vector =
-                    unsafe { _mm512_maskz_loadu_ps(mask, a.offset(i as isize * rsa).add(start)) };
-                for (slot, &vector) in acc_row.iter_mut().zip(&bt_vectors) {
-                    *slot = _mm512_fmadd_ps(a_vector, vector, *slot);
-                }
-            }
-        }
-        for (i, acc_row) in acc.iter().enumerate() {
-            for (j, &sum) in acc_row.iter().enumerate() {
-                // SAFETY: C[i, j] of the tile.
-                unsafe {
-                    let target = c.offset(i as isize * rsc).add(j);
-                    let dot = alpha * _mm512_reduce_add_ps(sum);
-                    *target = if beta == 0.0 {
-                        dot
-                    } else {
-                        dot + beta * *target
-                    };
-                }
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn nt(
-        m: usize,
-        n: usize,
-        k: usize,
-        alpha: f32,
-        a: *const f32,
-        rsa: isize,
-        bt: *const f32,
-        rsbt: isize,
-        beta: f32,
-        c: *mut f32,
-        rsc: isize,
-    ) {
-        macro_rules! tile {
-            ($rows:expr, $columns:expr, $($args:expr),*) => {
-                match ($rows, $columns) {
-                    (4, 6) => nt_tile::<4, 6>($($args),*), (4, 5) => nt_tile::<4, 5>($($args),*),
-                    (4, 4) => nt_tile::<4, 4>($($args),*), (4, 3) => nt_tile::<4, 3>($($args),*),
-                    (4, 2) => nt_tile::<4, 2>($($args),*), (4, 1) => nt_tile::<4, 1>($($args),*),
-                    (3, 6) => nt_tile::<3, 6>($($args),*), (3, 5) => nt_tile::<3, 5>($($args),*),
-                    (3, 4) => nt_tile::<3, 4>($($args),*), (3, 3) => nt_tile::<3, 3>($($args),*),
-                    (3, 2) => nt_tile::<3, 2>($($args),*), (3, 1) => nt_tile::<3, 1>($($args),*),
-                    (2, 6) => nt_tile::<2, 6>($($args),*), (2, 5) => nt_tile::<2, 5>($($args),*),
-                    (2, 4) => nt_tile::<2, 4>($($args),*), (2, 3) => nt_tile::<2, 3>($($args),*),
-                    (2, 2) => nt_tile::<2, 2>($($args),*), (2, 1) => nt_tile::<2, 1>($($args),*),
-                    (1, 6) => nt_tile::<1, 6>($($args),*), (1, 5) => nt_tile::<1, 5>($($args),*),
-                    (1, 4) => nt_tile::<1, 4>($($args),*), (1, 3) => nt_tile::<1, 3>($($args),*),
-                    (1, 2) => nt_tile::<1, 2>($($args),*), _ => nt_tile::<1, 1>($($args),*),
-                }
-            };
-        }
-        // Bᵀ's rows in blocks of 48 (48 rows of up to 784 floats ≈ 150 KiB, inside L2), and for
-        // each block every row tile of A, whose 4 rows stay in L1 across the block.
-        const BLOCK: usize = 48;
-        for block in (0..n).step_by(BLOCK) {
-            let block_end = (block + BLOCK).min(n);
-            for row in (0..m).step_by(NT_ROWS) {
-                let rows = NT_ROWS.min(m - row);
-                for column in (block..block_end).step_by(NT_COLUMNS) {
-                    let columns = NT_COLUMNS.min(block_end - column);
-                    // SAFETY: the tile's corner is inside A, Bᵀ and C; the tile kernel stays
-                    // inside by rows, columns and the mask at k.
-                    unsafe {
-                        let a = a.offset(row as isize * rsa);
-                        let bt = bt.offset(column as isize * rsbt);
-                        let c = c.offset(row as isize * rsc).add(column);
-                        tile!(rows, columns, k, alpha, a, rsa, bt, rsbt, beta, c, rsc);
                     }
                 }
             }

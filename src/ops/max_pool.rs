@@ -80,6 +80,18 @@ pub fn forward<T: Element>(
     check_same(OP, "output", &out, y.shape())?;
     check_argmax(y.len(), argmax.len())?;
     let width = x.shape()[3];
+    if let (Some(x), Some(y)) = (x.as_slice(), y.as_slice_mut()) {
+        forward_planes(
+            x,
+            [x.len() / (out[0] * out[1]).max(1), width],
+            window,
+            stride,
+            y,
+            [out[2], out[3]],
+            argmax,
+        );
+        return Ok(());
+    }
     let mut winners = argmax.iter_mut();
     for (x_sample, mut y_sample) in x.outer_iter().zip(y.outer_iter_mut()) {
         for (plane, mut y_plane) in x_sample.outer_iter().zip(y_sample.outer_iter_mut()) {
@@ -93,6 +105,70 @@ pub fn forward<T: Element>(
         }
     }
     Ok(())
+}
+
+/// The forward pass on row-major memory: one plane (H×W) after another, each window read
+/// straight from its slice. The same arithmetic as the indexed loop, without the index checks.
+fn forward_planes<T: Element>(
+    x: &[T],
+    [plane_len, width]: [usize; 2],
+    window: usize,
+    stride: usize,
+    y: &mut [T],
+    [out_height, out_width]: [usize; 2],
+    argmax: &mut [usize],
+) {
+    let out_len = out_height * out_width;
+    for ((plane, y_plane), winners) in x
+        .chunks_exact(plane_len)
+        .zip(y.chunks_exact_mut(out_len))
+        .zip(argmax.chunks_exact_mut(out_len))
+    {
+        if window == 2 && stride == 2 {
+            // The common 2×2 / 2 case: two input rows at a time, four candidates per output
+            // in row-major order (so the first maximum still wins), no inner loops.
+            let rows = y_plane
+                .chunks_exact_mut(out_width)
+                .zip(winners.chunks_exact_mut(out_width));
+            for (i, (y_row, winner_row)) in rows.enumerate() {
+                let top = 2 * i * width;
+                let (upper, lower) = (
+                    &plane[top..top + width],
+                    &plane[top + width..top + 2 * width],
+                );
+                for (j, (y, winner)) in y_row.iter_mut().zip(winner_row.iter_mut()).enumerate() {
+                    let left = 2 * j;
+                    let mut best = (upper[left], top + left);
+                    for candidate in [
+                        (upper[left + 1], top + left + 1),
+                        (lower[left], top + width + left),
+                        (lower[left + 1], top + width + left + 1),
+                    ] {
+                        if candidate.0 > best.0 {
+                            best = candidate;
+                        }
+                    }
+                    (*y, *winner) = best;
+                }
+            }
+            continue;
+        }
+        for i in 0..out_height {
+            for j in 0..out_width {
+                let corner = i * stride * width + j * stride;
+                let mut best = corner;
+                for row in (corner..corner + window * width).step_by(width) {
+                    for position in row..row + window {
+                        if plane[position] > plane[best] {
+                            best = position;
+                        }
+                    }
+                }
+                y_plane[i * out_width + j] = plane[best];
+                winners[i * out_width + j] = best;
+            }
+        }
+    }
 }
 
 /// Backward: routes each dy to its window's arg-max, dx[arg-max] += dy.
@@ -110,20 +186,37 @@ pub fn backward<T: Element>(
         &dy.shape()[..2],
     )?;
     let plane_len = height * width;
-    if let Some(&bad) = argmax.iter().find(|&&position| position >= plane_len) {
-        return Err(Error::shape_mismatch(
+    let bad_position = |position: usize| {
+        Error::shape_mismatch(
             OP,
             "arg-max position",
             format!("< {plane_len}"),
-            bad.to_string(),
-        ));
+            position.to_string(),
+        )
+    };
+    let out_len = dy.len() / (batch * channels).max(1);
+    if let (Some(dy), Some(dx)) = (dy.as_slice(), dx.as_slice_mut()) {
+        // Row-major memory: plane after plane, each gradient added at its winner's offset.
+        for ((dy_plane, winners), dx_plane) in dy
+            .chunks_exact(out_len)
+            .zip(argmax.chunks_exact(out_len))
+            .zip(dx.chunks_exact_mut(plane_len))
+        {
+            for (&g, &position) in dy_plane.iter().zip(winners) {
+                *dx_plane
+                    .get_mut(position)
+                    .ok_or_else(|| bad_position(position))? += g;
+            }
+        }
+        return Ok(());
     }
     let mut winners = argmax.iter();
     for (dy_sample, mut dx_sample) in dy.outer_iter().zip(dx.outer_iter_mut()) {
         for (dy_plane, mut dx_plane) in dy_sample.outer_iter().zip(dx_sample.outer_iter_mut()) {
             for &g in dy_plane.iter() {
                 if let Some(&position) = winners.next() {
-                    dx_plane[[position / width, position % width]] += g;
+                    let slot = dx_plane.get_mut([position / width, position % width]);
+                    *slot.ok_or_else(|| bad_position(position))? += g;
                 }
             }
         }

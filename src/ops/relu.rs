@@ -44,11 +44,11 @@ pub fn backward<T: Element>(
 ) -> Result<()> {
     check_same(OP, "output gradient", x.shape(), dy.shape())?;
     check_same(OP, "input gradient", x.shape(), dx.shape())?;
-    Zip::from(&mut dx).and(&x).and(&dy).for_each(|dx, &x, &dy| {
-        if x > T::zero() {
-            *dx += dy;
-        }
-    });
+    // A select, not a branch: with inputs of random sign a branch mispredicts half the time.
+    Zip::from(&mut dx)
+        .and(&x)
+        .and(&dy)
+        .for_each(|dx, &x, &dy| *dx += if x > T::zero() { dy } else { T::zero() });
     Ok(())
 }
 

@@ -25,8 +25,9 @@
 
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::parallel::{in_parts, Along};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 #[cfg(target_arch = "x86_64")]
 use std::any::TypeId;
 
@@ -37,7 +38,7 @@ pub fn gemm<T: Element>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     beta: T,
-    mut c: ArrayViewMut2<T>,
+    c: ArrayViewMut2<T>,
 ) -> Result<()> {
     let ((m, k), (k2, n)) = (a.dim(), b.dim());
     if k != k2 || c.dim() != (m, n) {
@@ -51,6 +52,29 @@ pub fn gemm<T: Element>(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    // A large product called from outside the ops' own parallel parts (which already use
+    // every thread) splits C's columns between the threads.
+    if rayon::current_thread_index().is_none()
+        && crate::parallel::threads() > 1
+        && m * n * k >= 1 << 24
+    {
+        let parts = (Along(b, Axis(1)), Along(c, Axis(1)));
+        return in_parts(parts, &|(Along(b, _), Along(c, _))| {
+            gemm_serial(alpha, a, b, beta, c)
+        });
+    }
+    gemm_serial(alpha, a, b, beta, c)
+}
+
+/// The product on the calling thread.
+fn gemm_serial<T: Element>(
+    alpha: T,
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    beta: T,
+    mut c: ArrayViewMut2<T>,
+) -> Result<()> {
+    let ((m, k), n) = (a.dim(), b.ncols());
     #[cfg(target_arch = "x86_64")]
     if TypeId::of::<T>() == TypeId::of::<f32>() && k > 0 && avx512::available() {
         let strides = |s: &[isize]| [s[0], s[1]];

@@ -196,12 +196,17 @@ fn typed<T, D: Dimension>(buffer: &ArrayD<T>) -> Result<ArrayView<'_, T, D>> {
 }
 
 fn typed_mut<T, D: Dimension>(buffer: &mut ArrayD<T>) -> Result<ArrayViewMut<'_, T, D>> {
-    let shape = buffer.shape().to_vec();
-    buffer.view_mut().into_dimensionality::<D>().map_err(|_| {
-        Error::graph(format!(
-            "a buffer of shape {shape:?} has the wrong number of dimensions"
-        ))
-    })
+    // Checked first, so that the error message can show the shape without a copy up front.
+    if D::NDIM.is_some_and(|ndim| ndim != buffer.ndim()) {
+        return Err(Error::graph(format!(
+            "a buffer of shape {:?} has the wrong number of dimensions",
+            buffer.shape()
+        )));
+    }
+    buffer
+        .view_mut()
+        .into_dimensionality::<D>()
+        .map_err(|_| Error::graph("a buffer has the wrong number of dimensions"))
 }
 
 /// Splits an input node into its value (read) and, when it wants one, its gradient (written).
@@ -705,8 +710,8 @@ impl<T: Element> Graph<T> {
 
     /// Back-propagates from a scalar `loss` node (∂L/∂L = 1) into every gradient.
     pub fn backward(&mut self, loss: NodeId) -> Result<()> {
-        let seed = ndarray::arr0(T::one()).into_dyn();
-        self.backward_from(loss, seed.view())
+        let one = T::one();
+        self.backward_from(loss, ndarray::aview0(&one).into_dyn())
     }
 
     /// Back-propagates a given upstream gradient ∂L/∂(node) — of the node's shape — through the

@@ -155,6 +155,7 @@ pub mod graph;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod parallel;
 pub mod train;
 
 pub use element::Element;

@@ -117,18 +117,18 @@ impl<T: Element> Optimizer<T> {
                 format!("learning rate must be finite and ≥ 0, found {lr}"),
             ));
         }
-        let params: Vec<_> = graph.params_mut().collect();
-        if self.first.len() != params.len() {
-            self.first = params
-                .iter()
+        // State is allocated on the first step only: the steady state allocates nothing.
+        if self.first.len() != graph.params_mut().count() {
+            self.first = graph
+                .params_mut()
                 .map(|p| ArrayD::zeros(IxDyn(p.value.shape())))
                 .collect();
             self.second = self.first.clone();
         }
         self.steps += 1;
         let lr = T::from_f64(lr);
-        for ((param, first), second) in params
-            .into_iter()
+        for ((param, first), second) in graph
+            .params_mut()
             .zip(&mut self.first)
             .zip(&mut self.second)
         {

@@ -35,6 +35,7 @@ use super::{check_image, check_ndim, check_same, shape_text};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gemm::gemm;
+use crate::parallel::{in_parts, Along};
 use ndarray::{
     ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4,
     Axis,
@@ -132,25 +133,32 @@ pub fn forward<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,
     bias: Option<ArrayView1<T>>,
-    mut y: ArrayViewMut4<T>,
+    y: ArrayViewMut4<T>,
 ) -> Result<()> {
     let out = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
     check_same(OP, "output", &out, y.shape())?;
-    for (x_block, y_block) in x.outer_iter().zip(y.outer_iter_mut()) {
-        let x_n = sample_matrix(x_block)?;
-        let mut y_n = sample_matrix_mut(y_block)?;
-        // The bias is written first and the GEMM accumulates onto it (β = 1): one pass over Yₙ.
-        let beta = match &bias {
-            Some(bias) => {
-                y_n.assign(&bias.view().insert_axis(Axis(1)));
-                T::one()
-            }
-            None => T::zero(),
-        };
-        // (F1×F)·(F×P) → (F1×P)
-        gemm(T::one(), weight.view(), x_n, beta, y_n.view_mut())?;
-    }
-    Ok(())
+    // The samples are independent: split the batch between the threads.
+    in_parts((Along(x, Axis(0)), Along(y, Axis(0))), &|(
+        Along(x, _),
+        Along(mut y, _),
+    )| {
+        for (x_block, y_block) in x.outer_iter().zip(y.outer_iter_mut()) {
+            let x_n = sample_matrix(x_block)?;
+            let mut y_n = sample_matrix_mut(y_block)?;
+            // The bias is written first and the GEMM accumulates onto it (β = 1): one pass
+            // over Yₙ.
+            let beta = match &bias {
+                Some(bias) => {
+                    y_n.assign(&bias.view().insert_axis(Axis(1)));
+                    T::one()
+                }
+                None => T::zero(),
+            };
+            // (F1×F)·(F×P) → (F1×P)
+            gemm(T::one(), weight.view(), x_n, beta, y_n.view_mut())?;
+        }
+        Ok(())
+    })
 }
 
 /// Backward: accumulates (`+=`) dW = Σₙ dYₙ·Xₙᵀ, dXₙ = Wᵀ·dYₙ and db = Σ dY into whichever
@@ -160,25 +168,40 @@ pub fn backward<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,
     dy: ArrayView4<T>,
-    mut dx: Option<ArrayViewMut4<T>>,
-    mut dweight: Option<ArrayViewMut2<T>>,
-    mut dbias: Option<ArrayViewMut1<T>>,
+    dx: Option<ArrayViewMut4<T>>,
+    dweight: Option<ArrayViewMut2<T>>,
+    dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
     check_gradients(&x, &weight, &dy, &dx, &dweight, &dbias)?;
-    for (n, (x_block, dy_block)) in x.outer_iter().zip(dy.outer_iter()).enumerate() {
-        let x_n = sample_matrix(x_block)?;
-        let dy_n = sample_matrix(dy_block)?;
-        if let Some(dweight) = dweight.as_mut() {
-            // (F1×P)·(P×F) += into (F1×F); Xₙᵀ is a transposed view, not a copy.
-            gemm(T::one(), dy_n.view(), x_n.t(), T::one(), dweight.view_mut())?;
-        }
-        if let Some(dx) = dx.as_mut() {
-            let mut dx_n = sample_matrix_mut(dx.index_axis_mut(Axis(0), n))?;
-            // (F×F1)·(F1×P) += into (F×P)
-            gemm(T::one(), weight.t(), dy_n.view(), T::one(), dx_n.view_mut())?;
-        }
-        if let Some(dbias) = dbias.as_mut() {
-            for (db, row) in dbias.iter_mut().zip(dy_n.outer_iter()) {
+    if let Some(dweight) = dweight {
+        // dW sums over the samples, so the threads split its columns instead: each computes
+        // dW[:, part] += Σₙ dYₙ·Xₙ[part]ᵀ over every sample, with Xₙ[part] the part's rows.
+        let parts = (Along(x, Axis(1)), Along(dweight, Axis(1)));
+        in_parts(parts, &|(Along(x, _), Along(mut dweight, _))| {
+            for (x_block, dy_block) in x.outer_iter().zip(dy.outer_iter()) {
+                // (F1×P)·(P×F) += into (F1×F); Xₙᵀ is a transposed view, not a copy.
+                let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
+                gemm(T::one(), dy_n, x_n.t(), T::one(), dweight.view_mut())?;
+            }
+            Ok(())
+        })?;
+    }
+    if let Some(dx) = dx {
+        in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
+            Along(dy, _),
+            Along(mut dx, _),
+        )| {
+            for (dy_block, dx_block) in dy.outer_iter().zip(dx.outer_iter_mut()) {
+                let (dy_n, mut dx_n) = (sample_matrix(dy_block)?, sample_matrix_mut(dx_block)?);
+                // (F×F1)·(F1×P) += into (F×P)
+                gemm(T::one(), weight.t(), dy_n, T::one(), dx_n.view_mut())?;
+            }
+            Ok(())
+        })?;
+    }
+    if let Some(mut dbias) = dbias {
+        for dy_block in dy.outer_iter() {
+            for (db, row) in dbias.iter_mut().zip(sample_matrix(dy_block)?.outer_iter()) {
                 *db += row.sum();
             }
         }

@@ -1,0 +1,119 @@
+//! How many threads the ops use, and the one helper that splits their work.
+//!
+//! The ops split a batch (or a weight matrix) into as many contiguous parts as [`threads`]
+//! says and run them on rayon's global pool with `rayon::join`, so each output element is
+//! written by exactly one thread, in a fixed order: results do not depend on scheduling (a
+//! different thread count may round differently, as the parts change). GEMMs run one thread
+//! each inside a part, so two levels never oversubscribe the cores.
+//!
+//! The count is, in order: [`set_threads`], the `POINTWISE_THREADS` environment variable, or
+//! the size of rayon's global pool (`RAYON_NUM_THREADS`, else the number of cores).
+
+use crate::error::{Error, Result};
+use ndarray::{ArrayView, ArrayViewMut, Axis, Dimension};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// 0 until decided.
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets how many parts the ops split their work into (at least 1).
+pub fn set_threads(threads: usize) -> Result<()> {
+    if threads == 0 {
+        return Err(Error::invalid_config(
+            "set_threads",
+            "the thread count must be at least 1",
+        ));
+    }
+    THREADS.store(threads, Ordering::Relaxed);
+    Ok(())
+}
+
+/// How many parts the ops split their work into.
+pub fn threads() -> usize {
+    match THREADS.load(Ordering::Relaxed) {
+        0 => {
+            let from_env = std::env::var("POINTWISE_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok());
+            let threads = from_env
+                .filter(|&t| t > 0)
+                .unwrap_or_else(rayon::current_num_threads);
+            THREADS.store(threads, Ordering::Relaxed);
+            threads
+        }
+        threads => threads,
+    }
+}
+
+/// Work that can be cut in two along an axis (a view, or a tuple of views cut together).
+pub(crate) trait Split: Sized + Send {
+    /// Length of the axis being cut.
+    fn len(&self) -> usize;
+    /// The parts before and after `mid`.
+    fn split(self, mid: usize) -> (Self, Self);
+}
+
+/// A view to be cut along `axis`.
+pub(crate) struct Along<V>(pub V, pub Axis);
+
+impl<T: Sync, D: Dimension> Split for Along<ArrayView<'_, T, D>> {
+    fn len(&self) -> usize {
+        self.0.len_of(self.1)
+    }
+    fn split(self, mid: usize) -> (Self, Self) {
+        let (first, second) = self.0.split_at(self.1, mid);
+        (Along(first, self.1), Along(second, self.1))
+    }
+}
+
+impl<T: Send, D: Dimension> Split for Along<ArrayViewMut<'_, T, D>> {
+    fn len(&self) -> usize {
+        self.0.len_of(self.1)
+    }
+    fn split(self, mid: usize) -> (Self, Self) {
+        let (first, second) = self.0.split_at(self.1, mid);
+        (Along(first, self.1), Along(second, self.1))
+    }
+}
+
+impl<A: Split, B: Split> Split for (A, B) {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn split(self, mid: usize) -> (Self, Self) {
+        let ((a1, a2), (b1, b2)) = (self.0.split(mid), self.1.split(mid));
+        ((a1, b1), (a2, b2))
+    }
+}
+
+impl<A: Split, B: Split, C: Split> Split for (A, B, C) {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn split(self, mid: usize) -> (Self, Self) {
+        let ((a1, a2), (b1, b2), (c1, c2)) =
+            (self.0.split(mid), self.1.split(mid), self.2.split(mid));
+        ((a1, b1, c1), (a2, b2, c2))
+    }
+}
+
+/// Runs `work` on [`threads`] contiguous parts of `parts` (fewer if it is shorter), in parallel.
+/// All views in a tuple must have the same length along their axes. Returns the first error.
+pub(crate) fn in_parts<S: Split>(parts: S, work: &(impl Fn(S) -> Result<()> + Sync)) -> Result<()> {
+    let count = threads().min(parts.len()).max(1);
+    run(parts, count, work)
+}
+
+fn run<S: Split>(parts: S, count: usize, work: &(impl Fn(S) -> Result<()> + Sync)) -> Result<()> {
+    if count <= 1 {
+        return work(parts);
+    }
+    let left = count / 2;
+    let mid = parts.len() * left / count;
+    let (first, second) = parts.split(mid);
+    let (a, b) = rayon::join(
+        || run(first, left, work),
+        || run(second, count - left, work),
+    );
+    a.and(b)
+}

@@ -211,12 +211,8 @@ mod avx512 {
                 if scratch.len() < k * n {
                     scratch.resize(k * n, 0.0);
                 }
-                for j in 0..n {
-                    for (p, slot) in scratch.iter_mut().skip(j).step_by(n).take(k).enumerate() {
-                        // SAFETY: B[p, j] = b + j·csb + p, inside B by the loop bounds.
-                        *slot = unsafe { *b.offset(j as isize * csb + p as isize) };
-                    }
-                }
+                // SAFETY: B[p, j] = b + j·csb + p for j < n, p < k: inside B.
+                unsafe { transpose(n, k, b, csb, 1, &mut scratch) };
                 // SAFETY: A (m×k) as given, the packed B (k×n), C (m×n).
                 unsafe {
                     nn(
@@ -241,31 +237,64 @@ mod avx512 {
                 scratch.resize(needed, 0.0);
             }
             let (packed, product) = scratch.split_at_mut(k * m);
-            for i in 0..m {
-                for (p, slot) in packed.iter_mut().skip(i).step_by(m).take(k).enumerate() {
-                    // SAFETY: A[i, p], inside A by the loop bounds.
-                    *slot = unsafe { *a.offset(i as isize * rsa + p as isize * csa) };
-                }
-            }
+            // SAFETY: A[i, p] for i < m, p < k: inside A.
+            unsafe { transpose(m, k, a, rsa, csa, packed) };
             let (mi, packed, product_ptr) = (m as isize, packed.as_ptr(), product.as_mut_ptr());
             // SAFETY: Bᵀ (n×k) at b with row stride csb, packed Aᵀ (k×m), product (n×m): all
             // inside their buffers.
             unsafe { nn(n, m, k, 1.0, b, csb, 1, packed, mi, 0.0, product_ptr, mi) };
-            for i in 0..m {
-                for (j, &value) in product.iter().skip(i).step_by(m).take(n).enumerate() {
-                    // SAFETY: C[i, j], inside C by the loop bounds.
-                    unsafe {
-                        let target = c.offset(i as isize * rsc).add(j);
-                        *target = if beta == 0.0 {
-                            alpha * value
-                        } else {
-                            alpha * value + beta * *target
-                        };
+            // C[i, j] = α·Cᵀ[j, i] + β·C[i, j], in 16×16 blocks so both sides stay in L1.
+            for i0 in (0..m).step_by(BLOCK) {
+                for j0 in (0..n).step_by(BLOCK) {
+                    for i in i0..(i0 + BLOCK).min(m) {
+                        for j in j0..(j0 + BLOCK).min(n) {
+                            let value = product[j * m + i];
+                            // SAFETY: C[i, j], inside C by the loop bounds.
+                            unsafe {
+                                let target = c.offset(i as isize * rsc).add(j);
+                                *target = if beta == 0.0 {
+                                    alpha * value
+                                } else {
+                                    alpha * value + beta * *target
+                                };
+                            }
+                        }
                     }
                 }
             }
             true
         })
+    }
+
+    /// Side of the blocks of the transposing copies: a 16×16 block of either side is 16 cache
+    /// lines, so both stay in L1 while the block is copied.
+    const BLOCK: usize = 16;
+
+    /// `destination[q·rows + r] = source[r·rs + q·cs]` for r < rows, q < columns: the
+    /// (rows × columns) matrix at `source`, written transposed and row-major.
+    ///
+    /// # Safety
+    /// Every `source + r·rs + q·cs` in range must be readable; `destination` must hold
+    /// rows·columns values.
+    unsafe fn transpose(
+        rows: usize,
+        columns: usize,
+        source: *const f32,
+        rs: isize,
+        cs: isize,
+        destination: &mut [f32],
+    ) {
+        for r0 in (0..rows).step_by(BLOCK) {
+            for q0 in (0..columns).step_by(BLOCK) {
+                for r in r0..(r0 + BLOCK).min(rows) {
+                    for q in q0..(q0 + BLOCK).min(columns) {
+                        // SAFETY: the caller's contract.
+                        destination[q * rows + r] =
+                            unsafe { *source.offset(r as isize * rs + q as isize * cs) };
+                    }
+                }
+            }
+        }
     }
 
     /// Mask of the first `lanes` (1..=16) lanes.

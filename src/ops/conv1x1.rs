@@ -174,17 +174,28 @@ pub fn backward<T: Element>(
 ) -> Result<()> {
     check_gradients(&x, &weight, &dy, &dx, &dweight, &dbias)?;
     if let Some(dweight) = dweight {
-        // dW sums over the samples, so the threads split its columns instead: each computes
-        // dW[:, part] += Σₙ dYₙ·Xₙ[part]ᵀ over every sample, with Xₙ[part] the part's rows.
-        let parts = (Along(x, Axis(1)), Along(dweight, Axis(1)));
-        in_parts(parts, &|(Along(x, _), Along(mut dweight, _))| {
+        // dW sums over the samples, so the threads split dW itself: its columns (each thread
+        // computes dW[:, part] += Σₙ dYₙ·Xₙ[part]ᵀ) when F ≥ F1, else its rows
+        // (dW[part, :] += Σₙ dYₙ[part]·Xₙᵀ), keeping each thread's GEMM wide.
+        let accumulate = |dy: ArrayView4<T>, x: ArrayView4<T>, mut dweight: ArrayViewMut2<T>| {
             for (x_block, dy_block) in x.outer_iter().zip(dy.outer_iter()) {
                 // (F1×P)·(P×F) += into (F1×F); Xₙᵀ is a transposed view, not a copy.
                 let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
                 gemm(T::one(), dy_n, x_n.t(), T::one(), dweight.view_mut())?;
             }
             Ok(())
-        })?;
+        };
+        if weight.ncols() >= weight.nrows() {
+            let parts = (Along(x, Axis(1)), Along(dweight, Axis(1)));
+            in_parts(parts, &|(Along(x, _), Along(dweight, _))| {
+                accumulate(dy, x, dweight)
+            })?;
+        } else {
+            let parts = (Along(dy, Axis(1)), Along(dweight, Axis(0)));
+            in_parts(parts, &|(Along(dy, _), Along(dweight, _))| {
+                accumulate(dy, x, dweight)
+            })?;
+        }
     }
     if let Some(dx) = dx {
         in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(

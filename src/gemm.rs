@@ -27,7 +27,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::parallel::{in_parts, Along};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 #[cfg(target_arch = "x86_64")]
 use std::any::TypeId;
 
@@ -38,6 +38,36 @@ pub fn gemm<T: Element>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     beta: T,
+    c: ArrayViewMut2<T>,
+) -> Result<()> {
+    product(alpha, a, b, beta, None, c)
+}
+
+/// C (M×N) ← A (M×K)·B (K×N) + bias·1ᵀ: the bias (M) added to every column, in the same pass
+/// that stores the product (a convolution's forward pass, without a second sweep over C).
+pub fn gemm_bias<T: Element>(
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    bias: ArrayView1<T>,
+    c: ArrayViewMut2<T>,
+) -> Result<()> {
+    if bias.len() != a.nrows() {
+        return Err(Error::shape_mismatch(
+            "gemm",
+            "bias length",
+            a.nrows().to_string(),
+            bias.len().to_string(),
+        ));
+    }
+    product(T::one(), a, b, T::zero(), Some(bias), c)
+}
+
+fn product<T: Element>(
+    alpha: T,
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    beta: T,
+    bias: Option<ArrayView1<T>>,
     c: ArrayViewMut2<T>,
 ) -> Result<()> {
     let ((m, k), (k2, n)) = (a.dim(), b.dim());
@@ -60,10 +90,10 @@ pub fn gemm<T: Element>(
     {
         let parts = (Along(b, Axis(1)), Along(c, Axis(1)));
         return in_parts(parts, &|(Along(b, _), Along(c, _))| {
-            gemm_serial(alpha, a, b, beta, c)
+            gemm_serial(alpha, a, b, beta, bias, c)
         });
     }
-    gemm_serial(alpha, a, b, beta, c)
+    gemm_serial(alpha, a, b, beta, bias, c)
 }
 
 /// The product on the calling thread.
@@ -72,11 +102,16 @@ fn gemm_serial<T: Element>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     beta: T,
+    bias: Option<ArrayView1<T>>,
     mut c: ArrayViewMut2<T>,
 ) -> Result<()> {
     let ((m, k), n) = (a.dim(), b.ncols());
     #[cfg(target_arch = "x86_64")]
-    if TypeId::of::<T>() == TypeId::of::<f32>() && k > 0 && avx512::available() {
+    let contiguous_bias = bias
+        .as_ref()
+        .is_none_or(|b| b.len() <= 1 || b.strides()[0] == 1);
+    #[cfg(target_arch = "x86_64")]
+    if TypeId::of::<T>() == TypeId::of::<f32>() && k > 0 && contiguous_bias && avx512::available() {
         let strides = |s: &[isize]| [s[0], s[1]];
         let operands = avx512::Operands {
             shape: [m, n, k],
@@ -87,6 +122,9 @@ fn gemm_serial<T: Element>(
             b: b.as_ptr().cast::<f32>(),
             b_strides: strides(b.strides()),
             beta: beta.as_f64() as f32,
+            bias: bias
+                .as_ref()
+                .map_or(std::ptr::null(), |b| b.as_ptr().cast::<f32>()),
             c: c.as_mut_ptr().cast::<f32>(),
             c_strides: strides(c.strides()),
         };
@@ -96,7 +134,14 @@ fn gemm_serial<T: Element>(
             return Ok(());
         }
     }
-    general_mat_mul(alpha, &a, &b, beta, &mut c);
+    match bias {
+        Some(bias) => {
+            // β = 0 with a bias (gemm_bias): C = bias·1ᵀ, then the product added onto it.
+            c.assign(&bias.insert_axis(Axis(1)));
+            general_mat_mul(alpha, &a, &b, T::one(), &mut c);
+        }
+        None => general_mat_mul(alpha, &a, &b, beta, &mut c),
+    }
     Ok(())
 }
 
@@ -138,6 +183,8 @@ mod avx512 {
         pub b: *const f32,
         pub b_strides: [isize; 2],
         pub beta: f32,
+        /// A bias added to every row i of C (`bias[i]`, contiguous), or null.
+        pub bias: *const f32,
         pub c: *mut f32,
         pub c_strides: [isize; 2],
     }
@@ -168,9 +215,25 @@ mod avx512 {
             // SAFETY: the caller's contract; every address the kernel touches is an element of
             // A, B or C, by the bounds of its loops (rows < m, columns < n with masked tails,
             // depth < k) and the strides.
-            unsafe { nn(m, n, k, alpha, a, rsa, csa, b, rsb, beta, c, rsc) };
+            unsafe {
+                nn(
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    a,
+                    rsa,
+                    csa,
+                    b,
+                    rsb,
+                    beta,
+                    operands.bias,
+                    c,
+                    rsc,
+                )
+            };
             true
-        } else if rsb == 1 {
+        } else if rsb == 1 && operands.bias.is_null() {
             // SAFETY: as above.
             unsafe { transposed(m, n, k, alpha, a, rsa, csa, b, csb, beta, c, rsc) }
         } else {
@@ -226,6 +289,7 @@ mod avx512 {
                         scratch.as_ptr(),
                         n as isize,
                         beta,
+                        std::ptr::null(),
                         c,
                         rsc,
                     )
@@ -242,7 +306,24 @@ mod avx512 {
             let (mi, packed, product_ptr) = (m as isize, packed.as_ptr(), product.as_mut_ptr());
             // SAFETY: Bᵀ (n×k) at b with row stride csb, packed Aᵀ (k×m), product (n×m): all
             // inside their buffers.
-            unsafe { nn(n, m, k, 1.0, b, csb, 1, packed, mi, 0.0, product_ptr, mi) };
+            let none = std::ptr::null();
+            unsafe {
+                nn(
+                    n,
+                    m,
+                    k,
+                    1.0,
+                    b,
+                    csb,
+                    1,
+                    packed,
+                    mi,
+                    0.0,
+                    none,
+                    product_ptr,
+                    mi,
+                )
+            };
             // C[i, j] = α·Cᵀ[j, i] + β·C[i, j], in 16×16 blocks so both sides stay in L1.
             for i0 in (0..m).step_by(BLOCK) {
                 for j0 in (0..n).step_by(BLOCK) {
@@ -318,6 +399,7 @@ mod avx512 {
         b: *const f32,
         rsb: isize,
         beta: f32,
+        bias: *const f32,
         c: *mut f32,
         rsc: isize,
         last: __mmask16,
@@ -346,6 +428,9 @@ mod avx512 {
                 unsafe {
                     let target = c.offset(i as isize * rsc).add(16 * v);
                     let mut result = _mm512_mul_ps(sum, alpha);
+                    if !bias.is_null() {
+                        result = _mm512_add_ps(result, _mm512_set1_ps(*bias.add(i)));
+                    }
                     if beta != 0.0 {
                         result = _mm512_fmadd_ps(
                             _mm512_maskz_loadu_ps(mask(v), target),
@@ -372,6 +457,7 @@ mod avx512 {
         b: *const f32,
         rsb: isize,
         beta: f32,
+        bias: *const f32,
         c: *mut f32,
         rsc: isize,
     ) {
@@ -399,8 +485,12 @@ mod avx512 {
             let last = lane_mask(width - 16 * (vectors - 1));
             for start in (0..k).step_by(NN_DEPTH) {
                 let depth = NN_DEPTH.min(k - start);
-                // Later K blocks add to what the first one wrote.
-                let beta = if start == 0 { beta } else { 1.0 };
+                // Later K blocks add to what the first one wrote (bias included).
+                let (beta, bias) = if start == 0 {
+                    (beta, bias)
+                } else {
+                    (1.0, std::ptr::null())
+                };
                 for row in (0..m).step_by(NN_ROWS) {
                     let rows = NN_ROWS.min(m - row);
                     // SAFETY: the tile's corner is inside A, B and C (row < m, column < n,
@@ -409,7 +499,11 @@ mod avx512 {
                         let a = a.offset(row as isize * rsa + start as isize * csa);
                         let b = b.offset(start as isize * rsb).add(column);
                         let c = c.offset(row as isize * rsc).add(column);
-                        tile!(rows, vectors, depth, alpha, a, rsa, csa, b, rsb, beta, c, rsc, last);
+                        let bias = if bias.is_null() { bias } else { bias.add(row) };
+                        tile!(
+                            rows, vectors, depth, alpha, a, rsa, csa, b, rsb, beta, bias, c, rsc,
+                            last
+                        );
                     }
                 }
             }

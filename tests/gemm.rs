@@ -175,3 +175,40 @@ fn gemm_in_f64_goes_through_ndarray_unchanged() {
     gemm(1.0, a.view(), b.view(), 0.0, c.view_mut()).unwrap();
     assert_eq!(c, a.dot(&b));
 }
+
+#[test]
+fn gemm_bias_adds_the_bias_to_every_column() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for (m, n, k) in [(1, 1, 1), (7, 70, 13), (64, 784, 256), (6, 17, 300)] {
+        let (a, b) = (random(m, k, &mut rng), random(k, n, &mut rng));
+        let bias = random(1, m, &mut rng).into_shape_with_order(m).unwrap();
+        let (mut value, scale) = expected(1.0, a.view(), b.view(), 0.0, &Array2::zeros((m, n)));
+        for (mut row, &b) in value.outer_iter_mut().zip(&bias) {
+            row += f64::from(b);
+        }
+        // Through the kernel (contiguous bias) and through the fallback (a strided bias).
+        let strided = ndarray::Array1::from_iter(bias.iter().flat_map(|&v| [v, 0.0]));
+        for bias in [bias.view(), strided.slice(s![..;2])] {
+            let mut c = Array2::from_elem((m, n), f32::NAN);
+            pointwise::gemm::gemm_bias(a.view(), b.view(), bias, c.view_mut()).unwrap();
+            for ((index, &got), (&want, &bound)) in
+                c.indexed_iter().zip(value.iter().zip(scale.iter()))
+            {
+                let error = (f64::from(got) - want).abs();
+                assert!(
+                    error <= 4e-6 * (bound + want.abs()) * (k as f64).sqrt(),
+                    "{m}×{n}×{k} at {index:?}: {got} vs {want}"
+                );
+            }
+        }
+    }
+    let mut c = Array2::<f32>::zeros((2, 2));
+    let wrong = ndarray::Array1::<f32>::zeros(3);
+    assert!(pointwise::gemm::gemm_bias(
+        Array2::zeros((2, 1)).view(),
+        Array2::zeros((1, 2)).view(),
+        wrong.view(),
+        c.view_mut()
+    )
+    .is_err());
+}

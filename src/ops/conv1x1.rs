@@ -34,7 +34,7 @@
 use super::{check_image, check_ndim, check_same, shape_text};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::gemm::gemm;
+use crate::gemm::{gemm, gemm_bias};
 use crate::parallel::{in_parts, Along};
 use ndarray::{
     ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4,
@@ -143,19 +143,12 @@ pub fn forward<T: Element>(
         Along(mut y, _),
     )| {
         for (x_block, y_block) in x.outer_iter().zip(y.outer_iter_mut()) {
-            let x_n = sample_matrix(x_block)?;
-            let mut y_n = sample_matrix_mut(y_block)?;
-            // The bias is written first and the GEMM accumulates onto it (β = 1): one pass
-            // over Yₙ.
-            let beta = match &bias {
-                Some(bias) => {
-                    y_n.assign(&bias.view().insert_axis(Axis(1)));
-                    T::one()
-                }
-                None => T::zero(),
-            };
-            // (F1×F)·(F×P) → (F1×P)
-            gemm(T::one(), weight.view(), x_n, beta, y_n.view_mut())?;
+            let (x_n, y_n) = (sample_matrix(x_block)?, sample_matrix_mut(y_block)?);
+            // (F1×F)·(F×P) → (F1×P), the bias added as each tile of Yₙ is stored.
+            match &bias {
+                Some(bias) => gemm_bias(weight.view(), x_n, bias.view(), y_n)?,
+                None => gemm(T::one(), weight.view(), x_n, T::zero(), y_n)?,
+            }
         }
         Ok(())
     })

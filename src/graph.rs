@@ -731,7 +731,7 @@ impl<T: Element> Graph<T> {
                 let fresh = node.grad.shape() != node.value.shape();
                 resize(&mut node.grad, node.value.shape());
                 if !fresh && !matches!(node.op, Op::Input | Op::Param) {
-                    node.grad.fill(T::zero());
+                    crate::parallel::fill(node.grad.view_mut(), T::zero())?;
                 }
             }
         }

@@ -76,6 +76,30 @@ impl<T: Send, D: Dimension> Split for Along<ArrayViewMut<'_, T, D>> {
     }
 }
 
+/// A slice of items of `.1` values each (e.g. the arg-max positions of one sample), cut
+/// between items.
+pub(crate) struct Items<S>(pub S, pub usize);
+
+impl<T: Send> Split for Items<&mut [T]> {
+    fn len(&self) -> usize {
+        self.0.len() / self.1.max(1)
+    }
+    fn split(self, mid: usize) -> (Self, Self) {
+        let (first, second) = self.0.split_at_mut(mid * self.1);
+        (Items(first, self.1), Items(second, self.1))
+    }
+}
+
+impl<T: Sync> Split for Items<&[T]> {
+    fn len(&self) -> usize {
+        self.0.len() / self.1.max(1)
+    }
+    fn split(self, mid: usize) -> (Self, Self) {
+        let (first, second) = self.0.split_at(mid * self.1);
+        (Items(first, self.1), Items(second, self.1))
+    }
+}
+
 impl<A: Split, B: Split> Split for (A, B) {
     fn len(&self) -> usize {
         self.0.len()
@@ -116,4 +140,20 @@ fn run<S: Split>(parts: S, count: usize, work: &(impl Fn(S) -> Result<()> + Sync
         || run(second, count - left, work),
     );
     a.and(b)
+}
+
+/// Sets every element of `view` to `value`, the batch split between the threads.
+pub(crate) fn fill<T: Copy + Send + Sync, D: Dimension>(
+    view: ArrayViewMut<'_, T, D>,
+    value: T,
+) -> Result<()> {
+    if view.ndim() == 0 {
+        let mut view = view;
+        view.fill(value);
+        return Ok(());
+    }
+    in_parts(Along(view, Axis(0)), &|Along(mut part, _)| {
+        part.fill(value);
+        Ok(())
+    })
 }

@@ -26,7 +26,8 @@
 use super::{check_image, check_same, pooled_len};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use ndarray::{ArrayView2, ArrayView4, ArrayViewMut4};
+use crate::parallel::{in_parts, Along, Items};
+use ndarray::{ArrayView2, ArrayView4, ArrayViewMut4, Axis};
 
 const OP: &str = "max_pool";
 
@@ -80,17 +81,27 @@ pub fn forward<T: Element>(
     check_same(OP, "output", &out, y.shape())?;
     check_argmax(y.len(), argmax.len())?;
     let width = x.shape()[3];
-    if let (Some(x), Some(y)) = (x.as_slice(), y.as_slice_mut()) {
-        forward_planes(
-            x,
-            [x.len() / (out[0] * out[1]).max(1), width],
-            window,
-            stride,
-            y,
-            [out[2], out[3]],
-            argmax,
+    if x.is_standard_layout() && y.is_standard_layout() {
+        // Row-major memory: the samples split between the threads, each part on slices.
+        let [_, channels, out_height, out_width] = out;
+        let plane = [x.shape()[2] * width, width];
+        let parts = (
+            Along(x, Axis(0)),
+            Along(y, Axis(0)),
+            Items(argmax, channels * out_height * out_width),
         );
-        return Ok(());
+        return in_parts(parts, &|(
+            Along(x, _),
+            Along(mut y, _),
+            Items(argmax, _),
+        )| {
+            let not_contiguous =
+                || Error::invalid_shape(OP, "a part of the batch is not contiguous", x.shape());
+            let y = y.as_slice_mut().ok_or_else(not_contiguous)?;
+            let x = x.as_slice().ok_or_else(not_contiguous)?;
+            forward_planes(x, plane, window, stride, y, [out_height, out_width], argmax);
+            Ok(())
+        });
     }
     let mut winners = argmax.iter_mut();
     for (x_sample, mut y_sample) in x.outer_iter().zip(y.outer_iter_mut()) {
@@ -195,20 +206,36 @@ pub fn backward<T: Element>(
         )
     };
     let out_len = dy.len() / (batch * channels).max(1);
-    if let (Some(dy), Some(dx)) = (dy.as_slice(), dx.as_slice_mut()) {
-        // Row-major memory: plane after plane, each gradient added at its winner's offset.
-        for ((dy_plane, winners), dx_plane) in dy
-            .chunks_exact(out_len)
-            .zip(argmax.chunks_exact(out_len))
-            .zip(dx.chunks_exact_mut(plane_len))
-        {
-            for (&g, &position) in dy_plane.iter().zip(winners) {
-                *dx_plane
-                    .get_mut(position)
-                    .ok_or_else(|| bad_position(position))? += g;
+    if dy.is_standard_layout() && dx.is_standard_layout() {
+        // Row-major memory: the samples split between the threads; plane after plane, each
+        // gradient added at its winner's offset.
+        let parts = (
+            Along(dy, Axis(0)),
+            Along(dx, Axis(0)),
+            Items(argmax, channels * out_len),
+        );
+        return in_parts(parts, &|(
+            Along(dy, _),
+            Along(mut dx, _),
+            Items(argmax, _),
+        )| {
+            let not_contiguous =
+                || Error::invalid_shape(OP, "a part of the batch is not contiguous", dy.shape());
+            let dx = dx.as_slice_mut().ok_or_else(not_contiguous)?;
+            let dy = dy.as_slice().ok_or_else(not_contiguous)?;
+            for ((dy_plane, winners), dx_plane) in dy
+                .chunks_exact(out_len)
+                .zip(argmax.chunks_exact(out_len))
+                .zip(dx.chunks_exact_mut(plane_len))
+            {
+                for (&g, &position) in dy_plane.iter().zip(winners) {
+                    *dx_plane
+                        .get_mut(position)
+                        .ok_or_else(|| bad_position(position))? += g;
+                }
             }
-        }
-        return Ok(());
+            Ok(())
+        });
     }
     let mut winners = argmax.iter();
     for (dy_sample, mut dx_sample) in dy.outer_iter().zip(dx.outer_iter_mut()) {

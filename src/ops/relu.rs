@@ -23,33 +23,56 @@
 use super::check_same;
 use crate::element::Element;
 use crate::error::Result;
-use ndarray::{ArrayViewD, ArrayViewMutD, Zip};
+use crate::parallel::{in_parts, Along};
+use ndarray::{ArrayViewD, ArrayViewMutD, Axis, Zip};
 
 const OP: &str = "relu";
 
 /// Forward: y = max(x, 0).
-pub fn forward<T: Element>(x: ArrayViewD<T>, mut y: ArrayViewMutD<T>) -> Result<()> {
+pub fn forward<T: Element>(x: ArrayViewD<T>, y: ArrayViewMutD<T>) -> Result<()> {
     check_same(OP, "output", x.shape(), y.shape())?;
-    Zip::from(&mut y)
-        .and(&x)
-        .for_each(|y, &x| *y = if x > T::zero() { x } else { T::zero() });
-    Ok(())
+    let relu = |(Along(x, _), Along(mut y, _)): (Along<ArrayViewD<T>>, Along<ArrayViewMutD<T>>)| {
+        Zip::from(&mut y)
+            .and(&x)
+            .for_each(|y, &x| *y = if x > T::zero() { x } else { T::zero() });
+        Ok(())
+    };
+    let parts = (Along(x, Axis(0)), Along(y, Axis(0)));
+    // Memory-bound: split the batch between the threads (a 0-d tensor has no axis to split).
+    if parts.0 .0.ndim() == 0 {
+        relu(parts)
+    } else {
+        in_parts(parts, &relu)
+    }
 }
 
 /// Backward: dx += dy where x > 0.
 pub fn backward<T: Element>(
     x: ArrayViewD<T>,
     dy: ArrayViewD<T>,
-    mut dx: ArrayViewMutD<T>,
+    dx: ArrayViewMutD<T>,
 ) -> Result<()> {
     check_same(OP, "output gradient", x.shape(), dy.shape())?;
     check_same(OP, "input gradient", x.shape(), dx.shape())?;
-    // A select, not a branch: with inputs of random sign a branch mispredicts half the time.
-    Zip::from(&mut dx)
-        .and(&x)
-        .and(&dy)
-        .for_each(|dx, &x, &dy| *dx += if x > T::zero() { dy } else { T::zero() });
-    Ok(())
+    type Parts<'a, T> = (
+        Along<ArrayViewD<'a, T>>,
+        Along<ArrayViewD<'a, T>>,
+        Along<ArrayViewMutD<'a, T>>,
+    );
+    let relu = |(Along(x, _), Along(dy, _), Along(mut dx, _)): Parts<T>| {
+        // A select, not a branch: with inputs of random sign a branch mispredicts half the time.
+        Zip::from(&mut dx)
+            .and(&x)
+            .and(&dy)
+            .for_each(|dx, &x, &dy| *dx += if x > T::zero() { dy } else { T::zero() });
+        Ok(())
+    };
+    let parts = (Along(x, Axis(0)), Along(dy, Axis(0)), Along(dx, Axis(0)));
+    if parts.0 .0.ndim() == 0 {
+        relu(parts)
+    } else {
+        in_parts(parts, &relu)
+    }
 }
 
 /// The specification, as a loop over flat indices.

@@ -70,7 +70,7 @@ enum Op<T> {
         input: NodeId,
         window: usize,
         stride: usize,
-        argmax: Vec<usize>,
+        argmax: Vec<max_pool::Position>,
     },
     AvgPool {
         input: NodeId,

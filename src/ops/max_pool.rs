@@ -7,7 +7,7 @@
 //! ## Shapes
 //! x (N, C, H, W) → y (N, C, H′, W′) with H′ = ⌊(H − k)/s⌋ + 1, W′ = ⌊(W − k)/s⌋ + 1.
 //! Saved for backward: for each output element, the position (h·W + w) of its arg-max in its
-//! channel plane, (N·C·H′·W′) integers.
+//! channel plane, (N·C·H′·W′) 32-bit integers.
 //!
 //! ## Derivation
 //! ```text
@@ -31,9 +31,24 @@ use ndarray::{ArrayView2, ArrayView4, ArrayViewMut4, Axis};
 
 const OP: &str = "max_pool";
 
+/// Where a window's maximum is in its channel plane (h·W + w). 32 bits, not 64: the positions
+/// are written in the forward pass and read in the backward pass, and half the bytes is half
+/// that memory traffic.
+pub type Position = u32;
+
 /// Checks the input and the pool settings and returns the output shape.
 pub fn output_shape(x: &[usize], window: usize, stride: usize) -> Result<[usize; 4]> {
     let [batch, channels, height, width] = check_image(OP, x)?;
+    if height
+        .checked_mul(width)
+        .is_none_or(|plane| plane > Position::MAX as usize)
+    {
+        return Err(Error::invalid_shape(
+            OP,
+            "a channel plane has more pixels than a u32 position can name",
+            x,
+        ));
+    }
     let out_height = pooled_len(OP, height, window, stride, x)?;
     let out_width = pooled_len(OP, width, window, stride, x)?;
     Ok([batch, channels, out_height, out_width])
@@ -75,7 +90,7 @@ pub fn forward<T: Element>(
     window: usize,
     stride: usize,
     mut y: ArrayViewMut4<T>,
-    argmax: &mut [usize],
+    argmax: &mut [Position],
 ) -> Result<()> {
     let out = output_shape(x.shape(), window, stride)?;
     check_same(OP, "output", &out, y.shape())?;
@@ -110,7 +125,7 @@ pub fn forward<T: Element>(
                 let (h, w) = window_argmax(&plane, i * stride, j * stride, window);
                 *y = plane[[h, w]];
                 if let Some(winner) = winners.next() {
-                    *winner = h * width + w;
+                    *winner = (h * width + w) as Position;
                 }
             }
         }
@@ -127,7 +142,7 @@ fn forward_planes<T: Element>(
     stride: usize,
     y: &mut [T],
     [out_height, out_width]: [usize; 2],
-    argmax: &mut [usize],
+    argmax: &mut [Position],
 ) {
     let out_len = out_height * out_width;
     for ((plane, y_plane), winners) in x
@@ -159,7 +174,7 @@ fn forward_planes<T: Element>(
                             best = candidate;
                         }
                     }
-                    (*y, *winner) = best;
+                    (*y, *winner) = (best.0, best.1 as Position);
                 }
             }
             continue;
@@ -176,7 +191,7 @@ fn forward_planes<T: Element>(
                     }
                 }
                 y_plane[i * out_width + j] = plane[best];
-                winners[i * out_width + j] = best;
+                winners[i * out_width + j] = best as Position;
             }
         }
     }
@@ -185,7 +200,7 @@ fn forward_planes<T: Element>(
 /// Backward: routes each dy to its window's arg-max, dx[arg-max] += dy.
 pub fn backward<T: Element>(
     dy: ArrayView4<T>,
-    argmax: &[usize],
+    argmax: &[Position],
     mut dx: ArrayViewMut4<T>,
 ) -> Result<()> {
     check_argmax(dy.len(), argmax.len())?;
@@ -229,6 +244,7 @@ pub fn backward<T: Element>(
                 .zip(dx.chunks_exact_mut(plane_len))
             {
                 for (&g, &position) in dy_plane.iter().zip(winners) {
+                    let position = position as usize;
                     *dx_plane
                         .get_mut(position)
                         .ok_or_else(|| bad_position(position))? += g;
@@ -242,6 +258,7 @@ pub fn backward<T: Element>(
         for (dy_plane, mut dx_plane) in dy_sample.outer_iter().zip(dx_sample.outer_iter_mut()) {
             for &g in dy_plane.iter() {
                 if let Some(&position) = winners.next() {
+                    let position = position as usize;
                     let slot = dx_plane.get_mut([position / width, position % width]);
                     *slot.ok_or_else(|| bad_position(position))? += g;
                 }
@@ -258,7 +275,7 @@ pub fn forward_reference<T: Element>(
     window: usize,
     stride: usize,
     mut y: ArrayViewMut4<T>,
-) -> Result<Vec<usize>> {
+) -> Result<Vec<Position>> {
     let [batch, channels, out_height, out_width] = output_shape(x.shape(), window, stride)?;
     check_same(
         OP,
@@ -282,7 +299,7 @@ pub fn forward_reference<T: Element>(
                         }
                     }
                     y[[n, c, i, j]] = x[[n, c, best_h, best_w]];
-                    argmax.push(best_h * width + best_w);
+                    argmax.push((best_h * width + best_w) as Position);
                 }
             }
         }

@@ -40,26 +40,48 @@ pub fn gemm<T: Element>(
     beta: T,
     c: ArrayViewMut2<T>,
 ) -> Result<()> {
-    product(alpha, a, b, beta, None, c)
+    product(
+        alpha,
+        a,
+        b,
+        beta,
+        Epilogue {
+            bias: None,
+            relu: false,
+        },
+        c,
+    )
 }
 
-/// C (M×N) ← A (M×K)·B (K×N) + bias·1ᵀ: the bias (M) added to every column, in the same pass
-/// that stores the product (a convolution's forward pass, without a second sweep over C).
-pub fn gemm_bias<T: Element>(
+/// C (M×N) ← A (M×K)·B (K×N) + bias·1ᵀ, then max(·, 0) if `relu`: a convolution's forward
+/// pass with its bias and activation applied as each tile of C is stored, without another
+/// sweep over C.
+pub fn gemm_bias_relu<T: Element>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
-    bias: ArrayView1<T>,
+    bias: Option<ArrayView1<T>>,
+    relu: bool,
     c: ArrayViewMut2<T>,
 ) -> Result<()> {
-    if bias.len() != a.nrows() {
-        return Err(Error::shape_mismatch(
-            "gemm",
-            "bias length",
-            a.nrows().to_string(),
-            bias.len().to_string(),
-        ));
+    if let Some(bias) = &bias {
+        if bias.len() != a.nrows() {
+            let (expected, found) = (a.nrows().to_string(), bias.len().to_string());
+            return Err(Error::shape_mismatch(
+                "gemm",
+                "bias length",
+                expected,
+                found,
+            ));
+        }
     }
-    product(T::one(), a, b, T::zero(), Some(bias), c)
+    product(T::one(), a, b, T::zero(), Epilogue { bias, relu }, c)
+}
+
+/// What is applied to C as it is stored: a bias per row, then a ReLU.
+#[derive(Clone, Copy)]
+struct Epilogue<'a, T> {
+    bias: Option<ArrayView1<'a, T>>,
+    relu: bool,
 }
 
 fn product<T: Element>(
@@ -67,7 +89,7 @@ fn product<T: Element>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     beta: T,
-    bias: Option<ArrayView1<T>>,
+    epilogue: Epilogue<T>,
     c: ArrayViewMut2<T>,
 ) -> Result<()> {
     let ((m, k), (k2, n)) = (a.dim(), b.dim());
@@ -90,10 +112,10 @@ fn product<T: Element>(
     {
         let parts = (Along(b, Axis(1)), Along(c, Axis(1)));
         return in_parts(parts, &|(Along(b, _), Along(c, _))| {
-            gemm_serial(alpha, a, b, beta, bias, c)
+            gemm_serial(alpha, a, b, beta, epilogue, c)
         });
     }
-    gemm_serial(alpha, a, b, beta, bias, c)
+    gemm_serial(alpha, a, b, beta, epilogue, c)
 }
 
 /// The product on the calling thread.
@@ -102,7 +124,7 @@ fn gemm_serial<T: Element>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     beta: T,
-    bias: Option<ArrayView1<T>>,
+    Epilogue { bias, relu }: Epilogue<T>,
     mut c: ArrayViewMut2<T>,
 ) -> Result<()> {
     let ((m, k), n) = (a.dim(), b.ncols());
@@ -125,6 +147,7 @@ fn gemm_serial<T: Element>(
             bias: bias
                 .as_ref()
                 .map_or(std::ptr::null(), |b| b.as_ptr().cast::<f32>()),
+            relu,
             c: c.as_mut_ptr().cast::<f32>(),
             c_strides: strides(c.strides()),
         };
@@ -136,11 +159,14 @@ fn gemm_serial<T: Element>(
     }
     match bias {
         Some(bias) => {
-            // β = 0 with a bias (gemm_bias): C = bias·1ᵀ, then the product added onto it.
+            // β = 0 with a bias (gemm_bias_relu): C = bias·1ᵀ, then the product added onto it.
             c.assign(&bias.insert_axis(Axis(1)));
             general_mat_mul(alpha, &a, &b, T::one(), &mut c);
         }
         None => general_mat_mul(alpha, &a, &b, beta, &mut c),
+    }
+    if relu {
+        c.mapv_inplace(|v| if v > T::zero() { v } else { T::zero() });
     }
     Ok(())
 }
@@ -185,6 +211,8 @@ mod avx512 {
         pub beta: f32,
         /// A bias added to every row i of C (`bias[i]`, contiguous), or null.
         pub bias: *const f32,
+        /// Apply max(·, 0) to C as it is stored.
+        pub relu: bool,
         pub c: *mut f32,
         pub c_strides: [isize; 2],
     }
@@ -228,12 +256,13 @@ mod avx512 {
                     rsb,
                     beta,
                     operands.bias,
+                    operands.relu,
                     c,
                     rsc,
                 )
             };
             true
-        } else if rsb == 1 && operands.bias.is_null() {
+        } else if rsb == 1 && operands.bias.is_null() && !operands.relu {
             // SAFETY: as above.
             unsafe { transposed(m, n, k, alpha, a, rsa, csa, b, csb, beta, c, rsc) }
         } else {
@@ -290,6 +319,7 @@ mod avx512 {
                         n as isize,
                         beta,
                         std::ptr::null(),
+                        false,
                         c,
                         rsc,
                     )
@@ -320,6 +350,7 @@ mod avx512 {
                     mi,
                     0.0,
                     none,
+                    false,
                     product_ptr,
                     mi,
                 )
@@ -400,6 +431,7 @@ mod avx512 {
         rsb: isize,
         beta: f32,
         bias: *const f32,
+        relu: bool,
         c: *mut f32,
         rsc: isize,
         last: __mmask16,
@@ -438,6 +470,9 @@ mod avx512 {
                             result,
                         );
                     }
+                    if relu {
+                        result = _mm512_max_ps(result, _mm512_setzero_ps());
+                    }
                     _mm512_mask_storeu_ps(target, mask(v), result);
                 }
             }
@@ -458,6 +493,7 @@ mod avx512 {
         rsb: isize,
         beta: f32,
         bias: *const f32,
+        relu: bool,
         c: *mut f32,
         rsc: isize,
     ) {
@@ -491,6 +527,8 @@ mod avx512 {
                 } else {
                     (1.0, std::ptr::null())
                 };
+                // The ReLU applies to the finished sum, in the last K block.
+                let relu = relu && start + depth == k;
                 for row in (0..m).step_by(NN_ROWS) {
                     let rows = NN_ROWS.min(m - row);
                     // SAFETY: the tile's corner is inside A, B and C (row < m, column < n,
@@ -501,8 +539,8 @@ mod avx512 {
                         let c = c.offset(row as isize * rsc).add(column);
                         let bias = if bias.is_null() { bias } else { bias.add(row) };
                         tile!(
-                            rows, vectors, depth, alpha, a, rsa, csa, b, rsb, beta, bias, c, rsc,
-                            last
+                            rows, vectors, depth, alpha, a, rsa, csa, b, rsb, beta, bias, relu, c,
+                            rsc, last
                         );
                     }
                 }

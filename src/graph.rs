@@ -47,10 +47,12 @@ enum Op<T> {
     Input,
     /// A trained parameter: a leaf that persists across steps.
     Param,
+    /// With `relu`, the fused conv1x1 + ReLU: the value is the activation.
     Conv1x1 {
         input: NodeId,
         weight: NodeId,
         bias: Option<NodeId>,
+        relu: bool,
     },
     Conv2d {
         input: NodeId,
@@ -100,7 +102,8 @@ impl<T> Op<T> {
         match self {
             Op::Input => "input",
             Op::Param => "param",
-            Op::Conv1x1 { .. } => "conv1x1",
+            Op::Conv1x1 { relu: false, .. } => "conv1x1",
+            Op::Conv1x1 { relu: true, .. } => "conv1x1+relu",
             Op::Conv2d { .. } => "conv2d",
             Op::Linear { .. } => "linear",
             Op::Relu { .. } => "relu",
@@ -120,6 +123,7 @@ impl<T> Op<T> {
                 input,
                 weight,
                 bias,
+                ..
             }
             | Op::Conv2d {
                 input,
@@ -388,6 +392,27 @@ impl<T: Element> Graph<T> {
         weight: NodeId,
         bias: Option<NodeId>,
     ) -> Result<NodeId> {
+        self.push_conv1x1(input, weight, bias, false)
+    }
+
+    /// The fused max(conv1x1(input), 0): the same values as `relu(conv1x1(...))` with one
+    /// buffer and one pass instead of two (see [`conv1x1::forward_relu`]).
+    pub fn conv1x1_relu(
+        &mut self,
+        input: NodeId,
+        weight: NodeId,
+        bias: Option<NodeId>,
+    ) -> Result<NodeId> {
+        self.push_conv1x1(input, weight, bias, true)
+    }
+
+    fn push_conv1x1(
+        &mut self,
+        input: NodeId,
+        weight: NodeId,
+        bias: Option<NodeId>,
+        relu: bool,
+    ) -> Result<NodeId> {
         let requires_grad = self.check_layer("conv1x1", input, weight, bias, |w, b| {
             conv1x1::check_weights(w, b).map(drop)
         })?;
@@ -395,8 +420,9 @@ impl<T: Element> Graph<T> {
             input,
             weight,
             bias,
+            relu,
         };
-        Ok(self.push(self.auto_name("conv1x1"), op, requires_grad))
+        Ok(self.push(self.auto_name(op.kind()), op, requires_grad))
     }
 
     /// A K×K convolution of `input` (N, F, H, W) by `weight` (F1, F, K, K), stride 1, zero
@@ -591,6 +617,7 @@ impl<T: Element> Graph<T> {
                     input,
                     weight,
                     bias,
+                    relu,
                 } => {
                     let (x, w) = (&before[input.0].value, &before[weight.0].value);
                     let b = bias.map(|b| &before[b.0].value);
@@ -599,7 +626,11 @@ impl<T: Element> Graph<T> {
                         &conv1x1::output_shape(x.shape(), w.shape(), b.map(|b| b.shape()))?,
                     );
                     let b = b.map(typed::<T, Ix1>).transpose()?;
-                    conv1x1::forward(typed(x)?, typed(w)?, b, typed_mut(value)?)?;
+                    if *relu {
+                        conv1x1::forward_relu(typed(x)?, typed(w)?, b, typed_mut(value)?)?;
+                    } else {
+                        conv1x1::forward(typed(x)?, typed(w)?, b, typed_mut(value)?)?;
+                    }
                 }
                 Op::Conv2d {
                     input,
@@ -741,27 +772,37 @@ impl<T: Element> Graph<T> {
         self.nodes[target.0].grad += &upstream;
         for index in (0..=target.0).rev() {
             let (before, rest) = self.nodes.split_at_mut(index);
-            let node = &rest[0];
+            let node = &mut rest[0];
             if !node.requires_grad {
                 continue;
             }
+            if let Op::Conv1x1 {
+                input,
+                weight,
+                bias,
+                relu,
+            } = &node.op
+            {
+                let (x_node, w_node, b_node) = weighted_inputs(before, *input, *weight, *bias)?;
+                let (x, dx) = value_and_grad::<T, Ix4>(x_node)?;
+                let (w, dw) = value_and_grad::<T, Ix2>(w_node)?;
+                let db = b_node
+                    .map(value_and_grad::<T, Ix1>)
+                    .transpose()?
+                    .and_then(|(_, db)| db);
+                if *relu {
+                    // The node's own gradient is not read again: it is masked in place.
+                    let (y, dy) = (typed(&node.value)?, typed_mut(&mut node.grad)?);
+                    conv1x1::backward_relu(x, w, y, dy, dx, dw, db)?;
+                } else {
+                    conv1x1::backward(x, w, typed(&node.grad)?, dx, dw, db)?;
+                }
+                continue;
+            }
+            let node = &*node;
             let dy = &node.grad;
             match &node.op {
-                Op::Input | Op::Param => {}
-                Op::Conv1x1 {
-                    input,
-                    weight,
-                    bias,
-                } => {
-                    let (x_node, w_node, b_node) = weighted_inputs(before, *input, *weight, *bias)?;
-                    let (x, dx) = value_and_grad::<T, Ix4>(x_node)?;
-                    let (w, dw) = value_and_grad::<T, Ix2>(w_node)?;
-                    let db = b_node
-                        .map(value_and_grad::<T, Ix1>)
-                        .transpose()?
-                        .and_then(|(_, db)| db);
-                    conv1x1::backward(x, w, typed(dy)?, dx, dw, db)?;
-                }
+                Op::Input | Op::Param | Op::Conv1x1 { .. } => {}
                 Op::Conv2d {
                     input,
                     weight,
@@ -937,6 +978,7 @@ impl<T: Element> Graph<T> {
                 input,
                 weight,
                 bias,
+                ..
             } => cost::conv1x1(
                 shape(input, 4)?,
                 shape(weight, 2)?[0],

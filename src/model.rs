@@ -188,13 +188,16 @@ impl Model {
         let mut take = || next.next().ok_or_else(|| Error::graph("missing parameter"));
         if let Some(spec) = &architecture.bottleneck {
             let (reduce_w, reduce_b, expand_w, expand_b) = (take()?, take()?, take()?, take()?);
-            let reduced = graph.conv1x1(x, reduce_w, Some(reduce_b))?;
-            let hidden = graph.relu(reduced)?;
-            let mut expanded = graph.conv1x1(hidden, expand_w, Some(expand_b))?;
-            if spec.residual {
-                expanded = graph.add(expanded, input)?;
-            }
-            let features = graph.relu(expanded)?;
+            // Each ReLU is fused into the convolution before it (one buffer, one pass); with
+            // a residual, the second ReLU comes after the Add instead.
+            let hidden = graph.conv1x1_relu(x, reduce_w, Some(reduce_b))?;
+            let features = if spec.residual {
+                let expanded = graph.conv1x1(hidden, expand_w, Some(expand_b))?;
+                let sum = graph.add(expanded, input)?;
+                graph.relu(sum)?
+            } else {
+                graph.conv1x1_relu(hidden, expand_w, Some(expand_b))?
+            };
             x = graph.max_pool(features, spec.pool_window, spec.pool_stride)?;
         }
         let pooled = graph.global_avg_pool(x)?;

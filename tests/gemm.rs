@@ -177,7 +177,7 @@ fn gemm_in_f64_goes_through_ndarray_unchanged() {
 }
 
 #[test]
-fn gemm_bias_adds_the_bias_to_every_column() {
+fn gemm_bias_relu_adds_the_bias_to_every_column_then_clamps() {
     let mut rng = StdRng::seed_from_u64(3);
     for (m, n, k) in [(1, 1, 1), (7, 70, 13), (64, 784, 256), (6, 17, 300)] {
         let (a, b) = (random(m, k, &mut rng), random(k, n, &mut rng));
@@ -189,26 +189,39 @@ fn gemm_bias_adds_the_bias_to_every_column() {
         // Through the kernel (contiguous bias) and through the fallback (a strided bias).
         let strided = ndarray::Array1::from_iter(bias.iter().flat_map(|&v| [v, 0.0]));
         for bias in [bias.view(), strided.slice(s![..;2])] {
-            let mut c = Array2::from_elem((m, n), f32::NAN);
-            pointwise::gemm::gemm_bias(a.view(), b.view(), bias, c.view_mut()).unwrap();
-            for ((index, &got), (&want, &bound)) in
-                c.indexed_iter().zip(value.iter().zip(scale.iter()))
-            {
-                let error = (f64::from(got) - want).abs();
-                assert!(
-                    error <= 4e-6 * (bound + want.abs()) * (k as f64).sqrt(),
-                    "{m}×{n}×{k} at {index:?}: {got} vs {want}"
+            for relu in [false, true] {
+                let mut c = Array2::from_elem((m, n), f32::NAN);
+                let result = pointwise::gemm::gemm_bias_relu(
+                    a.view(),
+                    b.view(),
+                    Some(bias),
+                    relu,
+                    c.view_mut(),
                 );
+                result.unwrap();
+                for ((index, &got), (&want, &bound)) in
+                    c.indexed_iter().zip(value.iter().zip(scale.iter()))
+                {
+                    let want = if relu { want.max(0.0) } else { want };
+                    let error = (f64::from(got) - want).abs();
+                    let context = format!("{m}×{n}×{k} relu {relu} at {index:?}: {got} vs {want}");
+                    assert!(
+                        error <= 4e-6 * (bound + want.abs()) * (k as f64).sqrt(),
+                        "{context}"
+                    );
+                }
             }
         }
     }
     let mut c = Array2::<f32>::zeros((2, 2));
     let wrong = ndarray::Array1::<f32>::zeros(3);
-    assert!(pointwise::gemm::gemm_bias(
-        Array2::zeros((2, 1)).view(),
-        Array2::zeros((1, 2)).view(),
-        wrong.view(),
-        c.view_mut()
-    )
-    .is_err());
+    let (a, b) = (Array2::zeros((2, 1)), Array2::zeros((1, 2)));
+    let result = pointwise::gemm::gemm_bias_relu(
+        a.view(),
+        b.view(),
+        Some(wrong.view()),
+        false,
+        c.view_mut(),
+    );
+    assert!(result.is_err());
 }

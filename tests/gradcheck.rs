@@ -378,3 +378,46 @@ fn conv2d_dx_dweight_dbias_match_finite_difference() {
         }
     }
 }
+
+/// The fused conv1x1 + ReLU: the same derivative as relu(conv1x1(x)), checked where every
+/// pre-activation is clear of the kink.
+#[test]
+fn conv1x1_relu_dx_dweight_dbias_match_finite_difference() {
+    use ndarray::{Array4, Ix1, Ix2, Ix4};
+    use pointwise::ops::conv1x1;
+    for (i, case) in CASES.iter().enumerate() {
+        let seed = 300 + 10 * i as u64;
+        let (x, w, b) = (
+            random(&case.image(), seed),
+            random(&[case.c_out, case.c_in], seed + 1),
+            random(&[case.c_out], seed + 2),
+        );
+        let mut z = Array4::zeros((case.batch, case.c_out, case.height, case.width));
+        conv1x1::forward_reference(
+            x.view().into_dimensionality::<Ix4>().unwrap(),
+            w.view().into_dimensionality::<Ix2>().unwrap(),
+            Some(b.view().into_dimensionality::<Ix1>().unwrap()),
+            z.view_mut(),
+        )
+        .unwrap();
+        let margin = z.iter().fold(f64::INFINITY, |m, v| m.min(v.abs()));
+        assert!(
+            margin > 1e-4,
+            "{case:?}: a pre-activation is within {margin:e} of the kink"
+        );
+        assert!(
+            z.iter().any(|&v| v < 0.0) && z.iter().any(|&v| v > 0.0),
+            "both sides of the ReLU are exercised"
+        );
+        check_graph(&format!("conv1x1_relu {case:?}"), i as u64, |graph| {
+            let xi = graph.input_with_grad("x");
+            graph.set_input(xi, x.view()).unwrap();
+            let weight = graph.param("weight", w.clone()).unwrap();
+            let bias = graph.param("bias", b.clone()).unwrap();
+            (
+                graph.conv1x1_relu(xi, weight, Some(bias)).unwrap(),
+                vec![xi, weight, bias],
+            )
+        });
+    }
+}

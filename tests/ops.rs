@@ -517,3 +517,90 @@ fn conv1x1_f32_fast_path_matches_reference_loops() {
         assert_abs_diff_eq!(db, db_ref, epsilon = 1e-5 * pixels.sqrt());
     }
 }
+
+/// The fused conv1x1 + ReLU against the reference loops followed by the ReLU's reference, in
+/// f64 and in f32 (the crate's GEMM kernels apply the ReLU as they store).
+#[test]
+fn conv1x1_relu_fused_path_matches_the_two_reference_ops() {
+    fn check<T: pointwise::Element>(case: &common::Case, seed: u64, tolerance: f64) {
+        let cast = |a: ArrayD<f64>| a.mapv(T::from_f64);
+        let x = cast(random(&case.image(), seed))
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let weight = cast(random(&[case.c_out, case.c_in], seed + 1))
+            .into_dimensionality::<Ix2>()
+            .unwrap();
+        let bias = cast(random(&[case.c_out], seed + 2))
+            .into_dimensionality::<Ix1>()
+            .unwrap();
+        let out = (case.batch, case.c_out, case.height, case.width);
+        let (mut y, mut z) = (Array4::<T>::zeros(out), Array4::<T>::zeros(out));
+        conv1x1::forward_relu(x.view(), weight.view(), Some(bias.view()), y.view_mut()).unwrap();
+        conv1x1::forward_reference(x.view(), weight.view(), Some(bias.view()), z.view_mut())
+            .unwrap();
+        let mut y_ref = ArrayD::<T>::zeros(IxDyn(&[out.0, out.1, out.2, out.3]));
+        relu::forward_reference(z.view().into_dyn(), y_ref.view_mut()).unwrap();
+        for (a, b) in y.iter().zip(y_ref.iter()) {
+            assert!(
+                (a.as_f64() - b.as_f64()).abs() <= tolerance,
+                "{case:?}: {a} vs {b}"
+            );
+        }
+        let dy = cast(random(&[out.0, out.1, out.2, out.3], seed + 3))
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let (mut dx, mut dw, mut db) = (
+            Array4::<T>::ones(x.dim()),
+            Array2::<T>::ones(weight.dim()),
+            Array1::<T>::ones(case.c_out),
+        );
+        let (mut dx_ref, mut dw_ref, mut db_ref) = (dx.clone(), dw.clone(), db.clone());
+        let mut masked = dy.clone();
+        conv1x1::backward_relu(
+            x.view(),
+            weight.view(),
+            y.view(),
+            masked.view_mut(),
+            Some(dx.view_mut()),
+            Some(dw.view_mut()),
+            Some(db.view_mut()),
+        )
+        .unwrap();
+        let mut dz = ArrayD::<T>::zeros(IxDyn(&[out.0, out.1, out.2, out.3]));
+        relu::backward_reference(z.view().into_dyn(), dy.view().into_dyn(), dz.view_mut()).unwrap();
+        let dz = dz.into_dimensionality::<Ix4>().unwrap();
+        conv1x1::backward_reference(
+            x.view(),
+            weight.view(),
+            dz.view(),
+            Some(dx_ref.view_mut()),
+            Some(dw_ref.view_mut()),
+            Some(db_ref.view_mut()),
+        )
+        .unwrap();
+        for (got, want) in [
+            (dx.into_dyn(), dx_ref.into_dyn()),
+            (dw.into_dyn(), dw_ref.into_dyn()),
+            (db.into_dyn(), db_ref.into_dyn()),
+        ] {
+            for (a, b) in got.iter().zip(want.iter()) {
+                assert!(
+                    (a.as_f64() - b.as_f64()).abs() <= tolerance * 10.0,
+                    "{case:?}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    for (i, case) in CASES.iter().enumerate() {
+        check::<f64>(case, 500 + i as u64, TOL);
+        check::<f32>(case, 600 + i as u64, 1e-5);
+    }
+    let big = common::Case {
+        batch: 3,
+        c_in: 256,
+        c_out: 64,
+        height: 5,
+        width: 7,
+    };
+    check::<f32>(&big, 700, 1e-4);
+}

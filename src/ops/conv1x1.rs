@@ -27,6 +27,17 @@
 //! Each sum over n appears because W and b are shared by every sample; the sum over p because
 //! they are shared by every pixel. dX has no sum over n: each sample's input is its own.
 //!
+//! ## Fused ReLU
+//! [`forward_relu`] / [`backward_relu`] compute Y = max(W·Xₙ + b, 0) as one node. The ReLU is
+//! applied as the GEMM stores each tile, so the pre-activation Z never exists in memory; its
+//! derivative needs only Y, because Z > 0 exactly where Y > 0:
+//!
+//! ```text
+//! dZ = dY ⊙ 1[Y > 0]          then dW, dX, db from dZ as above
+//! ```
+//! which saves one tensor of the output's size in the forward pass, one gradient of that size
+//! in the backward pass, and a read and a write of each.
+//!
 //! ## Cost
 //! Forward 2·N·F1·F·P FLOPs. Backward 2·N·F1·F·P for dW, the same for dX (skipped when the input
 //! needs no gradient), N·F1·P for db. Memory traffic per sample: read F·P + F1·F, write F1·P.
@@ -34,11 +45,11 @@
 use super::{check_image, check_ndim, check_same, shape_text};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::gemm::{gemm, gemm_bias};
+use crate::gemm::{gemm, gemm_bias_relu};
 use crate::parallel::{in_parts, Along};
 use ndarray::{
     ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4,
-    Axis,
+    Axis, Zip,
 };
 
 const OP: &str = "conv1x1";
@@ -135,6 +146,27 @@ pub fn forward<T: Element>(
     bias: Option<ArrayView1<T>>,
     y: ArrayViewMut4<T>,
 ) -> Result<()> {
+    forward_with(x, weight, bias, false, y)
+}
+
+/// Forward of the fused conv1x1 + ReLU: Yₙ = max(W·Xₙ + b·1ᵀ, 0), the ReLU applied as each tile
+/// of Yₙ is stored, so the pre-activation never exists in memory.
+pub fn forward_relu<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView2<T>,
+    bias: Option<ArrayView1<T>>,
+    y: ArrayViewMut4<T>,
+) -> Result<()> {
+    forward_with(x, weight, bias, true, y)
+}
+
+fn forward_with<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView2<T>,
+    bias: Option<ArrayView1<T>>,
+    relu: bool,
+    y: ArrayViewMut4<T>,
+) -> Result<()> {
     let out = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
     check_same(OP, "output", &out, y.shape())?;
     // The samples are independent: split the batch between the threads.
@@ -145,13 +177,44 @@ pub fn forward<T: Element>(
         for (x_block, y_block) in x.outer_iter().zip(y.outer_iter_mut()) {
             let (x_n, y_n) = (sample_matrix(x_block)?, sample_matrix_mut(y_block)?);
             // (F1×F)·(F×P) → (F1×P), the bias added as each tile of Yₙ is stored.
-            match &bias {
-                Some(bias) => gemm_bias(weight.view(), x_n, bias.view(), y_n)?,
-                None => gemm(T::one(), weight.view(), x_n, T::zero(), y_n)?,
-            }
+            gemm_bias_relu(
+                weight.view(),
+                x_n,
+                bias.as_ref().map(|b| b.view()),
+                relu,
+                y_n,
+            )?;
         }
         Ok(())
     })
+}
+
+/// Backward of the fused conv1x1 + ReLU. With Z the pre-activation and Y = max(Z, 0), the
+/// ReLU's backward is dZ = dY ⊙ 1[Z > 0], and Z > 0 exactly where Y > 0, so the mask is read
+/// from the saved output. `dy` is masked in place (it becomes dZ), then the three GEMMs run on
+/// it as in [`backward`].
+pub fn backward_relu<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView2<T>,
+    y: ArrayView4<T>,
+    dy: ArrayViewMut4<T>,
+    dx: Option<ArrayViewMut4<T>>,
+    dweight: Option<ArrayViewMut2<T>>,
+    dbias: Option<ArrayViewMut1<T>>,
+) -> Result<()> {
+    check_same(OP, "output", dy.shape(), y.shape())?;
+    let mut dy = dy;
+    in_parts((Along(y, Axis(0)), Along(dy.view_mut(), Axis(0))), &|(
+        Along(y, _),
+        Along(mut dy, _),
+    )| {
+        // A select, not a branch, as in relu::backward.
+        Zip::from(&mut dy)
+            .and(&y)
+            .for_each(|dy, &y| *dy = if y > T::zero() { *dy } else { T::zero() });
+        Ok(())
+    })?;
+    backward(x, weight, dy.view(), dx, dweight, dbias)
 }
 
 /// Backward: accumulates (`+=`) dW = Σₙ dYₙ·Xₙᵀ, dXₙ = Wᵀ·dYₙ and db = Σ dY into whichever

@@ -7,7 +7,7 @@
 //!
 //! - **NN** (B's rows contiguous, as Xₙ (F×P) in `Yₙ = W·Xₙ` and dYₙ in `dXₙ = Wᵀ·dYₙ`):
 //!   a tile of C of 6 rows × 64 columns lives in 24 zmm registers; each step k broadcasts
-//!   6 values A[i,k] (A may be any strided view, e.g. Wᵀ, so it is never copied) and loads
+//!   6 values `A[i,k]` (A may be any strided view, e.g. Wᵀ, so it is never copied) and loads
 //!   4 vectors of B's row k, then issues 24 FMAs. K is cut in blocks of 128 so that B's panel
 //!   (128×64 floats, 32 KiB) stays in L1.
 //! - **B transposed** (B's *columns* contiguous, as Xₙᵀ in `dW = Σ dYₙ·Xₙᵀ`): the smaller of

@@ -190,7 +190,7 @@ fn forward_with<T: Element>(
 }
 
 /// Backward of the fused conv1x1 + ReLU. With Z the pre-activation and Y = max(Z, 0), the
-/// ReLU's backward is dZ = dY ⊙ 1[Z > 0], and Z > 0 exactly where Y > 0, so the mask is read
+/// ReLU's backward is `dZ = dY ⊙ 1[Z > 0]`, and Z > 0 exactly where Y > 0, so the mask is read
 /// from the saved output. `dy` is masked in place (it becomes dZ), then the three GEMMs run on
 /// it as in [`backward`].
 pub fn backward_relu<T: Element>(

@@ -22,7 +22,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::ops::{
     add, avg_pool, conv1x1, conv2d, global_avg_pool, linear, max_pool, mse, relu,
-    softmax_cross_entropy,
+    softmax_cross_entropy, GradWrite,
 };
 use ndarray::{
     ArrayD, ArrayView, ArrayViewD, ArrayViewMut, ArrayViewMutD, Dimension, Ix0, Ix1, Ix2, Ix4,
@@ -160,6 +160,10 @@ struct Node<T> {
     requires_grad: bool,
     /// False for an input that was never set.
     has_value: bool,
+    /// During a backward pass: whether `grad` holds a contribution yet. Until it does, its
+    /// content is stale, and the first contribution either overwrites it (ops that can) or
+    /// zeroes it first. Leaves always count as written: they accumulate across passes.
+    grad_written: bool,
 }
 
 /// The tape. `T` is `f32` for training and `f64` for gradient checks.
@@ -213,19 +217,46 @@ fn typed_mut<T, D: Dimension>(buffer: &mut ArrayD<T>) -> Result<ArrayViewMut<'_,
         .map_err(|_| Error::graph("a buffer has the wrong number of dimensions"))
 }
 
-/// Splits an input node into its value (read) and, when it wants one, its gradient (written).
+/// Splits an input node into its value (read) and, when it wants one, its gradient, ready to
+/// accumulate into (zeroed first if this pass has not written it yet).
 #[allow(clippy::type_complexity)]
-fn value_and_grad<T, D: Dimension>(
+fn value_and_grad<T: Element, D: Dimension>(
     node: &mut Node<T>,
 ) -> Result<(ArrayView<'_, T, D>, Option<ArrayViewMut<'_, T, D>>)> {
+    let (value, grad) = value_and_fresh_grad(node)?;
+    let grad = match grad {
+        Some((mut grad, GradWrite::Overwrite)) => {
+            crate::parallel::fill(grad.view_mut(), T::zero())?;
+            Some(grad)
+        }
+        other => other.map(|(grad, _)| grad),
+    };
+    Ok((value, grad))
+}
+
+/// The same, for ops that can overwrite: the gradient comes with how to write it.
+#[allow(clippy::type_complexity)]
+fn value_and_fresh_grad<T, D: Dimension>(
+    node: &mut Node<T>,
+) -> Result<(
+    ArrayView<'_, T, D>,
+    Option<(ArrayViewMut<'_, T, D>, GradWrite)>,
+)> {
     let Node {
         value,
         grad,
         requires_grad,
+        grad_written,
         ..
     } = node;
     let grad = if *requires_grad {
-        Some(typed_mut(grad)?)
+        let write = if *grad_written {
+            GradWrite::Accumulate
+        } else {
+            GradWrite::Overwrite
+        };
+        *grad_written = true;
+        Some((typed_mut(grad)?, write))
     } else {
         None
     };
@@ -282,6 +313,7 @@ impl<T: Element> Graph<T> {
             grad: ArrayD::zeros(IxDyn(&[0])),
             requires_grad,
             has_value: leaf,
+            grad_written: false,
         });
         NodeId(self.nodes.len() - 1)
     }
@@ -755,25 +787,36 @@ impl<T: Element> Graph<T> {
             self.nodes[target.0].value.shape(),
             upstream.shape(),
         )?;
-        // Size every gradient buffer; intermediate gradients start from zero, leaf gradients
-        // keep what earlier backward calls accumulated.
+        // Size every gradient buffer. Intermediate gradients are not zeroed here: each is
+        // marked unwritten, and its first contribution overwrites it or zeroes it first. Leaf
+        // gradients keep what earlier backward calls accumulated.
         for node in &mut self.nodes[..=target.0] {
             if node.requires_grad {
-                let fresh = node.grad.shape() != node.value.shape();
                 resize(&mut node.grad, node.value.shape());
-                if !fresh && !matches!(node.op, Op::Input | Op::Param) {
-                    crate::parallel::fill(node.grad.view_mut(), T::zero())?;
-                }
+                node.grad_written = matches!(node.op, Op::Input | Op::Param);
             }
         }
-        if !self.nodes[target.0].requires_grad {
+        let seed = &mut self.nodes[target.0];
+        if !seed.requires_grad {
             return Ok(());
         }
-        self.nodes[target.0].grad += &upstream;
+        if seed.grad_written {
+            seed.grad += &upstream;
+        } else {
+            seed.grad.assign(&upstream);
+            seed.grad_written = true;
+        }
         for index in (0..=target.0).rev() {
             let (before, rest) = self.nodes.split_at_mut(index);
             let node = &mut rest[0];
             if !node.requires_grad {
+                continue;
+            }
+            if !node.grad_written {
+                // No gradient reached this node (it does not lead to the target): it has
+                // nothing to pass on, and its gradient reads as zero.
+                crate::parallel::fill(node.grad.view_mut(), T::zero())?;
+                node.grad_written = true;
                 continue;
             }
             if let Op::Conv1x1 {
@@ -784,7 +827,11 @@ impl<T: Element> Graph<T> {
             } = &node.op
             {
                 let (x_node, w_node, b_node) = weighted_inputs(before, *input, *weight, *bias)?;
-                let (x, dx) = value_and_grad::<T, Ix4>(x_node)?;
+                let (x, dx) = value_and_fresh_grad::<T, Ix4>(x_node)?;
+                let dx_write = dx
+                    .as_ref()
+                    .map_or(GradWrite::Accumulate, |(_, write)| *write);
+                let dx = dx.map(|(dx, _)| dx);
                 let (w, dw) = value_and_grad::<T, Ix2>(w_node)?;
                 let db = b_node
                     .map(value_and_grad::<T, Ix1>)
@@ -793,9 +840,9 @@ impl<T: Element> Graph<T> {
                 if *relu {
                     // The node's own gradient is not read again: it is masked in place.
                     let (y, dy) = (typed(&node.value)?, typed_mut(&mut node.grad)?);
-                    conv1x1::backward_relu(x, w, y, dy, dx, dw, db)?;
+                    conv1x1::backward_relu(x, w, y, dy, dx, dw, db, dx_write)?;
                 } else {
-                    conv1x1::backward(x, w, typed(&node.grad)?, dx, dw, db)?;
+                    conv1x1::backward_with(x, w, typed(&node.grad)?, dx, dw, db, dx_write)?;
                 }
                 continue;
             }
@@ -838,8 +885,10 @@ impl<T: Element> Graph<T> {
                     }
                 }
                 Op::MaxPool { input, argmax, .. } => {
-                    if let (_, Some(dx)) = value_and_grad::<T, Ix4>(&mut before[input.0])? {
-                        max_pool::backward(typed(dy)?, argmax, dx)?;
+                    if let (_, Some((dx, write))) =
+                        value_and_fresh_grad::<T, Ix4>(&mut before[input.0])?
+                    {
+                        max_pool::backward_with(typed(dy)?, argmax, dx, write)?;
                     }
                 }
                 Op::AvgPool {

@@ -564,6 +564,7 @@ fn conv1x1_relu_fused_path_matches_the_two_reference_ops() {
             Some(dx.view_mut()),
             Some(dw.view_mut()),
             Some(db.view_mut()),
+            pointwise::ops::GradWrite::Accumulate,
         )
         .unwrap();
         let mut dz = ArrayD::<T>::zeros(IxDyn(&[out.0, out.1, out.2, out.3]));
@@ -603,4 +604,72 @@ fn conv1x1_relu_fused_path_matches_the_two_reference_ops() {
         width: 7,
     };
     check::<f32>(&big, 700, 1e-4);
+}
+
+/// Overwriting a gradient (the tape's first contribution to a buffer) must give exactly what
+/// accumulating into a zeroed buffer gives, whatever the buffer held (NaN here).
+#[test]
+fn overwriting_backward_passes_equal_accumulating_into_zeros() {
+    use pointwise::ops::GradWrite;
+    for (i, case) in CASES.iter().enumerate() {
+        let x = r4(case.image(), i as u64);
+        let weight = r2([case.c_out, case.c_in], 10 + i as u64);
+        let dy = r4(
+            [case.batch, case.c_out, case.height, case.width],
+            20 + i as u64,
+        );
+        let mut accumulated = Array4::zeros(x.dim());
+        conv1x1::backward(
+            x.view(),
+            weight.view(),
+            dy.view(),
+            Some(accumulated.view_mut()),
+            None,
+            None,
+        )
+        .unwrap();
+        let mut overwritten = Array4::from_elem(x.dim(), f64::NAN);
+        conv1x1::backward_with(
+            x.view(),
+            weight.view(),
+            dy.view(),
+            Some(overwritten.view_mut()),
+            None,
+            None,
+            GradWrite::Overwrite,
+        )
+        .unwrap();
+        assert_eq!(accumulated, overwritten, "conv1x1 {case:?}");
+
+        let x = distinct_values(&case.image(), i as u64, 0.01)
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        for (window, stride) in [(1, 1), (2, 2), (3, 3), (2, 1)] {
+            let Ok(out) = max_pool::output_shape(x.shape(), window, stride) else {
+                continue;
+            };
+            let mut y = Array4::zeros(out);
+            let mut argmax = vec![0; y.len()];
+            max_pool::forward(x.view(), window, stride, y.view_mut(), &mut argmax).unwrap();
+            let dy = r4(out, 30 + i as u64);
+            let mut accumulated = Array4::zeros(x.dim());
+            max_pool::backward(dy.view(), &argmax, accumulated.view_mut()).unwrap();
+            let mut overwritten = Array4::from_elem(x.dim(), f64::NAN);
+            max_pool::backward_with(
+                dy.view(),
+                &argmax,
+                overwritten.view_mut(),
+                GradWrite::Overwrite,
+            )
+            .unwrap();
+            assert_eq!(
+                accumulated, overwritten,
+                "max_pool k{window} s{stride} {case:?}"
+            );
+            let mut again = accumulated.clone();
+            max_pool::backward_with(dy.view(), &argmax, again.view_mut(), GradWrite::Accumulate)
+                .unwrap();
+            assert_abs_diff_eq!(again, &accumulated * 2.0, epsilon = TOL);
+        }
+    }
 }

@@ -42,7 +42,7 @@
 //! Forward 2·N·F1·F·P FLOPs. Backward 2·N·F1·F·P for dW, the same for dX (skipped when the input
 //! needs no gradient), N·F1·P for db. Memory traffic per sample: read F·P + F1·F, write F1·P.
 
-use super::{check_image, check_ndim, check_same, shape_text};
+use super::{check_image, check_ndim, check_same, shape_text, GradWrite};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gemm::{gemm, gemm_bias_relu};
@@ -192,7 +192,8 @@ fn forward_with<T: Element>(
 /// Backward of the fused conv1x1 + ReLU. With Z the pre-activation and Y = max(Z, 0), the
 /// ReLU's backward is `dZ = dY ⊙ 1[Z > 0]`, and Z > 0 exactly where Y > 0, so the mask is read
 /// from the saved output. `dy` is masked in place (it becomes dZ), then the three GEMMs run on
-/// it as in [`backward`].
+/// it as in [`backward_with`].
+#[allow(clippy::too_many_arguments)]
 pub fn backward_relu<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,
@@ -201,6 +202,7 @@ pub fn backward_relu<T: Element>(
     dx: Option<ArrayViewMut4<T>>,
     dweight: Option<ArrayViewMut2<T>>,
     dbias: Option<ArrayViewMut1<T>>,
+    dx_write: GradWrite,
 ) -> Result<()> {
     check_same(OP, "output", dy.shape(), y.shape())?;
     let mut dy = dy;
@@ -214,7 +216,7 @@ pub fn backward_relu<T: Element>(
             .for_each(|dy, &y| *dy = if y > T::zero() { *dy } else { T::zero() });
         Ok(())
     })?;
-    backward(x, weight, dy.view(), dx, dweight, dbias)
+    backward_with(x, weight, dy.view(), dx, dweight, dbias, dx_write)
 }
 
 /// Backward: accumulates (`+=`) dW = Σₙ dYₙ·Xₙᵀ, dXₙ = Wᵀ·dYₙ and db = Σ dY into whichever
@@ -227,6 +229,21 @@ pub fn backward<T: Element>(
     dx: Option<ArrayViewMut4<T>>,
     dweight: Option<ArrayViewMut2<T>>,
     dbias: Option<ArrayViewMut1<T>>,
+) -> Result<()> {
+    backward_with(x, weight, dy, dx, dweight, dbias, GradWrite::Accumulate)
+}
+
+/// [`backward`], with dX written as `dx_write` says: with [`GradWrite::Overwrite`] the dX GEMM
+/// runs with β = 0, so dX need not be zeroed first. dW and db always accumulate (parameters
+/// collect gradients across steps until zeroed).
+pub fn backward_with<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView2<T>,
+    dy: ArrayView4<T>,
+    dx: Option<ArrayViewMut4<T>>,
+    dweight: Option<ArrayViewMut2<T>>,
+    dbias: Option<ArrayViewMut1<T>>,
+    dx_write: GradWrite,
 ) -> Result<()> {
     check_gradients(&x, &weight, &dy, &dx, &dweight, &dbias)?;
     if let Some(dweight) = dweight {
@@ -260,8 +277,13 @@ pub fn backward<T: Element>(
         )| {
             for (dy_block, dx_block) in dy.outer_iter().zip(dx.outer_iter_mut()) {
                 let (dy_n, mut dx_n) = (sample_matrix(dy_block)?, sample_matrix_mut(dx_block)?);
-                // (F×F1)·(F1×P) += into (F×P)
-                gemm(T::one(), weight.t(), dy_n, T::one(), dx_n.view_mut())?;
+                // (F×F1)·(F1×P) += into (F×P), or = with β = 0
+                let beta = if dx_write == GradWrite::Accumulate {
+                    T::one()
+                } else {
+                    T::zero()
+                };
+                gemm(T::one(), weight.t(), dy_n, beta, dx_n.view_mut())?;
             }
             Ok(())
         })?;

@@ -23,7 +23,7 @@
 //! ## Cost
 //! Forward k² compares per output element; backward one add per output element.
 
-use super::{check_image, check_same, pooled_len};
+use super::{check_image, check_same, pooled_len, GradWrite};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::parallel::{in_parts, Along, Items};
@@ -220,38 +220,8 @@ pub fn backward<T: Element>(
             position.to_string(),
         )
     };
-    let out_len = dy.len() / (batch * channels).max(1);
     if dy.is_standard_layout() && dx.is_standard_layout() {
-        // Row-major memory: the samples split between the threads; plane after plane, each
-        // gradient added at its winner's offset.
-        let parts = (
-            Along(dy, Axis(0)),
-            Along(dx, Axis(0)),
-            Items(argmax, channels * out_len),
-        );
-        return in_parts(parts, &|(
-            Along(dy, _),
-            Along(mut dx, _),
-            Items(argmax, _),
-        )| {
-            let not_contiguous =
-                || Error::invalid_shape(OP, "a part of the batch is not contiguous", dy.shape());
-            let dx = dx.as_slice_mut().ok_or_else(not_contiguous)?;
-            let dy = dy.as_slice().ok_or_else(not_contiguous)?;
-            for ((dy_plane, winners), dx_plane) in dy
-                .chunks_exact(out_len)
-                .zip(argmax.chunks_exact(out_len))
-                .zip(dx.chunks_exact_mut(plane_len))
-            {
-                for (&g, &position) in dy_plane.iter().zip(winners) {
-                    let position = position as usize;
-                    *dx_plane
-                        .get_mut(position)
-                        .ok_or_else(|| bad_position(position))? += g;
-                }
-            }
-            Ok(())
-        });
+        return scatter(dy, argmax, dx, false);
     }
     let mut winners = argmax.iter();
     for (dy_sample, mut dx_sample) in dy.outer_iter().zip(dx.outer_iter_mut()) {
@@ -266,6 +236,81 @@ pub fn backward<T: Element>(
         }
     }
     Ok(())
+}
+
+/// The backward pass on row-major memory: the samples split between the threads; plane after
+/// plane, each gradient added at its winner's offset (the plane zeroed first if `zero_first`).
+fn scatter<T: Element>(
+    dy: ArrayView4<T>,
+    argmax: &[Position],
+    dx: ArrayViewMut4<T>,
+    zero_first: bool,
+) -> Result<()> {
+    check_argmax(dy.len(), argmax.len())?;
+    let [batch, channels, height, width] = check_image(OP, dx.shape())?;
+    check_same(
+        OP,
+        "output gradient batch and channels",
+        &[batch, channels],
+        &dy.shape()[..2],
+    )?;
+    let plane_len = height * width;
+    let out_len = dy.len() / (batch * channels).max(1);
+    let parts = (
+        Along(dy, Axis(0)),
+        Along(dx, Axis(0)),
+        Items(argmax, channels * out_len),
+    );
+    in_parts(parts, &|(
+        Along(dy, _),
+        Along(mut dx, _),
+        Items(argmax, _),
+    )| {
+        let not_contiguous =
+            || Error::invalid_shape(OP, "a part of the batch is not contiguous", dy.shape());
+        let dx = dx.as_slice_mut().ok_or_else(not_contiguous)?;
+        let dy = dy.as_slice().ok_or_else(not_contiguous)?;
+        for ((dy_plane, winners), dx_plane) in dy
+            .chunks_exact(out_len)
+            .zip(argmax.chunks_exact(out_len))
+            .zip(dx.chunks_exact_mut(plane_len))
+        {
+            if zero_first {
+                dx_plane.fill(T::zero());
+            }
+            for (&g, &position) in dy_plane.iter().zip(winners) {
+                let slot = dx_plane.get_mut(position as usize).ok_or_else(|| {
+                    Error::shape_mismatch(
+                        OP,
+                        "arg-max position",
+                        format!("< {plane_len}"),
+                        position.to_string(),
+                    )
+                })?;
+                *slot += g;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// [`backward`], with dx written as `write` says. With [`GradWrite::Overwrite`] each channel
+/// plane of dx is zeroed just before its gradients are scattered into it, while it is in L1,
+/// instead of zeroing all of dx in a separate pass first.
+pub fn backward_with<T: Element>(
+    dy: ArrayView4<T>,
+    argmax: &[Position],
+    dx: ArrayViewMut4<T>,
+    write: GradWrite,
+) -> Result<()> {
+    if write == GradWrite::Accumulate || !dy.is_standard_layout() || !dx.is_standard_layout() {
+        let mut dx = dx;
+        if write == GradWrite::Overwrite {
+            dx.fill(T::zero());
+        }
+        return backward(dy, argmax, dx);
+    }
+    scatter(dy, argmax, dx, true)
 }
 
 /// The specification: the window maximum by explicit 6-deep loops, first maximum wins.

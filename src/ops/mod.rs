@@ -17,6 +17,20 @@ pub mod softmax_cross_entropy;
 
 use crate::error::{Error, Result};
 
+/// How a backward pass writes an input's gradient buffer.
+///
+/// Backward passes accumulate (`+=`), so that a value read by two nodes receives both
+/// contributions. When the tape knows that a buffer holds no contribution yet, a pass that
+/// supports it may overwrite it instead (`=`), which saves zeroing the buffer first and reading
+/// it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradWrite {
+    /// gradient += contribution
+    Accumulate,
+    /// gradient = contribution (whatever the buffer held is ignored)
+    Overwrite,
+}
+
 /// `[2, 6, 5, 5]`: how shapes appear in messages.
 pub(crate) fn shape_text(shape: &[usize]) -> String {
     format!("{shape:?}")

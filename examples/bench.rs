@@ -18,7 +18,7 @@
 //! accumulators (AVX-512 and AVX2, the best counts), the same measure as ../shared/peers/peak_bench.
 
 use ndarray::{Array2, Array4, ArrayD, IxDyn};
-use pointwise::ops::conv1x1;
+use pointwise::ops::{conv1x1, GradWrite};
 use pointwise::optim::{Optimizer, OptimizerKind};
 use pointwise::{Architecture, Model};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -152,17 +152,18 @@ fn w1_figures() -> Vec<Figure> {
     let mut dbias = ndarray::Array1::<f32>::zeros(C_OUT);
     let forward_backward = bench(|| {
         conv1x1::forward(x.view(), weight.view(), Some(bias.view()), y.view_mut()).unwrap();
-        // Gradients start from zero each call, as with freshly cleared .grad in the peers.
-        dx.fill(0.0);
+        // Fresh gradients each call, as with `.grad = None` in the peers: dX is overwritten
+        // (what the tape does for a gradient's first contribution), dW and db start from zero.
         dweight.fill(0.0);
         dbias.fill(0.0);
-        conv1x1::backward(
+        conv1x1::backward_with(
             x.view(),
             weight.view(),
             ones.view(),
             Some(dx.view_mut()),
             Some(dweight.view_mut()),
             Some(dbias.view_mut()),
+            GradWrite::Overwrite,
         )
         .unwrap();
         black_box((&dx, &dweight, &dbias));

@@ -24,9 +24,10 @@ use crate::ops::{
     add, avg_pool, conv1x1, conv2d, global_avg_pool, linear, max_pool, mse, relu,
     softmax_cross_entropy, GradWrite,
 };
+use crate::parallel::Along;
 use ndarray::{
-    ArrayD, ArrayView, ArrayViewD, ArrayViewMut, ArrayViewMutD, Dimension, Ix0, Ix1, Ix2, Ix4,
-    IxDyn,
+    ArrayD, ArrayView, ArrayViewD, ArrayViewMut, ArrayViewMutD, Axis, Dimension, Ix0, Ix1, Ix2,
+    Ix4, IxDyn, Zip,
 };
 
 /// A node of one graph: an index into its tape.
@@ -580,19 +581,69 @@ impl<T: Element> Graph<T> {
 
     /// Copies `value` into an input node (its buffer is reused when the shape is unchanged).
     pub fn set_input(&mut self, id: NodeId, value: ArrayViewD<T>) -> Result<()> {
-        self.node(id)?;
-        let node = &mut self.nodes[id.0];
-        if !matches!(node.op, Op::Input) {
-            return Err(Error::graph(format!(
-                "node {:?} is a {} node, not an input",
-                node.name,
-                node.op.kind()
-            )));
-        }
+        let node = self.input_node(id)?;
         resize(&mut node.value, value.shape());
         node.value.assign(&value);
         node.has_value = true;
         Ok(())
+    }
+
+    /// [`Graph::set_input`] for data that must be finite: the copy checks every value as it
+    /// goes (one pass over the batch, split between the threads) and a NaN or ±Inf is an
+    /// [`Error::NonFinite`] naming its position. The input then counts as unset.
+    pub fn set_input_finite(&mut self, id: NodeId, value: ArrayViewD<T>) -> Result<()> {
+        let node = self.input_node(id)?;
+        node.has_value = false;
+        resize(&mut node.value, value.shape());
+        let copy = |(Along(source, _), Along(mut target, _)): (
+            Along<ArrayViewD<T>>,
+            Along<ArrayViewMutD<T>>,
+        )| {
+            let mut finite = true;
+            Zip::from(&mut target).and(&source).for_each(|t, &s| {
+                *t = s;
+                finite &= s.is_finite();
+            });
+            if finite {
+                Ok(())
+            } else {
+                Err(Error::NonFinite {
+                    what: String::new(),
+                })
+            }
+        };
+        let parts = (
+            Along(value.view(), Axis(0)),
+            Along(node.value.view_mut(), Axis(0)),
+        );
+        let result = if value.ndim() == 0 {
+            copy(parts)
+        } else {
+            crate::parallel::in_parts(parts, &copy)
+        };
+        if result.is_err() {
+            // Only now look for where: the common, finite case pays for one pass.
+            let index = value.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            return Err(Error::NonFinite {
+                what: format!("element {index} of input {:?}", node.name),
+            });
+        }
+        node.has_value = true;
+        Ok(())
+    }
+
+    fn input_node(&mut self, id: NodeId) -> Result<&mut Node<T>> {
+        self.node(id)?;
+        let node = &mut self.nodes[id.0];
+        if !matches!(node.op, Op::Input) {
+            let reason = format!(
+                "node {:?} is a {} node, not an input",
+                node.name,
+                node.op.kind()
+            );
+            return Err(Error::graph(reason));
+        }
+        Ok(node)
     }
 
     /// Sets the class labels of a softmax cross-entropy node (checked against the logits at forward).

@@ -13,7 +13,6 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId};
-use crate::parallel::{in_parts, Along};
 use ndarray::{Array2, ArrayD, ArrayView4, ArrayViewD, Axis, Ix2};
 use ndarray_rand::rand::{rngs::StdRng, SeedableRng};
 use ndarray_rand::rand_distr::Normal;
@@ -229,24 +228,7 @@ impl Model {
     /// Forward and backward on one batch: returns the mean loss. Leaf gradients are zeroed
     /// first. A non-finite input or loss is an error, raised before any gradient is computed.
     pub fn forward_backward(&mut self, images: ArrayView4<f32>, labels: &[usize]) -> Result<f32> {
-        // The check reads the whole batch: split it between the threads, and look for the
-        // offending element's position only when there is one.
-        let finite = in_parts(Along(images, Axis(0)), &|Along(part, _)| match part
-            .iter()
-            .all(|v| v.is_finite())
-        {
-            true => Ok(()),
-            false => Err(Error::NonFinite {
-                what: String::new(),
-            }),
-        });
-        if finite.is_err() {
-            let index = images.iter().position(|v| !v.is_finite()).unwrap_or(0);
-            return Err(Error::NonFinite {
-                what: format!("input element {index} of the batch"),
-            });
-        }
-        self.graph.set_input(self.input, images.into_dyn())?;
+        self.graph.set_input_finite(self.input, images.into_dyn())?;
         self.graph.set_labels(self.loss, labels)?;
         self.graph.zero_grad();
         self.graph.forward(self.loss)?;

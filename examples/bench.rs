@@ -227,13 +227,16 @@ fn w2_figures() -> (Vec<Figure>, Memory) {
     });
     let mut optimizer = Optimizer::new(OptimizerKind::sgd()).unwrap();
     let update = bench(|| optimizer.step(model.graph_mut(), 1e-6).unwrap());
-    // Steady state: count allocations over 20 steps after the warm-up above.
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    for _ in 0..20 {
-        model.forward_backward(images.view(), &labels).unwrap();
-        optimizer.step(model.graph_mut(), 1e-6).unwrap();
-    }
-    let allocations = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 20.0;
+    // Steady state: count allocations over 20 steps after the warm-up above, with the loop
+    // run inside the thread pool as a training loop should be (pointwise::parallel::install).
+    let allocations = pointwise::parallel::install(|| {
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        for _ in 0..20 {
+            model.forward_backward(images.view(), &labels).unwrap();
+            optimizer.step(model.graph_mut(), 1e-6).unwrap();
+        }
+        (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 20.0
+    });
     let memory = Memory {
         allocations_per_step: allocations,
         peak_rss_mib: peak_rss_mib(),

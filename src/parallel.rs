@@ -157,3 +157,17 @@ pub(crate) fn fill<T: Copy + Send + Sync, D: Dimension>(
         Ok(())
     })
 }
+
+/// Runs `work` on one of the pool's threads and returns its result. The ops' parallel parts
+/// then split from inside the pool (onto its own work queues) rather than each handing work
+/// to it from outside, which costs an occasional allocation in rayon's injector queue: run a
+/// training loop in here for steps that allocate nothing at any thread count.
+pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    let mut result = None;
+    rayon::scope(|_| result = Some(work()));
+    match result {
+        Some(result) => result,
+        // rayon::scope runs the closure to completion before it returns.
+        None => unreachable!("rayon::scope returned without running its closure"),
+    }
+}

@@ -109,7 +109,7 @@ impl Trainer {
         &mut self,
         model: &mut Model,
         data: &Dataset,
-        mut on_batch: impl FnMut(usize, usize, f64),
+        mut on_batch: impl FnMut(usize, usize, f64) + Send,
     ) -> Result<EpochReport> {
         if data.len() != self.order.len() {
             return Err(Error::shape_mismatch(
@@ -122,33 +122,39 @@ impl Trainer {
         self.order.shuffle(&mut self.rng);
         let started = Instant::now();
         let batches = data.len().div_ceil(self.config.batch_size);
-        let (mut loss_sum, mut correct) = (0.0f64, 0usize);
-        let mut learning_rate = self.config.lr;
-        for (index, chunk) in self.order.chunks(self.config.batch_size).enumerate() {
-            data.gather(chunk, &mut self.batch, &mut self.labels)?;
-            let loss = model
-                .forward_backward(self.batch.view(), &self.labels)
-                .map_err(|error| match error {
-                    Error::NonFinite { what } => Error::NonFinite {
-                        what: format!(
-                            "{what} at step {} (epoch {}, batch {index})",
-                            self.step,
-                            self.epoch + 1
-                        ),
-                    },
-                    other => other,
-                })?;
-            correct += argmax_rows(model.last_logits()?)
-                .iter()
-                .zip(&self.labels)
-                .filter(|(p, l)| p == l)
-                .count();
-            learning_rate = self.schedule.rate(self.config.lr, self.step);
-            self.optimizer.step(model.graph_mut(), learning_rate)?;
-            self.step += 1;
-            loss_sum += f64::from(loss);
-            on_batch(index, batches, f64::from(loss));
-        }
+        // The loop runs inside the thread pool, so that the ops' parallel parts allocate
+        // nothing (see parallel::install).
+        let (loss_sum, correct, learning_rate) =
+            crate::parallel::install(|| -> Result<(f64, usize, f64)> {
+                let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+                let mut learning_rate = self.config.lr;
+                for (index, chunk) in self.order.chunks(self.config.batch_size).enumerate() {
+                    data.gather(chunk, &mut self.batch, &mut self.labels)?;
+                    let loss = model
+                        .forward_backward(self.batch.view(), &self.labels)
+                        .map_err(|error| match error {
+                            Error::NonFinite { what } => Error::NonFinite {
+                                what: format!(
+                                    "{what} at step {} (epoch {}, batch {index})",
+                                    self.step,
+                                    self.epoch + 1
+                                ),
+                            },
+                            other => other,
+                        })?;
+                    correct += argmax_rows(model.last_logits()?)
+                        .iter()
+                        .zip(&self.labels)
+                        .filter(|(p, l)| p == l)
+                        .count();
+                    learning_rate = self.schedule.rate(self.config.lr, self.step);
+                    self.optimizer.step(model.graph_mut(), learning_rate)?;
+                    self.step += 1;
+                    loss_sum += f64::from(loss);
+                    on_batch(index, batches, f64::from(loss));
+                }
+                Ok((loss_sum, correct, learning_rate))
+            })?;
         self.epoch += 1;
         Ok(EpochReport {
             epoch: self.epoch,

@@ -158,6 +158,11 @@ pub mod optim;
 pub mod parallel;
 pub mod train;
 
+/// The README's code blocks, compiled and run as doc tests, so that the README stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub use element::Element;
 pub use error::{Error, Result};
 pub use graph::{Graph, NodeId};

@@ -672,3 +672,70 @@ fn inspect_reports_every_corrupted_file_as_one_line() {
         );
     }
 }
+
+/// The example binary as a user runs it: `cargo test` builds the examples beside the test
+/// binaries; a test run on its own (`cargo test --test checkpoint`) builds it here.
+fn example_binary(name: &str) -> PathBuf {
+    let profile_dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = profile_dir.join("examples").join(name);
+    if !path.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--example", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "could not build the {name} example");
+    }
+    path
+}
+
+#[test]
+fn inspect_weights_exits_1_with_a_one_line_reason_on_every_bad_file() {
+    let inspect = example_binary("inspect_weights");
+    let dir = folder("inspect");
+    let good = valid_bytes();
+    let mut cases: Vec<(String, Vec<u8>)> = vec![
+        ("empty".into(), vec![]),
+        ("safetensors".into(), to_safetensors(&model(1)).unwrap()),
+    ];
+    for len in (0..good.len()).step_by(211) {
+        cases.push((format!("cut{len}"), good[..len].to_vec()));
+    }
+    for index in (0..good.len()).step_by(97) {
+        let mut damaged = good.clone();
+        damaged[index] ^= 0x40;
+        cases.push((format!("flip{index}"), damaged));
+    }
+    for (name, bytes) in &cases {
+        let path = dir.join(format!("{name}.pw"));
+        std::fs::write(&path, bytes).unwrap();
+        let output = std::process::Command::new(&inspect)
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+    }
+    let path = dir.join("good.pw");
+    std::fs::write(&path, &good).unwrap();
+    let output = std::process::Command::new(&inspect)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("reduce.weight") && stdout.contains("[3, 6]") && stdout.contains("seed 1"),
+        "{stdout}"
+    );
+    let usage = std::process::Command::new(&inspect).output().unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+}

@@ -197,32 +197,44 @@ fn forward_planes<T: Element>(
     }
 }
 
+/// Checks dy against the arg-max buffer and dx (N, C, H, W); returns dx's shape.
+fn check_backward<T>(
+    dy: &ArrayView4<T>,
+    argmax: &[Position],
+    dx: &ArrayViewMut4<T>,
+) -> Result<[usize; 4]> {
+    check_argmax(dy.len(), argmax.len())?;
+    let shape = check_image(OP, dx.shape())?;
+    check_same(
+        OP,
+        "output gradient batch and channels",
+        &shape[..2],
+        &dy.shape()[..2],
+    )?;
+    Ok(shape)
+}
+
+/// The error for an arg-max position outside its plane (possible only with a forged buffer).
+fn bad_position(plane_len: usize, position: usize) -> Error {
+    Error::shape_mismatch(
+        OP,
+        "arg-max position",
+        format!("< {plane_len}"),
+        position.to_string(),
+    )
+}
+
 /// Backward: routes each dy to its window's arg-max, dx[arg-max] += dy.
 pub fn backward<T: Element>(
     dy: ArrayView4<T>,
     argmax: &[Position],
     mut dx: ArrayViewMut4<T>,
 ) -> Result<()> {
-    check_argmax(dy.len(), argmax.len())?;
-    let [batch, channels, height, width] = check_image(OP, dx.shape())?;
-    check_same(
-        OP,
-        "output gradient batch and channels",
-        &[batch, channels],
-        &dy.shape()[..2],
-    )?;
-    let plane_len = height * width;
-    let bad_position = |position: usize| {
-        Error::shape_mismatch(
-            OP,
-            "arg-max position",
-            format!("< {plane_len}"),
-            position.to_string(),
-        )
-    };
+    let shape = check_backward(&dy, argmax, &dx)?;
     if dy.is_standard_layout() && dx.is_standard_layout() {
-        return scatter(dy, argmax, dx, false);
+        return scatter(dy, argmax, dx, shape, false);
     }
+    let [_, _, height, width] = shape;
     let mut winners = argmax.iter();
     for (dy_sample, mut dx_sample) in dy.outer_iter().zip(dx.outer_iter_mut()) {
         for (dy_plane, mut dx_plane) in dy_sample.outer_iter().zip(dx_sample.outer_iter_mut()) {
@@ -230,7 +242,7 @@ pub fn backward<T: Element>(
                 if let Some(&position) = winners.next() {
                     let position = position as usize;
                     let slot = dx_plane.get_mut([position / width, position % width]);
-                    *slot.ok_or_else(|| bad_position(position))? += g;
+                    *slot.ok_or_else(|| bad_position(height * width, position))? += g;
                 }
             }
         }
@@ -238,22 +250,16 @@ pub fn backward<T: Element>(
     Ok(())
 }
 
-/// The backward pass on row-major memory: the samples split between the threads; plane after
-/// plane, each gradient added at its winner's offset (the plane zeroed first if `zero_first`).
+/// The backward pass on row-major memory (shapes already checked): the samples split between
+/// the threads; plane after plane, each gradient added at its winner's offset (the plane
+/// zeroed first if `zero_first`).
 fn scatter<T: Element>(
     dy: ArrayView4<T>,
     argmax: &[Position],
     dx: ArrayViewMut4<T>,
+    [batch, channels, height, width]: [usize; 4],
     zero_first: bool,
 ) -> Result<()> {
-    check_argmax(dy.len(), argmax.len())?;
-    let [batch, channels, height, width] = check_image(OP, dx.shape())?;
-    check_same(
-        OP,
-        "output gradient batch and channels",
-        &[batch, channels],
-        &dy.shape()[..2],
-    )?;
     let plane_len = height * width;
     let out_len = dy.len() / (batch * channels).max(1);
     let parts = (
@@ -279,14 +285,9 @@ fn scatter<T: Element>(
                 dx_plane.fill(T::zero());
             }
             for (&g, &position) in dy_plane.iter().zip(winners) {
-                let slot = dx_plane.get_mut(position as usize).ok_or_else(|| {
-                    Error::shape_mismatch(
-                        OP,
-                        "arg-max position",
-                        format!("< {plane_len}"),
-                        position.to_string(),
-                    )
-                })?;
+                let slot = dx_plane
+                    .get_mut(position as usize)
+                    .ok_or_else(|| bad_position(plane_len, position as usize))?;
                 *slot += g;
             }
         }
@@ -310,7 +311,8 @@ pub fn backward_with<T: Element>(
         }
         return backward(dy, argmax, dx);
     }
-    scatter(dy, argmax, dx, true)
+    let shape = check_backward(&dy, argmax, &dx)?;
+    scatter(dy, argmax, dx, shape, true)
 }
 
 /// The specification: the window maximum by explicit 6-deep loops, first maximum wins.

@@ -9,7 +9,9 @@
 //!   a tile of C of 6 rows × 64 columns lives in 24 zmm registers; each step k broadcasts
 //!   6 values `A[i,k]` (A may be any strided view, e.g. Wᵀ, so it is never copied) and loads
 //!   4 vectors of B's row k, then issues 24 FMAs. K is cut in blocks of 128 so that B's panel
-//!   (128×64 floats, 32 KiB) stays in L1.
+//!   (128×64 floats, 32 KiB) stays in L1 for every row tile after the first; the first one,
+//!   which reads the panel from memory (rows a whole row of Xₙ apart), prefetches 8 rows
+//!   ahead. The bias and a ReLU can be applied as each tile is stored ([`gemm_bias_relu`]).
 //! - **B transposed** (B's *columns* contiguous, as Xₙᵀ in `dW = Σ dYₙ·Xₙᵀ`): the smaller of
 //!   the two operands is copied once into a row-major scratch buffer (kept per thread, so it
 //!   is allocated once): B itself when N ≤ M, then NN runs straight into C; otherwise Aᵀ, then
@@ -20,8 +22,11 @@
 //! and masked loads and stores, so no element is read or written outside its matrix.
 //!
 //! Everything else (f64, which the gradient checks use; CPUs without AVX-512; layouts the
-//! kernels do not take) goes to ndarray's `general_mat_mul`. `tests/gemm.rs` compares the
-//! kernels with it on many shapes, strides and α, β.
+//! kernels do not take) goes to ndarray's `general_mat_mul`. `tests/gemm.rs` compares every
+//! path with an f64 triple loop on many shapes, strides and α, β.
+//!
+//! A large product called outside the ops' own parallel parts splits C's columns between the
+//! threads (see [`crate::parallel`]); inside them, each call runs on one thread.
 
 use crate::element::Element;
 use crate::error::{Error, Result};

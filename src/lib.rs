@@ -37,11 +37,12 @@
 //! ∂L/∂b[o]    = Σₙ Σₚ dYₙ[o,p]           →  db  = Σₙ dYₙ·1        (F1×P)·(P)    → (F1)
 //! ```
 //!
-//! [`ops::conv1x1`] holds this derivation beside the code that runs it: `general_mat_mul` with
-//! transposed *views* (Xₙᵀ and Wᵀ are never copied) and β = 1, so that dW accumulates over the
-//! samples in place. Every op file has the same layout: forward, backward, derivation with shapes,
-//! and plain index loops (`forward_reference`, `backward_reference`) that are the specification
-//! the fast path is tested against.
+//! [`ops::conv1x1`] holds this derivation beside the code that runs it: [`gemm::gemm`] called
+//! with transposed *views* (Xₙᵀ and Wᵀ are not copied by the op) and β = 1, so that dW
+//! accumulates over the samples in place. Every op file has the same layout: forward, backward,
+//! derivation with shapes, and plain index loops (`forward_reference`, `backward_reference`)
+//! that are the specification the fast path is tested against. How the GEMM itself is made fast
+//! (register tiles, AVX-512, prefetching) is in [`gemm`], behind that one function.
 //!
 //! ## 3. Finite differences in f64 are the judge
 //!

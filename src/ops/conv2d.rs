@@ -156,6 +156,24 @@ fn col2im<T: Element>(
     }
 }
 
+/// Checks the operands of a forward pass and the output buffer; returns the output shape.
+fn check_forward<T>(
+    x: &ArrayView4<T>,
+    weight: &ArrayView4<T>,
+    bias: &Option<ArrayView1<T>>,
+    padding: usize,
+    y: &ArrayViewMut4<T>,
+) -> Result<[usize; 4]> {
+    let out = output_shape(
+        x.shape(),
+        weight.shape(),
+        bias.as_ref().map(|b| b.shape()),
+        padding,
+    )?;
+    check_same(OP, "output", &out, y.shape())?;
+    Ok(out)
+}
+
 /// Forward: Yₙ = W̃·im2col(Xₙ) + b for every sample.
 pub fn forward<T: Element>(
     x: ArrayView4<T>,
@@ -164,18 +182,7 @@ pub fn forward<T: Element>(
     padding: usize,
     mut y: ArrayViewMut4<T>,
 ) -> Result<()> {
-    let [_, c_out, out_height, out_width] = output_shape(
-        x.shape(),
-        weight.shape(),
-        bias.as_ref().map(|b| b.shape()),
-        padding,
-    )?;
-    check_same(
-        OP,
-        "output",
-        &[x.shape()[0], c_out, out_height, out_width],
-        y.shape(),
-    )?;
+    let [_, c_out, out_height, out_width] = check_forward(&x, &weight, &bias, padding, &y)?;
     let kernel = weight.shape()[2];
     let weight = weight_matrix(weight)?;
     let mut columns = Array2::zeros((weight.ncols(), out_height * out_width));
@@ -316,18 +323,7 @@ pub fn forward_reference<T: Element>(
     padding: usize,
     mut y: ArrayViewMut4<T>,
 ) -> Result<()> {
-    let [batch, c_out, out_height, out_width] = output_shape(
-        x.shape(),
-        weight.shape(),
-        bias.as_ref().map(|b| b.shape()),
-        padding,
-    )?;
-    check_same(
-        OP,
-        "output",
-        &[batch, c_out, out_height, out_width],
-        y.shape(),
-    )?;
+    let [batch, c_out, out_height, out_width] = check_forward(&x, &weight, &bias, padding, &y)?;
     let (c_in, height, width, kernel) =
         (x.shape()[1], x.shape()[2], x.shape()[3], weight.shape()[2]);
     for n in 0..batch {

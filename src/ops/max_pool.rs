@@ -315,6 +315,26 @@ pub fn backward_with<T: Element>(
     scatter(dy, argmax, dx, shape, true)
 }
 
+/// The specification's arg-max of output (n, c, i, j): every position of its window in
+/// row-major order, the first maximum kept (a later equal value does not replace it).
+fn reference_argmax<T: Element>(
+    x: &ArrayView4<T>,
+    [n, c, i, j]: [usize; 4],
+    window: usize,
+    stride: usize,
+) -> (usize, usize) {
+    let (mut best_h, mut best_w) = (i * stride, j * stride);
+    for di in 0..window {
+        for dj in 0..window {
+            let (h, w) = (i * stride + di, j * stride + dj);
+            if x[[n, c, h, w]] > x[[n, c, best_h, best_w]] {
+                (best_h, best_w) = (h, w);
+            }
+        }
+    }
+    (best_h, best_w)
+}
+
 /// The specification: the window maximum by explicit 6-deep loops, first maximum wins.
 /// Returns the arg-max positions it found, so the tests can compare them too.
 pub fn forward_reference<T: Element>(
@@ -336,15 +356,7 @@ pub fn forward_reference<T: Element>(
         for c in 0..channels {
             for i in 0..out_height {
                 for j in 0..out_width {
-                    let (mut best_h, mut best_w) = (i * stride, j * stride);
-                    for di in 0..window {
-                        for dj in 0..window {
-                            let (h, w) = (i * stride + di, j * stride + dj);
-                            if x[[n, c, h, w]] > x[[n, c, best_h, best_w]] {
-                                (best_h, best_w) = (h, w);
-                            }
-                        }
-                    }
+                    let (best_h, best_w) = reference_argmax(&x, [n, c, i, j], window, stride);
                     y[[n, c, i, j]] = x[[n, c, best_h, best_w]];
                     argmax.push((best_h * width + best_w) as Position);
                 }
@@ -374,15 +386,7 @@ pub fn backward_reference<T: Element>(
         for c in 0..channels {
             for i in 0..out_height {
                 for j in 0..out_width {
-                    let (mut best_h, mut best_w) = (i * stride, j * stride);
-                    for di in 0..window {
-                        for dj in 0..window {
-                            let (h, w) = (i * stride + di, j * stride + dj);
-                            if x[[n, c, h, w]] > x[[n, c, best_h, best_w]] {
-                                (best_h, best_w) = (h, w);
-                            }
-                        }
-                    }
+                    let (best_h, best_w) = reference_argmax(&x, [n, c, i, j], window, stride);
                     dx[[n, c, best_h, best_w]] += dy[[n, c, i, j]];
                 }
             }

@@ -335,7 +335,8 @@ fn reference_argmax<T: Element>(
     (best_h, best_w)
 }
 
-/// The specification: the window maximum by explicit 6-deep loops, first maximum wins.
+/// The specification: the window maximum by explicit loops over outputs and windows, first
+/// maximum wins.
 /// Returns the arg-max positions it found, so the tests can compare them too.
 pub fn forward_reference<T: Element>(
     x: ArrayView4<T>,

@@ -302,56 +302,56 @@ fn draw_curves(path: &Path, runs: &[&Run]) -> AnyResult<()> {
     let root = SVGBackend::new(path, (960, 400)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(480);
-    let epochs = runs.iter().map(|r| r.epochs.len()).max().unwrap_or(1) as f64;
     let max_loss = runs
         .iter()
         .flat_map(|r| r.epochs.iter().map(|e| e.train_loss))
         .fold(0.0, f64::max)
         * 1.1;
-    let colors = [RED, BLUE];
-    let mut chart = ChartBuilder::on(&left)
-        .caption("training loss", ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(45)
-        .build_cartesian_2d(1.0..epochs.max(2.0), 0.0..max_loss.max(1e-3))?;
-    chart.configure_mesh().x_desc("epoch").draw()?;
-    for (run, color) in runs.iter().zip(colors) {
-        let points = run.epochs.iter().map(|e| (e.epoch as f64, e.train_loss));
-        chart
-            .draw_series(LineSeries::new(points, color))?
-            .label(run.name.split_whitespace().next().unwrap_or(""))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()?;
-    let mut chart = ChartBuilder::on(&right)
-        .caption("test accuracy (%)", ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(45)
-        .build_cartesian_2d(1.0..epochs.max(2.0), 0.0..100.0)?;
-    chart.configure_mesh().x_desc("epoch").draw()?;
-    for (run, color) in runs.iter().zip(colors) {
-        let points = run
-            .test_accuracy
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (i as f64 + 1.0, 100.0 * a));
-        chart
-            .draw_series(LineSeries::new(points, color))?
-            .label(run.name.split_whitespace().next().unwrap_or(""))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()?;
+    let losses = runs
+        .iter()
+        .map(|r| r.epochs.iter().map(|e| e.train_loss).collect())
+        .collect();
+    let accuracies = runs
+        .iter()
+        .map(|r| r.test_accuracy.iter().map(|a| 100.0 * a).collect())
+        .collect();
+    draw_panel(&left, "training loss", max_loss.max(1e-3), runs, losses)?;
+    draw_panel(&right, "test accuracy (%)", 100.0, runs, accuracies)?;
     root.present()?;
+    Ok(())
+}
+
+/// One panel of per-epoch curves, one line per run (epochs count from 1).
+fn draw_panel(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    title: &str,
+    y_max: f64,
+    runs: &[&Run],
+    curves: Vec<Vec<f64>>,
+) -> AnyResult<()> {
+    let epochs = curves.iter().map(Vec::len).max().unwrap_or(1) as f64;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(45)
+        .build_cartesian_2d(1.0..epochs.max(2.0), 0.0..y_max)?;
+    chart.configure_mesh().x_desc("epoch").draw()?;
+    for ((run, curve), color) in runs.iter().zip(curves).zip([RED, BLUE]) {
+        let points = curve
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i as f64 + 1.0, v));
+        chart
+            .draw_series(LineSeries::new(points, color))?
+            .label(run.name.split_whitespace().next().unwrap_or(""))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
     Ok(())
 }
 

@@ -97,19 +97,26 @@ pub fn backward<T: Element>(
     Ok(())
 }
 
+/// The specification's softmax normalizer of row n: m = maxₖ z[n,k] and Σₖ exp(z[n,k] − m).
+fn reference_normalizer<T: Element>(logits: &ArrayView2<T>, n: usize) -> (T, T) {
+    let classes = logits.ncols();
+    let mut max = logits[[n, 0]];
+    for k in 1..classes {
+        max = max.max(logits[[n, k]]);
+    }
+    let mut sum = T::zero();
+    for k in 0..classes {
+        sum += (logits[[n, k]] - max).exp();
+    }
+    (max, sum)
+}
+
 /// The specification: the loss from its formula, with explicit loops.
 pub fn forward_reference<T: Element>(logits: ArrayView2<T>, labels: &[usize]) -> Result<T> {
-    let (batch, classes) = check(&logits, labels)?;
+    let (batch, _) = check(&logits, labels)?;
     let mut total = T::zero();
     for n in 0..batch {
-        let mut max = logits[[n, 0]];
-        for k in 1..classes {
-            max = max.max(logits[[n, k]]);
-        }
-        let mut sum = T::zero();
-        for k in 0..classes {
-            sum += (logits[[n, k]] - max).exp();
-        }
+        let (max, sum) = reference_normalizer(&logits, n);
         total += sum.ln() - (logits[[n, labels[n]]] - max);
     }
     Ok(total / count::<T>(batch))
@@ -125,14 +132,7 @@ pub fn backward_reference<T: Element>(
     let (batch, classes) = check(&logits, labels)?;
     check_same(OP, "logits gradient", logits.shape(), dlogits.shape())?;
     for n in 0..batch {
-        let mut max = logits[[n, 0]];
-        for k in 1..classes {
-            max = max.max(logits[[n, k]]);
-        }
-        let mut sum = T::zero();
-        for k in 0..classes {
-            sum += (logits[[n, k]] - max).exp();
-        }
+        let (max, sum) = reference_normalizer(&logits, n);
         for k in 0..classes {
             let p = (logits[[n, k]] - max).exp() / sum;
             let onehot = if k == labels[n] { T::one() } else { T::zero() };

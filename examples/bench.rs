@@ -504,6 +504,10 @@ fn main() {
             threads,
         ));
     }
+    println!(
+        "GEMM backend for f32 on this CPU: {}",
+        pointwise::gemm::backend::<f32>()
+    );
     for run in &runs {
         print_run(run);
     }

@@ -109,18 +109,17 @@ fn check_gradients<T: Element>(
     Ok(out)
 }
 
+/// The error for a sample block that is not one contiguous (C, P) matrix.
+fn not_row_major(shape: [usize; 3]) -> Error {
+    Error::invalid_shape(OP, "tensors must be in standard (row-major) layout", &shape)
+}
+
 /// Sample n's (C, H, W) block seen as a (C, P) matrix, without copying.
 fn sample_matrix<T: Element>(block: ArrayView3<'_, T>) -> Result<ArrayView2<'_, T>> {
     let (channels, height, width) = block.dim();
     block
         .into_shape_with_order((channels, height * width))
-        .map_err(|_| {
-            Error::invalid_shape(
-                OP,
-                "tensors must be in standard (row-major) layout",
-                &[channels, height, width],
-            )
-        })
+        .map_err(|_| not_row_major([channels, height, width]))
 }
 
 /// The same for a mutable block.
@@ -130,13 +129,7 @@ fn sample_matrix_mut<T: Element>(
     let (channels, height, width) = block.dim();
     block
         .into_shape_with_order((channels, height * width))
-        .map_err(|_| {
-            Error::invalid_shape(
-                OP,
-                "tensors must be in standard (row-major) layout",
-                &[channels, height, width],
-            )
-        })
+        .map_err(|_| not_row_major([channels, height, width]))
 }
 
 /// Forward: Yₙ = W·Xₙ + b·1ᵀ for every sample, written into `y`.

@@ -64,14 +64,18 @@ const CLASSES: usize = 10;
 const CONV_GFLOP: f64 = 2.0 * (N * SIDE * SIDE * C_IN * C_OUT) as f64 * 1e-9;
 
 /// Deterministic values in [-0.5, 0.5) (xorshift), as the peers' harness makes them.
-fn fill(shape: &[usize], seed: u32) -> ArrayD<f32> {
+fn values(seed: u32) -> impl FnMut() -> f32 {
     let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+    move || {
         state ^= state << 13;
         state ^= state >> 17;
         state ^= state << 5;
         state as f32 / u32::MAX as f32 - 0.5
-    })
+    }
+}
+
+fn fill(shape: &[usize], seed: u32) -> ArrayD<f32> {
+    ArrayD::from_shape_simple_fn(IxDyn(shape), values(seed))
 }
 
 /// Warm up (at least 2 calls and 0.3 s), then time 5 batches of about 0.4 s: (median, min) ms per call.
@@ -182,14 +186,15 @@ fn w1_figures() -> Vec<Figure> {
     ]
 }
 
-/// The W2 model with its batch set; returns the model and the labels.
-fn w2_model() -> (Model, Array4<f32>, Vec<usize>) {
-    let model = Model::new(Architecture::bottleneck(C_IN, C_OUT, CLASSES), 0).unwrap();
-    let images = fill(&[N, C_IN, SIDE, SIDE], 6)
-        .into_dimensionality()
-        .unwrap();
+/// The W2 model with its batch written straight into its input buffer (the batch exists once,
+/// as in a training loop); returns the model and the labels.
+fn w2_model() -> (Model, Vec<usize>) {
+    let mut model = Model::new(Architecture::bottleneck(C_IN, C_OUT, CLASSES), 0).unwrap();
+    let mut next = values(6);
+    let mut batch = model.input_mut([N, C_IN, SIDE, SIDE]).unwrap();
+    batch.iter_mut().for_each(|v| *v = next());
     let labels = (0..N).map(|n| n % CLASSES).collect();
-    (model, images, labels)
+    (model, labels)
 }
 
 struct Memory {
@@ -221,9 +226,9 @@ fn theoretical_minimum_mib() -> f64 {
 }
 
 fn w2_figures() -> (Vec<Figure>, Memory) {
-    let (mut model, images, labels) = w2_model();
+    let (mut model, labels) = w2_model();
     let step = bench(|| {
-        black_box(model.forward_backward(images.view(), &labels).unwrap());
+        black_box(model.forward_backward_in_place(&labels).unwrap());
     });
     let mut optimizer = Optimizer::new(OptimizerKind::sgd()).unwrap();
     let update = bench(|| optimizer.step(model.graph_mut(), 1e-6).unwrap());
@@ -231,11 +236,11 @@ fn w2_figures() -> (Vec<Figure>, Memory) {
     // run inside the thread pool as a training loop should be (pointwise::parallel::install).
     let allocations = pointwise::parallel::install(|| {
         // One step first: the pool's threads allocate their GEMM scratch on first use.
-        model.forward_backward(images.view(), &labels).unwrap();
+        model.forward_backward_in_place(&labels).unwrap();
         optimizer.step(model.graph_mut(), 1e-6).unwrap();
         let before = ALLOCATIONS.load(Ordering::Relaxed);
         for _ in 0..20 {
-            model.forward_backward(images.view(), &labels).unwrap();
+            model.forward_backward_in_place(&labels).unwrap();
             optimizer.step(model.graph_mut(), 1e-6).unwrap();
         }
         (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 20.0

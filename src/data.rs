@@ -12,7 +12,7 @@
 //! conv + ReLU is a per-pixel non-linear detector in the channel direction.
 
 use crate::error::{Error, Result};
-use ndarray::{s, Array2, Array4, ArrayView4, Axis};
+use ndarray::{s, Array2, Array4, ArrayView4, ArrayViewMut4, Axis};
 use ndarray_rand::rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use ndarray_rand::rand_distr::{Distribution, StandardNormal};
 
@@ -67,19 +67,18 @@ impl Dataset {
         self.labels.is_empty()
     }
 
-    /// Copies the images at `indices` into `batch` (N = indices.len()) and their labels into
-    /// `labels`, reusing both buffers.
+    /// Copies the images at `indices` into `batch`, which must be (indices.len(), C, H, W) (for
+    /// training, the model's own input buffer: [`crate::Model::input_mut`]), and their labels
+    /// into `labels`, reusing its buffer.
     pub fn gather(
         &self,
         indices: &[usize],
-        batch: &mut Array4<f32>,
+        mut batch: ArrayViewMut4<f32>,
         labels: &mut Vec<usize>,
     ) -> Result<()> {
         let (_, channels, height, width) = self.images.dim();
-        let shape = (indices.len(), channels, height, width);
-        if batch.dim() != shape {
-            *batch = Array4::zeros(shape);
-        }
+        let shape = [indices.len(), channels, height, width];
+        crate::ops::check_same("dataset", "batch", &shape, batch.shape())?;
         labels.clear();
         for (mut slot, &index) in batch.outer_iter_mut().zip(indices) {
             if index >= self.len() {

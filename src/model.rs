@@ -13,7 +13,7 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId};
-use ndarray::{Array2, ArrayD, ArrayView4, ArrayViewD, Axis, Ix2};
+use ndarray::{Array2, ArrayD, ArrayView4, ArrayViewD, ArrayViewMut4, Axis, Ix2, Ix4};
 use ndarray_rand::rand::{rngs::StdRng, SeedableRng};
 use ndarray_rand::rand_distr::Normal;
 use ndarray_rand::RandomExt;
@@ -229,6 +229,27 @@ impl Model {
     /// first. A non-finite input or loss is an error, raised before any gradient is computed.
     pub fn forward_backward(&mut self, images: ArrayView4<f32>, labels: &[usize]) -> Result<f32> {
         self.graph.set_input_finite(self.input, images.into_dyn())?;
+        self.step(labels)
+    }
+
+    /// The model's own input buffer, sized (N, C, H, W), to write a batch into without a copy
+    /// (then call [`Model::forward_backward_in_place`]). The training loop gathers its batches
+    /// here, so that the batch exists once in memory.
+    pub fn input_mut(&mut self, shape: [usize; 4]) -> Result<ArrayViewMut4<'_, f32>> {
+        self.graph
+            .input_mut(self.input, &shape)?
+            .into_dimensionality::<Ix4>()
+            .map_err(|_| Error::graph("the input buffer is not (N, C, H, W)"))
+    }
+
+    /// [`Model::forward_backward`] on the batch already written through [`Model::input_mut`];
+    /// a non-finite value in it is an error, raised before any gradient is computed.
+    pub fn forward_backward_in_place(&mut self, labels: &[usize]) -> Result<f32> {
+        self.graph.check_input_finite(self.input)?;
+        self.step(labels)
+    }
+
+    fn step(&mut self, labels: &[usize]) -> Result<f32> {
         self.graph.set_labels(self.loss, labels)?;
         self.graph.zero_grad();
         self.graph.forward(self.loss)?;

@@ -4,7 +4,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::model::{argmax_rows, Model};
 use crate::optim::{Optimizer, OptimizerKind, Schedule};
-use ndarray::{s, Array4};
+use ndarray::s;
 use ndarray_rand::rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use std::time::Instant;
 
@@ -58,14 +58,14 @@ pub struct EpochReport {
     pub images_per_second: f64,
 }
 
-/// Trains a model epoch by epoch; owns the optimizer state, the shuffle RNG and the batch buffers.
+/// Trains a model epoch by epoch; owns the optimizer state, the shuffle RNG and the label buffer (each batch is gathered
+/// straight into the model's input).
 pub struct Trainer {
     config: TrainConfig,
     optimizer: Optimizer<f32>,
     schedule: Schedule,
     rng: StdRng,
     order: Vec<usize>,
-    batch: Array4<f32>,
     labels: Vec<usize>,
     step: u64,
     epoch: usize,
@@ -90,7 +90,6 @@ impl Trainer {
             schedule,
             rng: StdRng::seed_from_u64(config.seed),
             order: (0..train_len).collect(),
-            batch: Array4::zeros((0, 0, 0, 0)),
             labels: Vec::new(),
             step: 0,
             epoch: 0,
@@ -129,9 +128,12 @@ impl Trainer {
                 let (mut loss_sum, mut correct) = (0.0f64, 0usize);
                 let mut learning_rate = self.config.lr;
                 for (index, chunk) in self.order.chunks(self.config.batch_size).enumerate() {
-                    data.gather(chunk, &mut self.batch, &mut self.labels)?;
+                    // Gathered straight into the model's input: the batch is never copied twice.
+                    let (_, channels, height, width) = data.images().dim();
+                    let batch = model.input_mut([chunk.len(), channels, height, width])?;
+                    data.gather(chunk, batch, &mut self.labels)?;
                     let loss = model
-                        .forward_backward(self.batch.view(), &self.labels)
+                        .forward_backward_in_place(&self.labels)
                         .map_err(|error| match error {
                             Error::NonFinite { what } => Error::NonFinite {
                                 what: format!(

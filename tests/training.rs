@@ -156,6 +156,51 @@ fn a_non_finite_input_is_refused_before_any_update() {
 }
 
 #[test]
+fn a_batch_written_in_place_trains_exactly_like_a_copied_one() {
+    let data = small_data();
+    let images = data.train.images.slice(ndarray::s![0..6, .., .., ..]);
+    let labels = [0, 1, 2, 3, 0, 1];
+    let mut copied = Model::new(Architecture::bottleneck(32, 8, 4), 5).unwrap();
+    let mut in_place = copied.clone();
+    let loss_copied = copied.forward_backward(images, &labels).unwrap();
+    in_place.input_mut([6, 32, 8, 8]).unwrap().assign(&images);
+    let loss_in_place = in_place.forward_backward_in_place(&labels).unwrap();
+    assert_eq!(loss_copied.to_bits(), loss_in_place.to_bits());
+    for id in copied.graph().params() {
+        assert_eq!(
+            copied.graph().grad(id).unwrap(),
+            in_place.graph().grad(id).unwrap()
+        );
+    }
+
+    // A NaN written in place is found before any gradient, and named by its position.
+    in_place.input_mut([6, 32, 8, 8]).unwrap()[[1, 2, 3, 4]] = f32::NAN;
+    let error = in_place.forward_backward_in_place(&labels).unwrap_err();
+    let position = ((32 + 2) * 8 + 3) * 8 + 4;
+    assert!(
+        matches!(&error, Error::NonFinite { what } if what.contains(&format!("element {position} "))),
+        "{error}"
+    );
+    // The input then counts as unset: no step runs on it until it is written again.
+    assert!(matches!(
+        in_place.forward_backward_in_place(&labels),
+        Err(Error::Graph { .. })
+    ));
+
+    // Gathering into a buffer of the wrong shape is refused.
+    let mut labels_out = Vec::new();
+    let error = data
+        .train
+        .gather(
+            &[0, 1, 2],
+            in_place.input_mut([2, 32, 8, 8]).unwrap(),
+            &mut labels_out,
+        )
+        .unwrap_err();
+    assert!(matches!(error, Error::ShapeMismatch { .. }), "{error}");
+}
+
+#[test]
 fn sgd_and_adam_follow_their_update_formulas() {
     // One parameter θ = [1, -2] with loss mse(θ, 0) = (θ₀² + θ₁²)/2, so ∇ = θ.
     let run = |kind: OptimizerKind, steps: usize| {

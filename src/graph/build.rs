@@ -327,13 +327,50 @@ impl<T: Element> Graph<T> {
             crate::parallel::in_parts(parts, &copy)
         };
         if result.is_err() {
-            // Only now look for where: the common, finite case pays for one pass.
-            let index = value.iter().position(|v| !v.is_finite()).unwrap_or(0);
-            return Err(Error::NonFinite {
-                what: format!("element {index} of input {:?}", node.name),
-            });
+            return Err(non_finite_input(&node.name, value));
         }
         node.has_value = true;
+        Ok(())
+    }
+
+    /// The input's own buffer, sized to `shape`, for the caller to fill in place: the zero-copy
+    /// alternative to [`Graph::set_input`], so that a batch exists once in memory rather than
+    /// twice (the caller's and the graph's). The buffer is reallocated only when the shape
+    /// changes and keeps its previous content until written; the input counts as set.
+    pub fn input_mut(&mut self, id: NodeId, shape: &[usize]) -> Result<ArrayViewMutD<'_, T>> {
+        let node = self.input_node(id)?;
+        resize(&mut node.value, shape);
+        node.has_value = true;
+        Ok(node.value.view_mut())
+    }
+
+    /// Checks that every value of a set input is finite (one read pass, split between the
+    /// threads): for data written through [`Graph::input_mut`]. A NaN or ±Inf is an
+    /// [`Error::NonFinite`] naming its position, and the input then counts as unset.
+    pub fn check_input_finite(&mut self, id: NodeId) -> Result<()> {
+        let node = self.input_node(id)?;
+        if !node.has_value {
+            return Err(Error::graph(format!("input {:?} was not set", node.name)));
+        }
+        let check = |Along(part, _): Along<ArrayViewD<T>>| {
+            if part.iter().all(|v| v.is_finite()) {
+                Ok(())
+            } else {
+                Err(Error::NonFinite {
+                    what: String::new(),
+                })
+            }
+        };
+        let value = node.value.view();
+        let result = if value.ndim() == 0 {
+            check(Along(value, Axis(0)))
+        } else {
+            crate::parallel::in_parts(Along(value, Axis(0)), &check)
+        };
+        if result.is_err() {
+            node.has_value = false;
+            return Err(non_finite_input(&node.name, node.value.view()));
+        }
         Ok(())
     }
 
@@ -379,5 +416,14 @@ impl<T: Element> Graph<T> {
         )?;
         node.value.assign(&value);
         Ok(())
+    }
+}
+
+/// The error for an input holding a NaN or ±Inf, naming the first one. Only called once a
+/// check has failed: the common, finite case pays for one pass.
+fn non_finite_input<T: Element>(name: &str, values: ArrayViewD<T>) -> Error {
+    let index = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    Error::NonFinite {
+        what: format!("element {index} of input {name:?}"),
     }
 }

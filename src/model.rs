@@ -146,6 +146,11 @@ impl Architecture {
     }
 }
 
+/// Samples per chunk of the backward pass (see [`Graph::set_backward_chunk`]): the
+/// activation gradients then take 4/N of their whole-batch memory, and 4 samples still split
+/// evenly between 2 threads.
+pub const BACKWARD_CHUNK: usize = 4;
+
 /// A network ready to train: its architecture, its graph and the nodes a caller needs.
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -203,6 +208,7 @@ impl Model {
         let (head_w, head_b) = (take()?, take()?);
         let logits = graph.linear(pooled, head_w, Some(head_b))?;
         let loss = graph.softmax_cross_entropy(logits)?;
+        graph.set_backward_chunk(Some(BACKWARD_CHUNK))?;
         Ok(Model {
             architecture,
             graph,

@@ -28,7 +28,11 @@ fn assert_close(reports: &[TensorReport], context: &str) {
     }
 }
 
-/// Builds `input_with_grad` x and checks `build(x)` w.r.t. x and the returned extra leaves.
+/// The backward pass runs on the whole batch, then in chunks of 1 and of 2 samples (which
+/// splits a batch of 3 unevenly): each run is checked on its own.
+const CHUNKS: [Option<usize>; 3] = [None, Some(1), Some(2)];
+
+/// Checks `output` of the graph `build` makes w.r.t. the leaves it returns, for every chunking.
 fn check_graph(
     context: &str,
     seed: u64,
@@ -36,9 +40,16 @@ fn check_graph(
 ) {
     let mut graph = Graph::new();
     let (output, wrt) = build(&mut graph);
-    let reports = gradcheck::check(&mut graph, output, &wrt, EPS, seed).unwrap();
-    assert_eq!(reports.len(), wrt.len());
-    assert_close(&reports, context);
+    check_chunked(&mut graph, output, &wrt, seed, context);
+}
+
+fn check_chunked(graph: &mut Graph<f64>, output: NodeId, wrt: &[NodeId], seed: u64, context: &str) {
+    for chunk in CHUNKS {
+        graph.set_backward_chunk(chunk).unwrap();
+        let reports = gradcheck::check(graph, output, wrt, EPS, seed).unwrap();
+        assert_eq!(reports.len(), wrt.len());
+        assert_close(&reports, &format!("{context}, backward chunk {chunk:?}"));
+    }
 }
 
 fn conv_graph(
@@ -326,8 +337,13 @@ fn whole_bottleneck_network_matches_finite_difference() {
 
         let params = graph.params();
         assert_eq!(params.len(), 6);
-        let reports = gradcheck::check(&mut graph, loss, &params, EPS, seed).unwrap();
-        assert_close(&reports, &format!("bottleneck seed {seed}"));
+        check_chunked(
+            &mut graph,
+            loss,
+            &params,
+            seed,
+            &format!("bottleneck seed {seed}"),
+        );
     }
 }
 

@@ -144,3 +144,111 @@ fn a_thousand_training_steps_keep_nodes_and_buffers_constant() {
         "training did something: {first_loss} → {last_loss}"
     );
 }
+
+/// x (with grad) → conv1x1+relu → conv2d 3×3 → + x → relu → avg pool → max pool → global
+/// average → linear → softmax-CE: every op that splits by sample, and a batched leaf gradient.
+fn chunkable_graph(batch: usize) -> (Graph<f64>, pointwise::NodeId, Vec<pointwise::NodeId>) {
+    let (channels, side, classes) = (3, 6, 4);
+    let mut graph = Graph::<f64>::new();
+    let x = graph.input_with_grad("x");
+    let image = random(&[batch, channels, side, side], batch as u64);
+    graph.set_input(x, image.view()).unwrap();
+    let w1 = graph.param("w1", random(&[5, channels], 1)).unwrap();
+    let b1 = graph.param("b1", random(&[5], 2)).unwrap();
+    let w2 = graph.param("w2", random(&[channels, 5, 3, 3], 3)).unwrap();
+    let head = graph
+        .param("head", random(&[classes, channels], 4))
+        .unwrap();
+    let hidden = graph.conv1x1_relu(x, w1, Some(b1)).unwrap();
+    let branch = graph.conv2d(hidden, w2, None, 1).unwrap();
+    let sum = graph.add(branch, x).unwrap();
+    let active = graph.relu(sum).unwrap();
+    let smooth = graph.avg_pool(active, 2, 2).unwrap();
+    let pooled = graph.max_pool(smooth, 2, 1).unwrap();
+    let summary = graph.global_avg_pool(pooled).unwrap();
+    let logits = graph.linear(summary, head, None).unwrap();
+    let loss = graph.softmax_cross_entropy(logits).unwrap();
+    let labels: Vec<usize> = (0..batch).map(|n| (3 * n + 1) % classes).collect();
+    graph.set_labels(loss, &labels).unwrap();
+    (graph, loss, vec![x, w1, b1, w2, head])
+}
+
+/// The leaf gradients of one backward pass from `loss` after zeroing.
+fn leaf_gradients(
+    graph: &mut Graph<f64>,
+    loss: pointwise::NodeId,
+    leaves: &[pointwise::NodeId],
+) -> Vec<ArrayD<f64>> {
+    graph.zero_grad();
+    graph.backward(loss).unwrap();
+    leaves
+        .iter()
+        .map(|&id| graph.grad(id).unwrap().to_owned())
+        .collect()
+}
+
+/// Backward in chunks of samples gives the whole-batch gradients for every chunk size, even
+/// and uneven splits. Equal up to rounding, not bit for bit: the linear layer's dW is one GEMM
+/// over the batch's rows, whose sum a chunked pass splits into partial sums (1e-13 relative is
+/// 500× the f64 epsilon; a missing or doubled chunk would be off by order 1).
+#[test]
+fn backward_in_chunks_gives_the_whole_batch_gradients() {
+    for batch in [1, 5, 7] {
+        let (mut graph, loss, leaves) = chunkable_graph(batch);
+        graph.forward(loss).unwrap();
+        let whole = leaf_gradients(&mut graph, loss, &leaves);
+        for chunk in [1, 2, 3, 4, batch, batch + 1] {
+            graph.set_backward_chunk(Some(chunk)).unwrap();
+            let chunked = leaf_gradients(&mut graph, loss, &leaves);
+            for ((expected, actual), id) in whole.iter().zip(&chunked).zip(&leaves) {
+                let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                assert!(scale > 0.0);
+                assert_abs_diff_eq!(actual, expected, epsilon = 1e-13 * scale);
+                let name = graph.name(*id).unwrap();
+                assert_eq!(actual.shape(), expected.shape(), "{name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn an_intermediate_gradient_is_not_readable_after_a_chunked_pass() {
+    let (mut graph, loss, _) = chunkable_graph(5);
+    let hidden = graph.find("conv1x1+relu#5").unwrap();
+    graph.forward(loss).unwrap();
+    graph.set_backward_chunk(Some(2)).unwrap();
+    graph.backward(loss).unwrap();
+    let error = graph.grad(hidden).unwrap_err();
+    assert!(error.to_string().contains("not kept"), "{error}");
+    // A chunk as large as the batch is the whole batch: every gradient is kept.
+    graph.set_backward_chunk(Some(5)).unwrap();
+    graph.backward(loss).unwrap();
+    assert_eq!(graph.grad(hidden).unwrap().shape(), &[5, 5, 6, 6]);
+    assert!(matches!(
+        graph.set_backward_chunk(Some(0)),
+        Err(pointwise::Error::InvalidConfig { .. })
+    ));
+}
+
+/// A parameter used as data (here the second operand of an Add) has no batch axis of its
+/// own: the pass then runs on the whole batch, and every gradient stays readable.
+#[test]
+fn a_graph_without_a_batch_axis_everywhere_runs_whole() {
+    let mut graph = Graph::<f64>::new();
+    let x = graph.input_with_grad("x");
+    graph.set_input(x, random(&[4, 2, 3, 3], 1).view()).unwrap();
+    let offset = graph.param("offset", random(&[4, 2, 3, 3], 2)).unwrap();
+    let shifted = graph.relu(offset).unwrap();
+    let sum = graph.add(x, shifted).unwrap();
+    let target = graph.input("target");
+    graph
+        .set_input(target, random(&[4, 2, 3, 3], 3).view())
+        .unwrap();
+    let loss = graph.mse(sum, target).unwrap();
+    graph.forward(loss).unwrap();
+    let whole = leaf_gradients(&mut graph, loss, &[x, offset]);
+    graph.set_backward_chunk(Some(1)).unwrap();
+    let again = leaf_gradients(&mut graph, loss, &[x, offset]);
+    assert_eq!(whole, again);
+    assert_eq!(graph.grad(sum).unwrap().shape(), &[4, 2, 3, 3]);
+}

@@ -12,6 +12,19 @@ use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, IxDyn, Zip};
 impl<T: Element> Graph<T> {
     fn push(&mut self, name: String, op: Op<T>, requires_grad: bool) -> NodeId {
         let leaf = matches!(op, Op::Param);
+        let batched = |id: &NodeId| self.nodes[id.0].batched;
+        let batched = match &op {
+            Op::Input => true,
+            Op::Param | Op::SoftmaxCrossEntropy { .. } | Op::MeanSquaredError { .. } => false,
+            Op::Add { left, right } => batched(left) && batched(right),
+            Op::Conv1x1 { input, .. }
+            | Op::Conv2d { input, .. }
+            | Op::Linear { input, .. }
+            | Op::Relu { input }
+            | Op::MaxPool { input, .. }
+            | Op::AvgPool { input, .. }
+            | Op::GlobalAvgPool { input } => batched(input),
+        };
         self.nodes.push(Node {
             name,
             op,
@@ -19,6 +32,7 @@ impl<T: Element> Graph<T> {
             grad: ArrayD::zeros(IxDyn(&[0])),
             requires_grad,
             has_value: leaf,
+            batched,
             grad_written: false,
         });
         NodeId(self.nodes.len() - 1)

@@ -15,6 +15,10 @@
 //! zeroes the buffer, see [`crate::ops::GradWrite`]); the gradients of leaves (parameters and
 //! inputs) keep accumulating across backward calls until [`Graph::zero_grad`].
 //!
+//! [`Graph::set_backward_chunk`] runs the backward pass a few samples at a time: the same
+//! sweep once per chunk, so that the gradient of an intermediate node holds one chunk instead
+//! of the batch (see `backward.rs`). [`crate::Model`] uses chunks of 4 samples.
+//!
 //! The math never lives here: each arm of the two `match`es — in `forward.rs` and
 //! `backward.rs` beside this file — calls one op module's `forward` or `backward`; `build.rs`
 //! adds nodes and sets inputs; this file holds the types and the accessors.
@@ -22,7 +26,7 @@
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::ops::max_pool;
-use ndarray::{ArrayD, ArrayView, ArrayViewMut, ArrayViewMutD, Dimension, IxDyn};
+use ndarray::{ArrayD, ArrayView, ArrayViewD, ArrayViewMut, ArrayViewMutD, Dimension, IxDyn};
 
 /// A node of one graph: an index into its tape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -155,6 +159,9 @@ pub(crate) struct Node<T> {
     pub(crate) requires_grad: bool,
     /// False for an input that was never set.
     pub(crate) has_value: bool,
+    /// True when the value's first axis is the batch: inputs, and every op computed
+    /// sample by sample from batched data (not parameters, not the scalar losses).
+    pub(crate) batched: bool,
     /// During a backward pass: whether `grad` holds a contribution yet. Until it does, its
     /// content is stale, and the first contribution either overwrites it (ops that can) or
     /// zeroes it first. Leaves always count as written: they accumulate across passes.
@@ -165,6 +172,8 @@ pub(crate) struct Node<T> {
 #[derive(Debug, Clone)]
 pub struct Graph<T> {
     pub(crate) nodes: Vec<Node<T>>,
+    /// Samples per chunk of the backward pass; `None` runs it on the whole batch at once.
+    pub(crate) backward_chunk: Option<usize>,
 }
 
 impl<T: Element> Default for Graph<T> {
@@ -188,28 +197,38 @@ fn resize<T: Element>(buffer: &mut ArrayD<T>, shape: &[usize]) {
     }
 }
 
-/// A typed view of a node buffer whose number of dimensions was already checked.
+/// A view whose number of dimensions the op expects.
+pub(crate) fn dims<T, D: Dimension>(view: ArrayViewD<'_, T>) -> Result<ArrayView<'_, T, D>> {
+    if D::NDIM.is_some_and(|ndim| ndim != view.ndim()) {
+        return Err(wrong_dims(view.shape()));
+    }
+    view.into_dimensionality::<D>()
+        .map_err(|_| Error::graph("a buffer has the wrong number of dimensions"))
+}
+
+pub(crate) fn dims_mut<T, D: Dimension>(
+    view: ArrayViewMutD<'_, T>,
+) -> Result<ArrayViewMut<'_, T, D>> {
+    if D::NDIM.is_some_and(|ndim| ndim != view.ndim()) {
+        return Err(wrong_dims(view.shape()));
+    }
+    view.into_dimensionality::<D>()
+        .map_err(|_| Error::graph("a buffer has the wrong number of dimensions"))
+}
+
+fn wrong_dims(shape: &[usize]) -> Error {
+    Error::graph(format!(
+        "a buffer of shape {shape:?} has the wrong number of dimensions"
+    ))
+}
+
+/// A typed view of a whole node buffer.
 fn typed<T, D: Dimension>(buffer: &ArrayD<T>) -> Result<ArrayView<'_, T, D>> {
-    buffer.view().into_dimensionality::<D>().map_err(|_| {
-        Error::graph(format!(
-            "a buffer of shape {:?} has the wrong number of dimensions",
-            buffer.shape()
-        ))
-    })
+    dims(buffer.view())
 }
 
 fn typed_mut<T, D: Dimension>(buffer: &mut ArrayD<T>) -> Result<ArrayViewMut<'_, T, D>> {
-    // Checked first, so that the error message can show the shape without a copy up front.
-    if D::NDIM.is_some_and(|ndim| ndim != buffer.ndim()) {
-        return Err(Error::graph(format!(
-            "a buffer of shape {:?} has the wrong number of dimensions",
-            buffer.shape()
-        )));
-    }
-    buffer
-        .view_mut()
-        .into_dimensionality::<D>()
-        .map_err(|_| Error::graph("a buffer has the wrong number of dimensions"))
+    dims_mut(buffer.view_mut())
 }
 
 mod backward;
@@ -219,7 +238,10 @@ mod forward;
 impl<T: Element> Graph<T> {
     /// An empty graph.
     pub fn new() -> Self {
-        Graph { nodes: Vec::new() }
+        Graph {
+            nodes: Vec::new(),
+            backward_chunk: None,
+        }
     }
 
     // ---------------------------------------------------------------- parameters and inspection

@@ -49,7 +49,27 @@ pub fn backward<T: Element>(
     dprediction: Option<ArrayViewMutD<T>>,
     dtarget: Option<ArrayViewMutD<T>>,
 ) -> Result<()> {
-    let elements = check(&prediction, &target)?;
+    let elements = prediction.len();
+    backward_part(prediction, target, dloss, elements, dprediction, dtarget)
+}
+
+/// [`backward`] for part of the tensors (a few samples of the batch), the mean being over
+/// `elements` values in all: how the tape runs its backward pass a few samples at a time.
+pub fn backward_part<T: Element>(
+    prediction: ArrayViewD<T>,
+    target: ArrayViewD<T>,
+    dloss: T,
+    elements: usize,
+    dprediction: Option<ArrayViewMutD<T>>,
+    dtarget: Option<ArrayViewMutD<T>>,
+) -> Result<()> {
+    let part = check(&prediction, &target)?;
+    if part > elements {
+        return Err(Error::invalid_config(
+            OP,
+            format!("{part} values cannot be part of a mean over {elements}"),
+        ));
+    }
     let scale = dloss * T::from_f64(2.0) / count::<T>(elements);
     if let Some(mut dp) = dprediction {
         check_same(OP, "prediction gradient", prediction.shape(), dp.shape())?;

@@ -85,10 +85,30 @@ pub fn backward<T: Element>(
     probs: ArrayView2<T>,
     labels: &[usize],
     dloss: T,
+    dlogits: ArrayViewMut2<T>,
+) -> Result<()> {
+    let batch = probs.nrows();
+    backward_rows(probs, labels, dloss, batch, dlogits)
+}
+
+/// [`backward`] for some of the rows of a batch of `batch` samples (the mean is over all of
+/// them): `probs`, `labels` and `dlogits` hold those rows only. The tape uses it to run its
+/// backward pass a few samples at a time.
+pub fn backward_rows<T: Element>(
+    probs: ArrayView2<T>,
+    labels: &[usize],
+    dloss: T,
+    batch: usize,
     mut dlogits: ArrayViewMut2<T>,
 ) -> Result<()> {
-    let (batch, _) = check(&probs, labels)?;
+    let (rows, _) = check(&probs, labels)?;
     check_same(OP, "logits gradient", probs.shape(), dlogits.shape())?;
+    if rows > batch {
+        return Err(Error::invalid_config(
+            OP,
+            format!("{rows} rows cannot be part of a batch of {batch}"),
+        ));
+    }
     let scale = dloss / count::<T>(batch);
     for ((p, mut dz), &label) in probs.outer_iter().zip(dlogits.outer_iter_mut()).zip(labels) {
         dz.zip_mut_with(&p, |dz, &p| *dz += scale * p);

@@ -16,7 +16,8 @@
 //!   the two operands is copied once into a row-major scratch buffer (kept per thread, so it
 //!   is allocated once): B itself when N ≤ M, then NN runs straight into C; otherwise Aᵀ, then
 //!   NN computes Cᵀ = Bᵀ·Aᵀ (Bᵀ's contiguous rows broadcast) and Cᵀ is added back transposed.
-//!   The copy is O(K·min(M, N)) against O(M·N·K) arithmetic.
+//!   The copy is O(K·min(M, N)) against O(M·N·K) arithmetic; both transposing copies move
+//!   whole 16×16 blocks through registers (four rounds of shuffles), not one float at a time.
 //!
 //! Edges (M not a multiple of the tile height, N or K not a multiple of 16) use smaller tiles
 //! and masked loads and stores, so no element is read or written outside its matrix.
@@ -339,6 +340,7 @@ mod avx512 {
             // SAFETY: A[i, p] for i < m, p < k: inside A.
             unsafe { transpose(m, k, a, rsa, csa, packed) };
             let (mi, packed, product_ptr) = (m as isize, packed.as_ptr(), product.as_mut_ptr());
+            let beta_is_nonzero = beta != 0.0;
             // SAFETY: Bᵀ (n×k) at b with row stride csb, packed Aᵀ (k×m), product (n×m): all
             // inside their buffers.
             let none = std::ptr::null();
@@ -360,9 +362,27 @@ mod avx512 {
                     mi,
                 )
             };
-            // C[i, j] = α·Cᵀ[j, i] + β·C[i, j], in 16×16 blocks so both sides stay in L1.
+            // C[i, j] = α·Cᵀ[j, i] + β·C[i, j], in 16×16 blocks so both sides stay in L1; a
+            // full block is transposed in registers.
             for i0 in (0..m).step_by(BLOCK) {
                 for j0 in (0..n).step_by(BLOCK) {
+                    if i0 + BLOCK <= m && j0 + BLOCK <= n {
+                        // SAFETY: rows j0..j0+16 of the product (n×m) from column i0, and
+                        // C[i0..i0+16, j0..j0+16]: inside both by the test above.
+                        unsafe {
+                            let block = transpose_block(product_ptr.add(j0 * m + i0), mi);
+                            let (alpha, beta) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
+                            for (q, &column) in block.iter().enumerate() {
+                                let target = c.offset((i0 + q) as isize * rsc).add(j0);
+                                let mut value = _mm512_mul_ps(column, alpha);
+                                if beta_is_nonzero {
+                                    value = _mm512_fmadd_ps(_mm512_loadu_ps(target), beta, value);
+                                }
+                                _mm512_storeu_ps(target, value);
+                            }
+                        }
+                        continue;
+                    }
                     for i in i0..(i0 + BLOCK).min(m) {
                         for j in j0..(j0 + BLOCK).min(n) {
                             let value = product[j * m + i];
@@ -393,6 +413,7 @@ mod avx512 {
     /// # Safety
     /// Every `source + r·rs + q·cs` in range must be readable; `destination` must hold
     /// rows·columns values.
+    #[target_feature(enable = "avx512f")]
     unsafe fn transpose(
         rows: usize,
         columns: usize,
@@ -403,6 +424,20 @@ mod avx512 {
     ) {
         for r0 in (0..rows).step_by(BLOCK) {
             for q0 in (0..columns).step_by(BLOCK) {
+                if cs == 1 && r0 + BLOCK <= rows && q0 + BLOCK <= columns {
+                    // A full block of contiguous rows: transposed in registers.
+                    // SAFETY: rows r0..r0+16 of the source from column q0 (the caller's
+                    // contract), and destination rows q0..q0+16 from r0: inside, as
+                    // (q0 + 15)·rows + r0 + 16 ≤ columns·rows.
+                    unsafe {
+                        let block = transpose_block(source.offset(r0 as isize * rs).add(q0), rs);
+                        for (q, &column) in block.iter().enumerate() {
+                            let target = destination.as_mut_ptr().add((q0 + q) * rows + r0);
+                            _mm512_storeu_ps(target, column);
+                        }
+                    }
+                    continue;
+                }
                 for r in r0..(r0 + BLOCK).min(rows) {
                     for q in q0..(q0 + BLOCK).min(columns) {
                         // SAFETY: the caller's contract.
@@ -412,6 +447,55 @@ mod avx512 {
                 }
             }
         }
+    }
+
+    /// The 16×16 block whose row r is the 16 floats at `source + r·rs`, transposed: element q
+    /// of the result is column q. Four rounds of shuffles, each interleaving pairs of
+    /// registers at a coarser grain (32-bit, 64-bit, then twice 128-bit lanes).
+    ///
+    /// # Safety
+    /// The 16 rows of 16 floats must be readable.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose_block(source: *const f32, rs: isize) -> [__m512; 16] {
+        // SAFETY: the caller's contract.
+        let r: [__m512; 16] =
+            std::array::from_fn(|i| unsafe { _mm512_loadu_ps(source.offset(i as isize * rs)) });
+        // Within each 128-bit lane L (columns 4L..4L+3), t[2i] holds columns 4L, 4L+1 and
+        // t[2i+1] columns 4L+2, 4L+3 of rows 2i and 2i+1, interleaved.
+        let t: [__m512; 16] = std::array::from_fn(|j| {
+            let (a, b) = (r[j & !1], r[j | 1]);
+            if j % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        // u[4g + c], lane L: column 4L + c of rows 4g..4g+3.
+        let u: [__m512; 16] = std::array::from_fn(|j| {
+            let (g, c) = (j / 4, j % 4);
+            let (a, b) = (
+                _mm512_castps_pd(t[4 * g + c / 2]),
+                _mm512_castps_pd(t[4 * g + c / 2 + 2]),
+            );
+            _mm512_castpd_ps(if c % 2 == 0 {
+                _mm512_unpacklo_pd(a, b)
+            } else {
+                _mm512_unpackhi_pd(a, b)
+            })
+        });
+        // Column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+        let mut columns = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let low_01 = _mm512_shuffle_f32x4::<0x44>(u[c], u[4 + c]);
+            let high_01 = _mm512_shuffle_f32x4::<0xEE>(u[c], u[4 + c]);
+            let low_23 = _mm512_shuffle_f32x4::<0x44>(u[8 + c], u[12 + c]);
+            let high_23 = _mm512_shuffle_f32x4::<0xEE>(u[8 + c], u[12 + c]);
+            columns[c] = _mm512_shuffle_f32x4::<0x88>(low_01, low_23);
+            columns[4 + c] = _mm512_shuffle_f32x4::<0xDD>(low_01, low_23);
+            columns[8 + c] = _mm512_shuffle_f32x4::<0x88>(high_01, high_23);
+            columns[12 + c] = _mm512_shuffle_f32x4::<0xDD>(high_01, high_23);
+        }
+        columns
     }
 
     /// Mask of the first `lanes` (1..=16) lanes.

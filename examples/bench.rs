@@ -17,7 +17,7 @@
 //! backend is fixed when a process first uses it. Peaks: an FMA loop with 16 independent
 //! accumulators (AVX-512 and AVX2, the best counts), the same measure as ../shared/peers/peak_bench.
 
-use ndarray::{Array2, Array4, ArrayD, IxDyn};
+use ndarray::{Array2, Array4, ArrayD, Ix2, Ix4, IxDyn};
 use pointwise::ops::{conv1x1, GradWrite};
 use pointwise::optim::{Optimizer, OptimizerKind};
 use pointwise::{Architecture, Model};
@@ -74,8 +74,12 @@ fn values(seed: u32) -> impl FnMut() -> f32 {
     }
 }
 
+/// A tensor of those values, allocated as the tape allocates its own (on a cache line).
 fn fill(shape: &[usize], seed: u32) -> ArrayD<f32> {
-    ArrayD::from_shape_simple_fn(IxDyn(shape), values(seed))
+    let mut tensor = pointwise::buffer::zeros(IxDyn(shape));
+    let mut next = values(seed);
+    tensor.iter_mut().for_each(|v| *v = next());
+    tensor
 }
 
 /// Warm up (at least 2 calls and 0.3 s), then time 5 batches of about 0.4 s: (median, min) ms per call.
@@ -121,7 +125,7 @@ fn gemm_figures() -> Vec<Figure> {
     ] {
         let a = fill(&[m, k], 1).into_dimensionality().unwrap();
         let b = fill(&[k, n], 2).into_dimensionality().unwrap();
-        let mut c = Array2::<f32>::zeros((m, n));
+        let mut c = pointwise::buffer::zeros::<f32, _>(Ix2(m, n));
         let ms = bench(|| {
             pointwise::gemm::gemm(1.0, a.view(), b.view(), 0.0, c.view_mut()).unwrap();
             black_box(&c);
@@ -145,13 +149,14 @@ fn w1_figures() -> Vec<Figure> {
     let bias = fill(&[C_OUT], 5)
         .into_dimensionality::<ndarray::Ix1>()
         .unwrap();
-    let mut y = Array4::<f32>::zeros((N, C_OUT, SIDE, SIDE));
+    let mut y = pointwise::buffer::zeros::<f32, _>(Ix4(N, C_OUT, SIDE, SIDE));
     let forward = bench(|| {
         conv1x1::forward(x.view(), weight.view(), Some(bias.view()), y.view_mut()).unwrap();
         black_box(&y);
     });
-    let ones = Array4::<f32>::ones((N, C_OUT, SIDE, SIDE));
-    let mut dx = Array4::<f32>::zeros(x.dim());
+    let mut ones = pointwise::buffer::zeros::<f32, _>(Ix4(N, C_OUT, SIDE, SIDE));
+    ones.fill(1.0);
+    let mut dx = pointwise::buffer::zeros::<f32, _>(x.raw_dim());
     let mut dweight = Array2::<f32>::zeros(weight.dim());
     let mut dbias = ndarray::Array1::<f32>::zeros(C_OUT);
     let forward_backward = bench(|| {

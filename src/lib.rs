@@ -144,6 +144,7 @@
 //! | dX | gradient of the loss with respect to X | `dx`, `dy`, `dweight`, `dbias` |
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod buffer;
 pub mod checkpoint;
 pub mod cost;
 pub mod data;

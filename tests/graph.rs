@@ -252,3 +252,45 @@ fn a_graph_without_a_batch_axis_everywhere_runs_whole() {
     assert_eq!(whole, again);
     assert_eq!(graph.grad(sum).unwrap().shape(), &[4, 2, 3, 3]);
 }
+
+#[test]
+fn buffers_start_on_a_cache_line() {
+    use pointwise::buffer::{self, ALIGN};
+    for shape in [
+        vec![0],
+        vec![1],
+        vec![3, 5],
+        vec![2, 3, 7, 7],
+        vec![32, 64, 28, 28],
+    ] {
+        let single: ArrayD<f32> = buffer::zeros(IxDyn(&shape));
+        let double: ArrayD<f64> = buffer::zeros(IxDyn(&shape));
+        assert_eq!(single.shape(), shape.as_slice());
+        assert_eq!(double.shape(), shape.as_slice());
+        assert!(single.is_standard_layout() && double.is_standard_layout());
+        assert!(single.iter().all(|&v| v == 0.0) && double.iter().all(|&v| v == 0.0));
+        if !shape.contains(&0) {
+            assert_eq!(single.as_ptr() as usize % ALIGN, 0, "{shape:?}");
+            assert_eq!(double.as_ptr() as usize % ALIGN, 0, "{shape:?}");
+        }
+    }
+    // The tape's own values and gradients are allocated that way.
+    let mut graph = Graph::<f32>::new();
+    let x = graph.input_with_grad("x");
+    graph
+        .set_input(x, random(&[3, 4, 5, 5], 1).mapv(|v| v as f32).view())
+        .unwrap();
+    let weight = graph
+        .param("weight", random(&[6, 4], 2).mapv(|v| v as f32))
+        .unwrap();
+    let y = graph.conv1x1_relu(x, weight, None).unwrap();
+    let pooled = graph.global_avg_pool(y).unwrap();
+    graph.forward(pooled).unwrap();
+    graph
+        .backward_from(pooled, ArrayD::ones(IxDyn(&[3, 6])).view())
+        .unwrap();
+    for id in [x, y, pooled] {
+        assert!(buffer::is_aligned(&graph.value(id).unwrap()));
+        assert!(buffer::is_aligned(&graph.grad(id).unwrap()));
+    }
+}

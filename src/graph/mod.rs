@@ -190,10 +190,10 @@ pub struct ParamMut<'a, T> {
 }
 
 /// Reallocates `buffer` only when its shape changes: the reason steady-state steps allocate
-/// nothing.
+/// nothing. A new buffer starts on a cache line ([`crate::buffer`]).
 fn resize<T: Element>(buffer: &mut ArrayD<T>, shape: &[usize]) {
     if buffer.shape() != shape {
-        *buffer = ArrayD::zeros(IxDyn(shape));
+        *buffer = crate::buffer::zeros(IxDyn(shape));
     }
 }
 

@@ -281,12 +281,19 @@ pub fn backward_with<T: Element>(
             Ok(())
         })?;
     }
-    if let Some(mut dbias) = dbias {
-        for dy_block in dy.outer_iter() {
-            for (db, row) in dbias.iter_mut().zip(sample_matrix(dy_block)?.outer_iter()) {
-                *db += row.sum();
+    if let Some(dbias) = dbias {
+        // Each thread sums its own channels over every sample and pixel.
+        in_parts((Along(dy, Axis(1)), Along(dbias, Axis(0))), &|(
+            Along(dy, _),
+            Along(mut dbias, _),
+        )| {
+            for dy_block in dy.outer_iter() {
+                for (db, row) in dbias.iter_mut().zip(dy_block.outer_iter()) {
+                    *db += row.sum();
+                }
             }
-        }
+            Ok(())
+        })?;
     }
     Ok(())
 }

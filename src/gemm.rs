@@ -510,6 +510,79 @@ mod avx512 {
         }
     }
 
+    /// A block of cache lines a tile asks for ahead of its use: `rows` rows of `lines` lines
+    /// (16 floats each), the rows `stride` floats apart from `start`. Nothing when `rows` is 0.
+    #[derive(Clone, Copy)]
+    struct Upcoming {
+        start: *const f32,
+        rows: usize,
+        lines: usize,
+        stride: isize,
+    }
+
+    /// Issues the prefetches of an [`Upcoming`] block evenly over a tile's `depth` steps: one
+    /// every `every` steps (or `burst` per step when there are more lines than steps). Spread
+    /// out, they arrive while the tile computes; the same prefetches issued in bursts (a
+    /// whole panel at a tile's start, or 4 lines every step) did not measurably help.
+    struct Prefetcher {
+        block: Upcoming,
+        remaining: usize,
+        every: usize,
+        burst: usize,
+        countdown: usize,
+        row: usize,
+        line: usize,
+    }
+
+    impl Prefetcher {
+        fn new(block: Upcoming, depth: usize) -> Self {
+            let total = block.rows * block.lines;
+            // A tile has depth ≥ 1 steps; no lines (total = 0) means no prefetch.
+            let (every, burst) = match depth.checked_div(total) {
+                None => (usize::MAX, 0),
+                Some(steps) => (steps.max(1), total.div_ceil(depth)),
+            };
+            Prefetcher {
+                block,
+                remaining: total,
+                every,
+                burst,
+                countdown: every,
+                row: 0,
+                line: 0,
+            }
+        }
+
+        /// One step of the tile: a prefetch when its turn has come.
+        #[inline(always)]
+        fn step(&mut self) {
+            if self.remaining == 0 {
+                return;
+            }
+            self.countdown -= 1;
+            if self.countdown != 0 {
+                return;
+            }
+            self.countdown = self.every;
+            for _ in 0..self.burst.min(self.remaining) {
+                let address = self
+                    .block
+                    .start
+                    .wrapping_offset(self.row as isize * self.block.stride)
+                    .wrapping_add(16 * self.line);
+                // SAFETY: a prefetch is only a hint: it never faults and reads nothing the
+                // program sees (the addresses are inside A or B anyway).
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(address.cast::<i8>()) };
+                self.line += 1;
+                if self.line == self.block.lines {
+                    self.line = 0;
+                    self.row += 1;
+                }
+                self.remaining -= 1;
+            }
+        }
+    }
+
     /// C tile (ROWS × VECTORS·16, the last vector masked) ← α·A·B + β·C over `depth` steps.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
@@ -528,13 +601,18 @@ mod avx512 {
         rsc: isize,
         last: __mmask16,
         prefetch: bool,
+        upcoming: [Upcoming; 2],
     ) {
         let mut acc = [[_mm512_setzero_ps(); VECTORS]; ROWS];
         let mask = |v: usize| if v + 1 == VECTORS { last } else { 0xFFFF };
+        let mut prefetchers = upcoming.map(|block| Prefetcher::new(block, depth));
         for p in 0..depth as isize {
-            // The first tile of a panel reads B from memory, rows a stride apart (a row of Xₙ
-            // is P floats): it asks for the row 8 steps ahead, so that it is in L1 when its turn
-            // comes; later tiles find the panel in cache. A prefetch never faults.
+            for prefetcher in prefetchers.iter_mut() {
+                prefetcher.step();
+            }
+            // The first tile of a panel also asks for its own rows of B 8 steps ahead: the
+            // first panel of a product had no earlier tiles to fetch it. A prefetch never
+            // faults.
             if prefetch {
                 for v in 0..VECTORS {
                     let ahead = b.wrapping_offset((p + 8) * rsb).wrapping_add(16 * v);
@@ -581,39 +659,6 @@ mod avx512 {
         }
     }
 
-    /// B blocks of at least this many bytes (and at most [`READ_AHEAD_MAX`]) are read ahead.
-    const READ_AHEAD_MIN: usize = 64 << 10;
-    const READ_AHEAD_MAX: usize = 1 << 20;
-
-    /// Reads one float every 16 of a block of B (`rows` rows of `columns` floats, `rs` apart),
-    /// in address order, before the tiles use it. A block of Xₙ or dYₙ usually comes from
-    /// memory, and the tiles alone pull it in panel by panel, with the first tile of every
-    /// panel waiting for its panel (timed per tile: 5× its time when B was cached; prefetches
-    /// issued from the other tiles did not shorten it). Read in order first, the block streams
-    /// into L2 at full bandwidth: W1's forward + backward at 1 thread takes 11.9–12.1 ms with
-    /// this pass and 13.1–13.3 ms without (buffers aligned in both). When B is already cached
-    /// the pass costs about 5 % of the product. Blocks too small to matter or too large for
-    /// L2 are left alone.
-    ///
-    /// # Safety
-    /// Every `block + r·rs + j` for r < rows, j < columns must be readable.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn read_ahead(block: *const f32, rows: usize, columns: usize, rs: isize) {
-        let bytes = rows * columns * 4;
-        if !(READ_AHEAD_MIN..=READ_AHEAD_MAX).contains(&bytes) {
-            return;
-        }
-        for r in 0..rows {
-            // SAFETY: row r of the block.
-            let row = unsafe { block.offset(r as isize * rs) };
-            for j in (0..columns).step_by(16) {
-                // SAFETY: float j of row r. Volatile, so that the otherwise unused read stays;
-                // the reads are independent, so they overlap.
-                unsafe { std::ptr::read_volatile(row.add(j)) };
-            }
-        }
-    }
-
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn nn(
@@ -651,7 +696,7 @@ mod avx512 {
             };
         }
         // SAFETY: B's k rows of n floats.
-        unsafe { read_ahead(b, k, n, rsb) };
+
         for column in (0..n).step_by(NN_WIDTH) {
             let width = NN_WIDTH.min(n - column);
             let vectors = width.div_ceil(16);
@@ -666,8 +711,72 @@ mod avx512 {
                 };
                 // The ReLU applies to the finished sum, in the last K block.
                 let relu = relu && start + depth == k;
+                // The next panel of B in loop order: the next K block, else the next columns.
+                let (next_column, next_start) = if start + NN_DEPTH < k {
+                    (column, start + NN_DEPTH)
+                } else {
+                    (column + NN_WIDTH, 0)
+                };
+                let next_depth = if next_column < n {
+                    NN_DEPTH.min(k - next_start)
+                } else {
+                    0
+                };
+                let next_lines = if next_column < n {
+                    NN_WIDTH.min(n - next_column).div_ceil(16)
+                } else {
+                    0
+                };
+                let tiles = m.div_ceil(NN_ROWS);
                 for row in (0..m).step_by(NN_ROWS) {
                     let rows = NN_ROWS.min(m - row);
+                    let tile = row / NN_ROWS;
+                    // While the panel's first tile waits on B, the others compute from L1:
+                    // each asks for its share of the next panel's rows.
+                    let next_panel = if tile > 0 && next_depth > 0 {
+                        let first = (tile - 1) * next_depth / (tiles - 1);
+                        let last = tile * next_depth / (tiles - 1);
+                        Upcoming {
+                            start: b
+                                .wrapping_offset((next_start + first) as isize * rsb)
+                                .wrapping_add(next_column),
+                            rows: last - first,
+                            lines: next_lines,
+                            stride: rsb,
+                        }
+                    } else {
+                        Upcoming {
+                            start: b,
+                            rows: 0,
+                            lines: 1,
+                            stride: 0,
+                        }
+                    };
+                    // And the rows of A the next tile will broadcast, when A is large (Xₙ in
+                    // dW's path) and so comes from memory too; a small A (W) stays cached.
+                    let (next_row, next_a_start) = if row + NN_ROWS < m {
+                        (row + NN_ROWS, start)
+                    } else {
+                        (0, start + NN_DEPTH)
+                    };
+                    let next_a = if csa == 1 && m * k * 4 >= 256 << 10 && next_a_start < k {
+                        let next_a_depth = NN_DEPTH.min(k - next_a_start);
+                        Upcoming {
+                            start: a
+                                .wrapping_offset(next_row as isize * rsa)
+                                .wrapping_add(next_a_start),
+                            rows: NN_ROWS.min(m - next_row),
+                            lines: next_a_depth.div_ceil(16),
+                            stride: rsa,
+                        }
+                    } else {
+                        Upcoming {
+                            start: a,
+                            rows: 0,
+                            lines: 1,
+                            stride: 0,
+                        }
+                    };
                     // SAFETY: the tile's corner is inside A, B and C (row < m, column < n,
                     // start < k); the tile kernel stays inside by rows, depth and the mask.
                     unsafe {
@@ -691,7 +800,8 @@ mod avx512 {
                             c,
                             rsc,
                             last,
-                            row == 0
+                            row == 0,
+                            [next_panel, next_a]
                         );
                     }
                 }

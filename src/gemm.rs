@@ -9,12 +9,12 @@
 //!   a tile of C of 6 rows × 64 columns lives in 24 zmm registers; each step k broadcasts
 //!   6 values `A[i,k]` (A may be any strided view, e.g. Wᵀ, so it is never copied) and loads
 //!   4 vectors of B's row k, then issues 24 FMAs. K is cut in blocks of 128 so that B's panel
-//!   (128×64 floats, 32 KiB) stays in L1 for every row tile after the first; the first one,
-//!   which reads the panel from memory (rows a whole row of Xₙ apart), prefetches 8 rows
-//!   ahead. Before the tiles start, a B of 64 KiB to 1 MiB (Xₙ, dYₙ) is read once in address
-//!   order, one float per cache line, so that it streams into L2 at full bandwidth instead of
-//!   arriving panel by panel at the pace of the first tiles. The bias and a ReLU can be
-//!   applied as each tile is stored ([`gemm_bias_relu`]).
+//!   (128×64 floats, 32 KiB) stays in L1 for every row tile after the first. Xₙ and dYₙ come
+//!   from memory, so while a panel's later tiles compute from L1 each prefetches a share of
+//!   the *next* panel, one cache line every few steps, and the next first tile finds it in
+//!   cache (when A is large too — Xₙ, broadcast in dW's path — each tile also prefetches the
+//!   next tile's rows of A). The bias and a ReLU can be applied as each tile is stored
+//!   ([`gemm_bias_relu`]).
 //! - **B transposed** (B's *columns* contiguous, as Xₙᵀ in `dW = Σ dYₙ·Xₙᵀ`): the smaller of
 //!   the two operands is copied once into a row-major scratch buffer (kept per thread, so it
 //!   is allocated once): B itself when N ≤ M, then NN runs straight into C; otherwise Aᵀ, then

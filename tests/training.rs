@@ -300,3 +300,32 @@ fn bad_training_settings_are_invalid_configs() {
         Err(Error::InvalidConfig { .. })
     ));
 }
+
+/// The model runs its backward pass in chunks only when the batch's intermediate gradients
+/// are large (over `CHUNK_ABOVE_BYTES`): there, an intermediate gradient is no longer kept.
+#[test]
+fn the_model_chunks_its_backward_pass_only_for_large_batches() {
+    use pointwise::model::CHUNK_ABOVE_BYTES;
+    for (channels, side, chunked) in [(32, 8, false), (128, 32, true)] {
+        let mut model = Model::new(Architecture::bottleneck(channels, 32, 4), 1).unwrap();
+        let images = ndarray::Array4::from_shape_fn((16, channels, side, side), |(n, c, h, w)| {
+            ((n * 7 + c * 3 + h * 5 + w) % 11) as f32 * 0.1 - 0.5
+        });
+        let labels: Vec<usize> = (0..16).map(|n| n % 4).collect();
+        model.forward_backward(images.view(), &labels).unwrap();
+        let graph = model.graph();
+        let loss = graph.node_ids().last().unwrap();
+        let bytes = graph.intermediate_gradient_bytes(loss).unwrap();
+        assert_eq!(bytes > CHUNK_ABOVE_BYTES, chunked, "{bytes} bytes");
+        let expand = graph
+            .node_ids()
+            .filter(|&id| graph.kind(id).unwrap() == "conv1x1+relu")
+            .last()
+            .unwrap();
+        assert_eq!(graph.grad(expand).is_err(), chunked);
+        // Parameter gradients are there either way.
+        for id in graph.params() {
+            assert!(graph.grad(id).unwrap().iter().any(|&g| g != 0.0));
+        }
+    }
+}

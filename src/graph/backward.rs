@@ -183,6 +183,18 @@ impl<T: Element> Graph<T> {
         Ok(())
     }
 
+    /// Bytes the gradients of the intermediate nodes up to `target` take when the backward
+    /// pass runs on the whole batch (their values' sizes, after a forward pass): what running
+    /// it in chunks would save.
+    pub fn intermediate_gradient_bytes(&self, target: NodeId) -> Result<usize> {
+        self.node(target)?;
+        Ok(self.nodes[..=target.0]
+            .iter()
+            .filter(|node| node.requires_grad && !node.is_leaf())
+            .map(|node| node.value.len() * std::mem::size_of::<T>())
+            .sum())
+    }
+
     /// Back-propagates a given upstream gradient ∂L/∂(node) — of the node's shape — through the
     /// tape. Used by [`crate::gradcheck`] with a random upstream gradient.
     pub fn backward_from(&mut self, target: NodeId, upstream: ArrayViewD<T>) -> Result<()> {

@@ -17,7 +17,8 @@
 //!
 //! [`Graph::set_backward_chunk`] runs the backward pass a few samples at a time: the same
 //! sweep once per chunk, so that the gradient of an intermediate node holds one chunk instead
-//! of the batch (see `backward.rs`). [`crate::Model`] uses chunks of 4 samples.
+//! of the batch (see `backward.rs`). [`crate::Model`] uses chunks of 4 samples when the
+//! batch's intermediate gradients are large.
 //!
 //! The math never lives here: each arm of the two `match`es — in `forward.rs` and
 //! `backward.rs` beside this file — calls one op module's `forward` or `backward`; `build.rs`

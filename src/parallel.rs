@@ -56,9 +56,14 @@ pub(crate) trait Split: Sized + Send {
 /// A view to be cut along `axis`.
 pub(crate) struct Along<V>(pub V, pub Axis);
 
+/// The length along `axis`; a view without that axis (a scalar) is one item that is never cut.
+fn along_len(shape: &[usize], axis: Axis) -> usize {
+    shape.get(axis.index()).copied().unwrap_or(1)
+}
+
 impl<T: Sync, D: Dimension> Split for Along<ArrayView<'_, T, D>> {
     fn len(&self) -> usize {
-        self.0.len_of(self.1)
+        along_len(self.0.shape(), self.1)
     }
     fn split(self, mid: usize) -> (Self, Self) {
         let (first, second) = self.0.split_at(self.1, mid);
@@ -68,7 +73,7 @@ impl<T: Sync, D: Dimension> Split for Along<ArrayView<'_, T, D>> {
 
 impl<T: Send, D: Dimension> Split for Along<ArrayViewMut<'_, T, D>> {
     fn len(&self) -> usize {
-        self.0.len_of(self.1)
+        along_len(self.0.shape(), self.1)
     }
     fn split(self, mid: usize) -> (Self, Self) {
         let (first, second) = self.0.split_at(self.1, mid);
@@ -147,11 +152,6 @@ pub(crate) fn fill<T: Copy + Send + Sync, D: Dimension>(
     view: ArrayViewMut<'_, T, D>,
     value: T,
 ) -> Result<()> {
-    if view.ndim() == 0 {
-        let mut view = view;
-        view.fill(value);
-        return Ok(());
-    }
     in_parts(Along(view, Axis(0)), &|Along(mut part, _)| {
         part.fill(value);
         Ok(())

@@ -58,8 +58,8 @@ pub struct EpochReport {
     pub images_per_second: f64,
 }
 
-/// Trains a model epoch by epoch; owns the optimizer state, the shuffle RNG and the label buffer (each batch is gathered
-/// straight into the model's input).
+/// Trains a model epoch by epoch; owns the optimizer state, the shuffle RNG and the label
+/// buffer (each batch is gathered straight into the model's input).
 pub struct Trainer {
     config: TrainConfig,
     optimizer: Optimizer<f32>,

@@ -249,3 +249,26 @@ fn gradient_buffers_of_the_wrong_shape_are_rejected_by_the_ops() {
     );
     assert!(matches!(result, Err(Error::ShapeMismatch { .. })));
 }
+
+/// A scalar (0-d) input goes through the same finiteness checks as a batch: it is one item
+/// the threads do not cut.
+#[test]
+fn a_scalar_input_is_checked_for_finiteness_like_a_batch() {
+    use ndarray::{aview0, IxDyn};
+    let mut graph = Graph::<f64>::new();
+    let x = graph.input("x");
+    graph.set_input_finite(x, aview0(&2.0).into_dyn()).unwrap();
+    graph.check_input_finite(x).unwrap();
+    let error = graph
+        .set_input_finite(x, aview0(&f64::NAN).into_dyn())
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::NonFinite { what } if what.contains("element 0")),
+        "{error}"
+    );
+    graph.input_mut(x, &[]).unwrap()[IxDyn(&[])] = f64::INFINITY;
+    assert!(matches!(
+        graph.check_input_finite(x),
+        Err(Error::NonFinite { .. })
+    ));
+}

@@ -335,12 +335,7 @@ impl<T: Element> Graph<T> {
             Along(value.view(), Axis(0)),
             Along(node.value.view_mut(), Axis(0)),
         );
-        let result = if value.ndim() == 0 {
-            copy(parts)
-        } else {
-            crate::parallel::in_parts(parts, &copy)
-        };
-        if result.is_err() {
+        if crate::parallel::in_parts(parts, &copy).is_err() {
             return Err(non_finite_input(&node.name, value));
         }
         node.has_value = true;
@@ -375,13 +370,7 @@ impl<T: Element> Graph<T> {
                 })
             }
         };
-        let value = node.value.view();
-        let result = if value.ndim() == 0 {
-            check(Along(value, Axis(0)))
-        } else {
-            crate::parallel::in_parts(Along(value, Axis(0)), &check)
-        };
-        if result.is_err() {
+        if crate::parallel::in_parts(Along(node.value.view(), Axis(0)), &check).is_err() {
             node.has_value = false;
             return Err(non_finite_input(&node.name, node.value.view()));
         }

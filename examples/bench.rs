@@ -165,13 +165,19 @@ fn w1_figures() -> Vec<Figure> {
         // (what the tape does for a gradient's first contribution), dW and db start from zero.
         dweight.fill(0.0);
         dbias.fill(0.0);
-        conv1x1::backward_with(
+        conv1x1::backward(
             x.view(),
             weight.view(),
             ones.view(),
-            Some(dx.view_mut()),
+            None,
             Some(dweight.view_mut()),
             Some(dbias.view_mut()),
+        )
+        .unwrap();
+        conv1x1::input_gradient(
+            weight.view(),
+            ones.view(),
+            dx.view_mut(),
             GradWrite::Overwrite,
         )
         .unwrap();

@@ -8,10 +8,6 @@
 //! 256·64 + 64·256·16 = 256·64·17 MACs, "256 → 4×4 conv 256" costs 256·256·16: 64/17 ≈ 3.76×
 //! more. `tests/cost.rs` checks these numbers on the cost model itself.
 
-use crate::element::Element;
-use crate::error::{Error, Result};
-use crate::graph::{Graph, NodeId, Op};
-
 /// What one node costs.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Cost {
@@ -30,7 +26,7 @@ fn product(dims: &[usize]) -> u64 {
 }
 
 /// A convolution seen as GEMMs: per sample (F1×F·K²)·(F·K²×P′), with P′ output pixels.
-fn convolution(
+pub(crate) fn convolution(
     batch: usize,
     c_in_k2: usize,
     c_out: usize,
@@ -74,106 +70,4 @@ pub fn conv2d(x: &[usize], weight: &[usize], y: &[usize], bias: bool, input_grad
         bias,
         input_grad,
     )
-}
-
-impl<T: Element> Graph<T> {
-    /// What a node costs (parameters, multiply-adds, GEMM shapes), from the shapes of the last
-    /// forward pass; see [`crate::cost`].
-    pub fn cost(&self, id: NodeId) -> Result<Cost> {
-        let node = self.node(id)?;
-        let shape = |id: &NodeId, ndim: usize| -> Result<&[usize]> {
-            let shape = self.nodes[id.0].value.shape();
-            if shape.len() != ndim {
-                return Err(Error::graph(format!(
-                    "cost of {:?}: run forward first",
-                    node.name
-                )));
-            }
-            Ok(shape)
-        };
-        let needs_grad = |id: &NodeId| self.nodes[id.0].requires_grad;
-        Ok(match &node.op {
-            Op::Conv1x1 {
-                input,
-                weight,
-                bias,
-                ..
-            } => conv1x1(
-                shape(input, 4)?,
-                shape(weight, 2)?[0],
-                bias.is_some(),
-                needs_grad(input),
-            ),
-            Op::Conv2d {
-                input,
-                weight,
-                bias,
-                ..
-            } => {
-                let y = &node.value.shape();
-                conv2d(
-                    shape(input, 4)?,
-                    shape(weight, 4)?,
-                    y,
-                    bias.is_some(),
-                    needs_grad(input),
-                )
-            }
-            Op::Linear {
-                input,
-                weight,
-                bias,
-            } => linear(
-                shape(input, 2)?,
-                shape(weight, 2)?[0],
-                bias.is_some(),
-                needs_grad(input),
-            ),
-            _ => Cost::default(),
-        })
-    }
-
-    /// The sum of every node's cost (after a forward pass).
-    pub fn total_cost(&self) -> Result<Cost> {
-        let mut total = Cost::default();
-        for id in self.node_ids() {
-            let cost = self.cost(id)?;
-            total.params += cost.params;
-            total.forward_macs += cost.forward_macs;
-            total.backward_macs += cost.backward_macs;
-            total.gemms.extend(cost.gemms);
-        }
-        Ok(total)
-    }
-
-    /// A table of every op node after a forward pass: its output shape (which node changes C,
-    /// which changes H and W), its parameters, its multiply-adds and the GEMMs it runs.
-    pub fn summary(&self) -> Result<String> {
-        let mut text = format!(
-            "{:<22} {:<22} {:>18} {:>9} {:>14} {:>14}  GEMMs (per sample × batch)\n",
-            "node", "kind", "output shape", "params", "fwd MACs", "bwd MACs"
-        );
-        for (index, node) in self.nodes.iter().enumerate() {
-            if matches!(node.op, Op::Input | Op::Param) {
-                continue;
-            }
-            let cost = self.cost(NodeId(index))?;
-            text += &format!(
-                "{:<22} {:<22} {:>18} {:>9} {:>14} {:>14}  {}\n",
-                node.name,
-                node.op.kind(),
-                format!("{:?}", node.value.shape()),
-                cost.params,
-                cost.forward_macs,
-                cost.backward_macs,
-                cost.gemms.join("; ")
-            );
-        }
-        let total = self.total_cost()?;
-        text += &format!(
-            "{:<22} {:<22} {:>18} {:>9} {:>14} {:>14}\n",
-            "total", "", "", total.params, total.forward_macs, total.backward_macs
-        );
-        Ok(text)
-    }
 }

@@ -158,6 +158,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod parallel;
+mod summary;
 pub mod train;
 
 /// The README's code blocks, compiled and run as doc tests, so that the README stays true.

@@ -10,7 +10,10 @@
 //! the size of rayon's global pool (`RAYON_NUM_THREADS`, else the number of cores).
 
 use crate::error::{Error, Result};
-use ndarray::{ArrayView, ArrayViewMut, Axis, Dimension};
+use ndarray::{
+    ArrayView, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut, ArrayViewMut2, ArrayViewMut3,
+    ArrayViewMut4, Axis, Dimension,
+};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// 0 until decided.
@@ -170,4 +173,47 @@ pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         // rayon::scope runs the closure to completion before it returns.
         None => unreachable!("rayon::scope returned without running its closure"),
     }
+}
+
+/// Sample n's (C, H, W) block seen as a (C, P) matrix, without copying: in a row-major
+/// tensor it already is one.
+pub(crate) fn sample_matrix<T>(block: ArrayView3<'_, T>) -> Result<ArrayView2<'_, T>> {
+    let (channels, height, width) = block.dim();
+    block
+        .into_shape_with_order((channels, height * width))
+        .map_err(|_| not_row_major([channels, height, width]))
+}
+
+/// The same for a mutable block.
+pub(crate) fn sample_matrix_mut<T>(block: ArrayViewMut3<'_, T>) -> Result<ArrayViewMut2<'_, T>> {
+    let (channels, height, width) = block.dim();
+    block
+        .into_shape_with_order((channels, height * width))
+        .map_err(|_| not_row_major([channels, height, width]))
+}
+
+fn not_row_major(shape: [usize; 3]) -> Error {
+    Error::invalid_shape(
+        "conv1x1",
+        "tensors must be in standard (row-major) layout",
+        &shape,
+    )
+}
+
+/// Runs `work(Aₙ, Bₙ)` for every sample n of two (N, C, H, W) tensors, each seen as a (C, P)
+/// matrix; the samples split between the threads.
+pub(crate) fn each_sample<T: Sync + Send>(
+    a: ArrayView4<'_, T>,
+    b: ArrayViewMut4<'_, T>,
+    work: &(impl Fn(ArrayView2<T>, ArrayViewMut2<T>) -> Result<()> + Sync),
+) -> Result<()> {
+    in_parts((Along(a, Axis(0)), Along(b, Axis(0))), &|(
+        Along(a, _),
+        Along(mut b, _),
+    )| {
+        for (a_n, b_n) in a.outer_iter().zip(b.outer_iter_mut()) {
+            work(sample_matrix(a_n)?, sample_matrix_mut(b_n)?)?;
+        }
+        Ok(())
+    })
 }

@@ -534,8 +534,16 @@ fn conv1x1_relu_fused_path_matches_the_two_reference_ops() {
             .into_dimensionality::<Ix1>()
             .unwrap();
         let out = (case.batch, case.c_out, case.height, case.width);
-        let (mut y, mut z) = (Array4::<T>::zeros(out), Array4::<T>::zeros(out));
-        conv1x1::forward_relu(x.view(), weight.view(), Some(bias.view()), y.view_mut()).unwrap();
+        // The fused node as the tape runs it.
+        let mut graph = pointwise::Graph::<T>::new();
+        let x_node = graph.input_with_grad("x");
+        let w_node = graph.param("w", weight.clone().into_dyn()).unwrap();
+        let b_node = graph.param("b", bias.clone().into_dyn()).unwrap();
+        let y_node = graph.conv1x1_relu(x_node, w_node, Some(b_node)).unwrap();
+        graph.set_input(x_node, x.view().into_dyn()).unwrap();
+        graph.forward(y_node).unwrap();
+        let y = graph.value(y_node).unwrap().to_owned();
+        let mut z = Array4::<T>::zeros(out);
         conv1x1::forward_reference(x.view(), weight.view(), Some(bias.view()), z.view_mut())
             .unwrap();
         let mut y_ref = ArrayD::<T>::zeros(IxDyn(&[out.0, out.1, out.2, out.3]));
@@ -549,24 +557,14 @@ fn conv1x1_relu_fused_path_matches_the_two_reference_ops() {
         let dy = cast(random(&[out.0, out.1, out.2, out.3], seed + 3))
             .into_dimensionality::<Ix4>()
             .unwrap();
-        let (mut dx, mut dw, mut db) = (
-            Array4::<T>::ones(x.dim()),
-            Array2::<T>::ones(weight.dim()),
-            Array1::<T>::ones(case.c_out),
+        graph.backward_from(y_node, dy.view().into_dyn()).unwrap();
+        let grad = |node| graph.grad(node).unwrap().to_owned();
+        let (dx, dw, db) = (grad(x_node), grad(w_node), grad(b_node));
+        let (mut dx_ref, mut dw_ref, mut db_ref) = (
+            Array4::<T>::zeros(x.dim()),
+            Array2::<T>::zeros(weight.dim()),
+            Array1::<T>::zeros(case.c_out),
         );
-        let (mut dx_ref, mut dw_ref, mut db_ref) = (dx.clone(), dw.clone(), db.clone());
-        let mut masked = dy.clone();
-        conv1x1::backward_relu(
-            x.view(),
-            weight.view(),
-            y.view(),
-            masked.view_mut(),
-            Some(dx.view_mut()),
-            Some(dw.view_mut()),
-            Some(db.view_mut()),
-            pointwise::ops::GradWrite::Accumulate,
-        )
-        .unwrap();
         let mut dz = ArrayD::<T>::zeros(IxDyn(&[out.0, out.1, out.2, out.3]));
         relu::backward_reference(z.view().into_dyn(), dy.view().into_dyn(), dz.view_mut()).unwrap();
         let dz = dz.into_dimensionality::<Ix4>().unwrap();
@@ -580,9 +578,9 @@ fn conv1x1_relu_fused_path_matches_the_two_reference_ops() {
         )
         .unwrap();
         for (got, want) in [
-            (dx.into_dyn(), dx_ref.into_dyn()),
-            (dw.into_dyn(), dw_ref.into_dyn()),
-            (db.into_dyn(), db_ref.into_dyn()),
+            (dx, dx_ref.into_dyn()),
+            (dw, dw_ref.into_dyn()),
+            (db, db_ref.into_dyn()),
         ] {
             for (a, b) in got.iter().zip(want.iter()) {
                 assert!(
@@ -610,7 +608,6 @@ fn conv1x1_relu_fused_path_matches_the_two_reference_ops() {
 /// accumulating into a zeroed buffer gives, whatever the buffer held (NaN here).
 #[test]
 fn overwriting_backward_passes_equal_accumulating_into_zeros() {
-    use pointwise::ops::GradWrite;
     for (i, case) in CASES.iter().enumerate() {
         let x = r4(case.image(), i as u64);
         let weight = r2([case.c_out, case.c_in], 10 + i as u64);
@@ -629,47 +626,13 @@ fn overwriting_backward_passes_equal_accumulating_into_zeros() {
         )
         .unwrap();
         let mut overwritten = Array4::from_elem(x.dim(), f64::NAN);
-        conv1x1::backward_with(
-            x.view(),
+        conv1x1::input_gradient(
             weight.view(),
             dy.view(),
-            Some(overwritten.view_mut()),
-            None,
-            None,
-            GradWrite::Overwrite,
+            overwritten.view_mut(),
+            pointwise::ops::GradWrite::Overwrite,
         )
         .unwrap();
         assert_eq!(accumulated, overwritten, "conv1x1 {case:?}");
-
-        let x = distinct_values(&case.image(), i as u64, 0.01)
-            .into_dimensionality::<Ix4>()
-            .unwrap();
-        for (window, stride) in [(1, 1), (2, 2), (3, 3), (2, 1)] {
-            let Ok(out) = max_pool::output_shape(x.shape(), window, stride) else {
-                continue;
-            };
-            let mut y = Array4::zeros(out);
-            let mut argmax = vec![0; y.len()];
-            max_pool::forward(x.view(), window, stride, y.view_mut(), &mut argmax).unwrap();
-            let dy = r4(out, 30 + i as u64);
-            let mut accumulated = Array4::zeros(x.dim());
-            max_pool::backward(dy.view(), &argmax, accumulated.view_mut()).unwrap();
-            let mut overwritten = Array4::from_elem(x.dim(), f64::NAN);
-            max_pool::backward_with(
-                dy.view(),
-                &argmax,
-                overwritten.view_mut(),
-                GradWrite::Overwrite,
-            )
-            .unwrap();
-            assert_eq!(
-                accumulated, overwritten,
-                "max_pool k{window} s{stride} {case:?}"
-            );
-            let mut again = accumulated.clone();
-            max_pool::backward_with(dy.view(), &argmax, again.view_mut(), GradWrite::Accumulate)
-                .unwrap();
-            assert_abs_diff_eq!(again, &accumulated * 2.0, epsilon = TOL);
-        }
     }
 }

@@ -4,6 +4,12 @@
 //! nodes created before it as inputs, so creation order is already a valid evaluation order and
 //! **reverse creation order is a valid backward order**: no topological sort, no recursion.
 //!
+//! A node is a leaf (an input set from outside, or a trained parameter) or an op: a boxed
+//! [`Operation`] that owns its settings, its saved state, its forward and its backward pass
+//! (one file each under `src/ops/`). The tape knows no op: `forward.rs` and `backward.rs` are
+//! each one loop that calls every node's `forward` or `backward` through that interface
+//! (`op.rs`).
+//!
 //! The graph is **built once and re-run**: you declare inputs, parameters and ops once, then for
 //! every step set the inputs, call [`Graph::forward`] and [`Graph::backward`]. Every node keeps its
 //! value and gradient buffers between steps and reallocates them only when a shape changes
@@ -12,22 +18,21 @@
 //!
 //! Gradients are accumulated with `+=`: a value read by two nodes receives both contributions.
 //! Intermediate gradients start each backward pass empty (the first contribution overwrites or
-//! zeroes the buffer, see [`crate::ops::GradWrite`]); the gradients of leaves (parameters and
-//! inputs) keep accumulating across backward calls until [`Graph::zero_grad`].
-//!
-//! [`Graph::set_backward_chunk`] runs the backward pass a few samples at a time: the same
-//! sweep once per chunk, so that the gradient of an intermediate node holds one chunk instead
-//! of the batch (see `backward.rs`). [`crate::Model`] uses chunks of 4 samples when the
-//! batch's intermediate gradients are large.
-//!
-//! The math never lives here: each arm of the two `match`es — in `forward.rs` and
-//! `backward.rs` beside this file — calls one op module's `forward` or `backward`; `build.rs`
-//! adds nodes and sets inputs; this file holds the types and the accessors.
+//! zeroes the buffer, see [`GradWrite`]); the gradients of leaves (parameters and inputs) keep
+//! accumulating across backward calls until [`Graph::zero_grad`]. `chunk.rs` runs the backward
+//! pass a few samples at a time, to keep intermediate gradients small.
+
+mod backward;
+mod build;
+mod chunk;
+mod forward;
+mod op;
+
+pub use op::{Backward, CloneOperation, Forward, GradWrite, Operation, Port, Ports};
 
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::ops::max_pool;
-use ndarray::{ArrayD, ArrayView, ArrayViewD, ArrayViewMut, ArrayViewMutD, Dimension, IxDyn};
+use ndarray::{ArrayD, ArrayViewMutD, IxDyn};
 
 /// A node of one graph: an index into its tape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -40,133 +45,57 @@ impl NodeId {
     }
 }
 
-/// What a node computes: its input ids and the state its backward pass needs.
+/// Where a node's value comes from.
 #[derive(Debug, Clone)]
-pub(crate) enum Op<T> {
+pub(crate) enum Source<T> {
     /// Data set from outside every step.
     Input,
     /// A trained parameter: a leaf that persists across steps.
     Param,
-    /// With `relu`, the fused conv1x1 + ReLU: the value is the activation.
-    Conv1x1 {
-        input: NodeId,
-        weight: NodeId,
-        bias: Option<NodeId>,
-        relu: bool,
-    },
-    Conv2d {
-        input: NodeId,
-        weight: NodeId,
-        bias: Option<NodeId>,
-        padding: usize,
-    },
-    Linear {
-        input: NodeId,
-        weight: NodeId,
-        bias: Option<NodeId>,
-    },
-    Relu {
-        input: NodeId,
-    },
-    MaxPool {
-        input: NodeId,
-        window: usize,
-        stride: usize,
-        argmax: Vec<max_pool::Position>,
-    },
-    AvgPool {
-        input: NodeId,
-        window: usize,
-        stride: usize,
-    },
-    GlobalAvgPool {
-        input: NodeId,
-    },
-    Add {
-        left: NodeId,
-        right: NodeId,
-    },
-    SoftmaxCrossEntropy {
-        logits: NodeId,
-        labels: Vec<usize>,
-        probs: ArrayD<T>,
-    },
-    MeanSquaredError {
-        prediction: NodeId,
-        target: NodeId,
-    },
-}
-
-impl<T> Op<T> {
-    pub(crate) fn kind(&self) -> &'static str {
-        match self {
-            Op::Input => "input",
-            Op::Param => "param",
-            Op::Conv1x1 { relu: false, .. } => "conv1x1",
-            Op::Conv1x1 { relu: true, .. } => "conv1x1+relu",
-            Op::Conv2d { .. } => "conv2d",
-            Op::Linear { .. } => "linear",
-            Op::Relu { .. } => "relu",
-            Op::MaxPool { .. } => "max_pool",
-            Op::AvgPool { .. } => "avg_pool",
-            Op::GlobalAvgPool { .. } => "global_avg_pool",
-            Op::Add { .. } => "add",
-            Op::SoftmaxCrossEntropy { .. } => "softmax_cross_entropy",
-            Op::MeanSquaredError { .. } => "mse",
-        }
-    }
-
-    fn inputs(&self) -> Vec<NodeId> {
-        match self {
-            Op::Input | Op::Param => vec![],
-            Op::Conv1x1 {
-                input,
-                weight,
-                bias,
-                ..
-            }
-            | Op::Conv2d {
-                input,
-                weight,
-                bias,
-                ..
-            }
-            | Op::Linear {
-                input,
-                weight,
-                bias,
-            } => [Some(*input), Some(*weight), *bias]
-                .into_iter()
-                .flatten()
-                .collect(),
-            Op::Relu { input }
-            | Op::MaxPool { input, .. }
-            | Op::AvgPool { input, .. }
-            | Op::GlobalAvgPool { input } => vec![*input],
-            Op::Add { left, right } => vec![*left, *right],
-            Op::SoftmaxCrossEntropy { logits, .. } => vec![*logits],
-            Op::MeanSquaredError { prediction, target } => vec![*prediction, *target],
-        }
-    }
+    /// An op computed from earlier nodes.
+    Op(Box<dyn Operation<T>>),
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct Node<T> {
     pub(crate) name: String,
-    pub(crate) op: Op<T>,
+    pub(crate) source: Source<T>,
+    /// The nodes an op reads, in the order its builder was given them.
+    pub(crate) inputs: Vec<NodeId>,
     pub(crate) value: ArrayD<T>,
     pub(crate) grad: ArrayD<T>,
     /// True when some leaf below this node wants a gradient; backward skips the others.
     pub(crate) requires_grad: bool,
     /// False for an input that was never set.
     pub(crate) has_value: bool,
-    /// True when the value's first axis is the batch: inputs, and every op computed
-    /// sample by sample from batched data (not parameters, not the scalar losses).
+    /// True when the value's first axis is the batch and sample n depends on the inputs'
+    /// sample n alone (see [`Operation::batched`]): what lets backward run in chunks.
     pub(crate) batched: bool,
     /// During a backward pass: whether `grad` holds a contribution yet. Until it does, its
     /// content is stale, and the first contribution either overwrites it (ops that can) or
     /// zeroes it first. Leaves always count as written: they accumulate across passes.
     pub(crate) grad_written: bool,
+}
+
+impl<T> Node<T> {
+    pub(crate) fn is_leaf(&self) -> bool {
+        !matches!(self.source, Source::Op(_))
+    }
+
+    pub(crate) fn is_param(&self) -> bool {
+        matches!(self.source, Source::Param)
+    }
+
+    pub(crate) fn kind(&self) -> &'static str
+    where
+        T: Element,
+    {
+        match &self.source {
+            Source::Input => "input",
+            Source::Param => "param",
+            Source::Op(op) => op.kind(),
+        }
+    }
 }
 
 /// The tape. `T` is `f32` for training and `f64` for gradient checks.
@@ -192,49 +121,11 @@ pub struct ParamMut<'a, T> {
 
 /// Reallocates `buffer` only when its shape changes: the reason steady-state steps allocate
 /// nothing. A new buffer starts on a cache line ([`crate::buffer`]).
-fn resize<T: Element>(buffer: &mut ArrayD<T>, shape: &[usize]) {
+pub(crate) fn resize<T: Element>(buffer: &mut ArrayD<T>, shape: &[usize]) {
     if buffer.shape() != shape {
         *buffer = crate::buffer::zeros(IxDyn(shape));
     }
 }
-
-/// A view whose number of dimensions the op expects.
-pub(crate) fn dims<T, D: Dimension>(view: ArrayViewD<'_, T>) -> Result<ArrayView<'_, T, D>> {
-    if D::NDIM.is_some_and(|ndim| ndim != view.ndim()) {
-        return Err(wrong_dims(view.shape()));
-    }
-    view.into_dimensionality::<D>()
-        .map_err(|_| Error::graph("a buffer has the wrong number of dimensions"))
-}
-
-pub(crate) fn dims_mut<T, D: Dimension>(
-    view: ArrayViewMutD<'_, T>,
-) -> Result<ArrayViewMut<'_, T, D>> {
-    if D::NDIM.is_some_and(|ndim| ndim != view.ndim()) {
-        return Err(wrong_dims(view.shape()));
-    }
-    view.into_dimensionality::<D>()
-        .map_err(|_| Error::graph("a buffer has the wrong number of dimensions"))
-}
-
-fn wrong_dims(shape: &[usize]) -> Error {
-    Error::graph(format!(
-        "a buffer of shape {shape:?} has the wrong number of dimensions"
-    ))
-}
-
-/// A typed view of a whole node buffer.
-fn typed<T, D: Dimension>(buffer: &ArrayD<T>) -> Result<ArrayView<'_, T, D>> {
-    dims(buffer.view())
-}
-
-fn typed_mut<T, D: Dimension>(buffer: &mut ArrayD<T>) -> Result<ArrayViewMut<'_, T, D>> {
-    dims_mut(buffer.view_mut())
-}
-
-mod backward;
-mod build;
-mod forward;
 
 impl<T: Element> Graph<T> {
     /// An empty graph.
@@ -245,13 +136,33 @@ impl<T: Element> Graph<T> {
         }
     }
 
-    // ---------------------------------------------------------------- parameters and inspection
+    pub(crate) fn node(&self, id: NodeId) -> Result<&Node<T>> {
+        self.nodes.get(id.0).ok_or_else(|| {
+            Error::graph(format!(
+                "node {} does not exist (the graph has {} nodes)",
+                id.0,
+                self.nodes.len()
+            ))
+        })
+    }
+
+    /// The op of node `id` as its own type `O`: how an op's methods reach their node (a loss's
+    /// labels, say). The error names `what` the caller expected.
+    pub(crate) fn op_mut<O: 'static>(&mut self, id: NodeId, what: &str) -> Result<&mut O> {
+        self.node(id)?;
+        let node = &mut self.nodes[id.0];
+        let kind = node.kind();
+        let op = match &mut node.source {
+            Source::Op(op) => op.as_any_mut().downcast_mut::<O>(),
+            _ => None,
+        };
+        op.ok_or_else(|| Error::graph(format!("{what}: node {:?} is a {kind}", node.name)))
+    }
 
     /// The ids of every parameter, in creation order.
     pub fn params(&self) -> Vec<NodeId> {
-        (0..self.nodes.len())
-            .filter(|&i| matches!(self.nodes[i].op, Op::Param))
-            .map(NodeId)
+        self.node_ids()
+            .filter(|id| self.nodes[id.0].is_param())
             .collect()
     }
 
@@ -259,7 +170,7 @@ impl<T: Element> Graph<T> {
     pub fn params_mut(&mut self) -> impl Iterator<Item = ParamMut<'_, T>> {
         self.nodes
             .iter_mut()
-            .filter(|node| matches!(node.op, Op::Param))
+            .filter(|node| node.is_param())
             .map(|node| ParamMut {
                 name: &node.name,
                 value: &mut node.value,
@@ -271,7 +182,7 @@ impl<T: Element> Graph<T> {
     pub fn leaf_value_mut(&mut self, id: NodeId) -> Result<ArrayViewMutD<'_, T>> {
         self.node(id)?;
         let node = &mut self.nodes[id.0];
-        if !matches!(node.op, Op::Input | Op::Param) || !node.has_value {
+        if !node.is_leaf() || !node.has_value {
             return Err(Error::graph(format!(
                 "node {:?} is not a leaf with a value",
                 node.name
@@ -285,14 +196,14 @@ impl<T: Element> Graph<T> {
         Ok(&self.node(id)?.name)
     }
 
-    /// The kind of op a node computes (`"conv1x1"`, `"param"`, ...).
+    /// The kind of node (`"conv1x1"`, `"param"`, `"input"`, ...).
     pub fn kind(&self, id: NodeId) -> Result<&'static str> {
-        Ok(self.node(id)?.op.kind())
+        Ok(self.node(id)?.kind())
     }
 
     /// The ids a node reads.
-    pub fn inputs(&self, id: NodeId) -> Result<Vec<NodeId>> {
-        Ok(self.node(id)?.op.inputs())
+    pub fn inputs(&self, id: NodeId) -> Result<&[NodeId]> {
+        Ok(&self.node(id)?.inputs)
     }
 
     /// Every node id, in creation order.
@@ -324,11 +235,8 @@ impl<T: Element> Graph<T> {
         self.nodes
             .iter()
             .map(|node| {
-                let saved = match &node.op {
-                    Op::MaxPool { argmax, .. } => argmax.capacity(),
-                    Op::SoftmaxCrossEntropy { labels, probs, .. } => {
-                        labels.capacity() + probs.len()
-                    }
+                let saved = match &node.source {
+                    Source::Op(op) => op.saved_elements(),
                     _ => 0,
                 };
                 node.value.len() + node.grad.len() + saved

@@ -20,9 +20,49 @@
 use super::check_same;
 use crate::element::Element;
 use crate::error::Result;
+use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
 use ndarray::{ArrayViewD, ArrayViewMutD, Zip};
 
 const OP: &str = "add";
+
+/// The node on the tape: nothing saved.
+#[derive(Clone, Debug)]
+pub struct Add;
+
+impl<T: Element> Graph<T> {
+    /// left + right, elementwise; both may be the same node.
+    pub fn add(&mut self, left: NodeId, right: NodeId) -> Result<NodeId> {
+        self.push_op(Add, &[left, right])
+    }
+}
+
+impl<T: Element> Operation<T> for Add {
+    fn kind(&self) -> &'static str {
+        OP
+    }
+
+    /// Sample n of the sum depends on sample n of both operands only if both carry a batch.
+    fn batched(&self, inputs_batched: &[bool]) -> bool {
+        inputs_batched.iter().all(|&batched| batched)
+    }
+
+    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
+        let (a, b) = (pass.input(0), pass.input(1));
+        let shape = output_shape(a.shape(), b.shape())?;
+        forward(a.view(), b.view(), pass.output(shape))
+    }
+
+    fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
+        let Backward { dy, mut inputs, .. } = pass;
+        // One side at a time, so that `x + x` (both sides one node) simply receives dy twice.
+        for side in 0..2 {
+            if let (_, Some(d_side)) = inputs.port(side)?.accumulating()? {
+                backward(dy.view(), d_side)?;
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Checks that both operands have the same shape and returns it.
 pub fn output_shape<'a>(a: &'a [usize], b: &[usize]) -> Result<&'a [usize]> {

@@ -18,12 +18,53 @@
 //! ## Cost
 //! Forward k² adds per output element; backward k² adds per output element.
 
-use super::{check_image, check_same, pooled_len};
+use super::{accumulating, check_image, check_same, dims, dims_mut, pooled_len};
 use crate::element::{count, Element};
 use crate::error::Result;
+use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
 use ndarray::{s, ArrayView4, ArrayViewMut4};
 
 const OP: &str = "avg_pool";
+
+/// The node on the tape: its window and stride; nothing saved.
+#[derive(Clone, Debug)]
+pub struct AvgPool {
+    window: usize,
+    stride: usize,
+}
+
+impl<T: Element> Graph<T> {
+    /// Average pooling with a `window`×`window` window every `stride` pixels.
+    pub fn avg_pool(&mut self, input: NodeId, window: usize, stride: usize) -> Result<NodeId> {
+        output_shape(&[1, 1, window.max(1), window.max(1)], window, stride)?;
+        self.push_op(AvgPool { window, stride }, &[input])
+    }
+}
+
+impl<T: Element> Operation<T> for AvgPool {
+    fn kind(&self) -> &'static str {
+        OP
+    }
+
+    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
+        let x = dims(OP, pass.input(0))?;
+        let shape = output_shape(x.shape(), self.window, self.stride)?;
+        forward(
+            x,
+            self.window,
+            self.stride,
+            dims_mut(OP, pass.output(&shape))?,
+        )
+    }
+
+    fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
+        let Backward { dy, mut inputs, .. } = pass;
+        match accumulating(OP, inputs.port(0)?)? {
+            (_, Some(dx)) => backward(dims(OP, dy.view())?, self.window, self.stride, dx),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Checks the input and the pool settings and returns the output shape.
 pub fn output_shape(x: &[usize], window: usize, stride: usize) -> Result<[usize; 4]> {

@@ -28,7 +28,8 @@
 //! they are shared by every pixel. dX has no sum over n: each sample's input is its own.
 //!
 //! ## Fused ReLU
-//! [`forward_relu`] / [`backward_relu`] compute Y = max(W·Xₙ + b, 0) as one node. The ReLU is
+//! The tape's `conv1x1_relu` node ([`Graph::conv1x1_relu`], the speed variants at the end of
+//! this file) computes Y = max(W·Xₙ + b, 0) as one node. The ReLU is
 //! applied as the GEMM stores each tile, so the pre-activation Z never exists in memory; its
 //! derivative needs only Y, because Z > 0 exactly where Y > 0:
 //!
@@ -42,22 +43,97 @@
 //! Forward 2·N·F1·F·P FLOPs. Backward 2·N·F1·F·P for dW, the same for dX (skipped when the input
 //! needs no gradient), N·F1·P for db. Memory traffic per sample: read F·P + F1·F, write F1·P.
 
-use super::{check_image, check_ndim, check_same, shape_text, GradWrite};
+use super::{
+    accumulating, check_image, check_layer_gradients, check_ndim, check_same, dims, dims_mut,
+    grad_shapes, shape_text,
+};
+use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gemm::{gemm, gemm_bias_relu};
-use crate::parallel::{in_parts, Along};
+use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation, Port};
+use crate::parallel::{each_sample, in_parts, sample_matrix, Along};
 use ndarray::{
-    ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4,
+    ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4,
     Axis, Zip,
 };
 
 const OP: &str = "conv1x1";
 
+/// The node on the tape: no saved state beyond its input x and weight, which backward reads
+/// from the tape. With `relu`, the fused max(conv1x1(x), 0), whose backward also reads y.
+#[derive(Clone, Debug)]
+pub struct Conv1x1 {
+    relu: bool,
+}
+
+impl<T: Element> Graph<T> {
+    /// A 1×1 convolution of `input` (N, F, H, W) by `weight` (F1, F), plus an optional `bias` (F1).
+    pub fn conv1x1(
+        &mut self,
+        input: NodeId,
+        weight: NodeId,
+        bias: Option<NodeId>,
+    ) -> Result<NodeId> {
+        self.push_layer(
+            Conv1x1 { relu: false },
+            [input, weight],
+            bias,
+            check_weights,
+        )
+    }
+
+    /// The fused max(conv1x1(input), 0): the same values as `relu(conv1x1(...))` with one
+    /// buffer and one pass instead of two.
+    pub fn conv1x1_relu(
+        &mut self,
+        input: NodeId,
+        weight: NodeId,
+        bias: Option<NodeId>,
+    ) -> Result<NodeId> {
+        self.push_layer(Conv1x1 { relu: true }, [input, weight], bias, check_weights)
+    }
+}
+
+impl<T: Element> Operation<T> for Conv1x1 {
+    fn kind(&self) -> &'static str {
+        if self.relu {
+            "conv1x1+relu"
+        } else {
+            OP
+        }
+    }
+
+    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
+        let (x, weight, bias) = (pass.input(0), pass.input(1), pass.optional(2));
+        let shape = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
+        let y = dims_mut(OP, pass.output(&shape))?;
+        let bias = bias.map(|b| dims(OP, b)).transpose()?;
+        forward_epilogue(dims(OP, x)?, dims(OP, weight)?, bias, self.relu, y)
+    }
+
+    fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
+        let Backward {
+            y,
+            mut dy,
+            mut inputs,
+        } = pass;
+        if self.relu {
+            relu_mask(dims(OP, y)?, dims_mut(OP, dy.view_mut())?)?;
+        }
+        backward_ports(inputs.ports::<3>()?, dy.view())
+    }
+
+    fn cost(&self, inputs: &[&[usize]], _output: &[usize], input_grad: bool) -> Cost {
+        cost::conv1x1(inputs[0], inputs[1][0], inputs.len() > 2, input_grad)
+    }
+}
+
 /// Checks x (N, F, H, W), weight (F1, F) and bias (F1) and returns the output shape (N, F1, H, W).
 pub fn output_shape(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result<[usize; 4]> {
     let [batch, c_in, height, width] = check_image(OP, x)?;
-    let [c_out, weight_c_in] = check_weights(weight, bias)?;
+    check_weights(weight, bias)?;
+    let (c_out, weight_c_in) = (weight[0], weight[1]);
     if c_in != weight_c_in {
         return Err(Error::shape_mismatch(
             OP,
@@ -69,68 +145,45 @@ pub fn output_shape(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Re
     Ok([batch, c_out, height, width])
 }
 
-/// Checks weight (F1, F) with F1, F > 0 and bias (F1); returns [F1, F].
-pub fn check_weights(weight: &[usize], bias: Option<&[usize]>) -> Result<[usize; 2]> {
+/// Checks weight (F1, F) with F1, F > 0 and bias (F1).
+pub(crate) fn check_weights(weight: &[usize], bias: Option<&[usize]>) -> Result<()> {
     check_ndim(OP, "weight (F1, F)", weight, 2)?;
-    let (c_out, c_in) = (weight[0], weight[1]);
-    if c_out == 0 || c_in == 0 {
+    if weight[0] == 0 || weight[1] == 0 {
         return Err(Error::invalid_shape(
             OP,
             "weight must have non-zero F1 and F",
             weight,
         ));
     }
-    if let Some(bias) = bias {
-        check_same(OP, "bias", &[c_out], bias)?;
+    match bias {
+        Some(bias) => check_same(OP, "bias", &weight[..1], bias),
+        None => Ok(()),
     }
-    Ok([c_out, c_in])
 }
 
-/// Checks every buffer of a backward call against x and weight; returns the output shape.
-fn check_gradients<T: Element>(
-    x: &ArrayView4<T>,
-    weight: &ArrayView2<T>,
-    dy: &ArrayView4<T>,
-    dx: &Option<ArrayViewMut4<T>>,
-    dweight: &Option<ArrayViewMut2<T>>,
-    dbias: &Option<ArrayViewMut1<T>>,
-) -> Result<[usize; 4]> {
-    let out = output_shape(x.shape(), weight.shape(), None)?;
-    check_same(OP, "output gradient", &out, dy.shape())?;
-    if let Some(dx) = dx {
-        check_same(OP, "input gradient", x.shape(), dx.shape())?;
-    }
-    if let Some(dweight) = dweight {
-        check_same(OP, "weight gradient", weight.shape(), dweight.shape())?;
-    }
-    if let Some(dbias) = dbias {
-        check_same(OP, "bias gradient", &out[1..2], dbias.shape())?;
-    }
-    Ok(out)
+/// The tape's backward: the three products below, for whichever gradients are wanted, dX
+/// written as the tape says. [`crate::ops::linear`] calls it on (N, F, 1, 1) views.
+pub(crate) fn backward_ports<T: Element>(
+    [x, weight, bias]: [Port<'_, T>; 3],
+    dy: ArrayViewD<'_, T>,
+) -> Result<()> {
+    let dx = x
+        .grad
+        .map(|(dx, write)| dims_mut(OP, dx).map(|dx| (dx, write)));
+    let dx = dx.transpose()?;
+    let (weight, dweight) = accumulating(OP, weight)?;
+    let (_, dbias) = accumulating(OP, bias)?;
+    gradients(
+        dims(OP, x.value)?,
+        weight,
+        dims(OP, dy)?,
+        dx,
+        dweight,
+        dbias,
+    )
 }
 
-/// The error for a sample block that is not one contiguous (C, P) matrix.
-fn not_row_major(shape: [usize; 3]) -> Error {
-    Error::invalid_shape(OP, "tensors must be in standard (row-major) layout", &shape)
-}
-
-/// Sample n's (C, H, W) block seen as a (C, P) matrix, without copying.
-fn sample_matrix<T: Element>(block: ArrayView3<'_, T>) -> Result<ArrayView2<'_, T>> {
-    let (channels, height, width) = block.dim();
-    block
-        .into_shape_with_order((channels, height * width))
-        .map_err(|_| not_row_major([channels, height, width]))
-}
-
-/// The same for a mutable block.
-fn sample_matrix_mut<T: Element>(
-    block: ndarray::ArrayViewMut3<'_, T>,
-) -> Result<ArrayViewMut2<'_, T>> {
-    let (channels, height, width) = block.dim();
-    block
-        .into_shape_with_order((channels, height * width))
-        .map_err(|_| not_row_major([channels, height, width]))
-}
+// ---------------------------------------------------------------- forward and backward
 
 /// Forward: Yₙ = W·Xₙ + b·1ᵀ for every sample, written into `y`.
 pub fn forward<T: Element>(
@@ -139,77 +192,7 @@ pub fn forward<T: Element>(
     bias: Option<ArrayView1<T>>,
     y: ArrayViewMut4<T>,
 ) -> Result<()> {
-    forward_with(x, weight, bias, false, y)
-}
-
-/// Forward of the fused conv1x1 + ReLU: Yₙ = max(W·Xₙ + b·1ᵀ, 0), the ReLU applied as each tile
-/// of Yₙ is stored, so the pre-activation never exists in memory.
-pub fn forward_relu<T: Element>(
-    x: ArrayView4<T>,
-    weight: ArrayView2<T>,
-    bias: Option<ArrayView1<T>>,
-    y: ArrayViewMut4<T>,
-) -> Result<()> {
-    forward_with(x, weight, bias, true, y)
-}
-
-fn forward_with<T: Element>(
-    x: ArrayView4<T>,
-    weight: ArrayView2<T>,
-    bias: Option<ArrayView1<T>>,
-    relu: bool,
-    y: ArrayViewMut4<T>,
-) -> Result<()> {
-    let out = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
-    check_same(OP, "output", &out, y.shape())?;
-    // The samples are independent: split the batch between the threads.
-    in_parts((Along(x, Axis(0)), Along(y, Axis(0))), &|(
-        Along(x, _),
-        Along(mut y, _),
-    )| {
-        for (x_block, y_block) in x.outer_iter().zip(y.outer_iter_mut()) {
-            let (x_n, y_n) = (sample_matrix(x_block)?, sample_matrix_mut(y_block)?);
-            // (F1×F)·(F×P) → (F1×P), the bias added as each tile of Yₙ is stored.
-            gemm_bias_relu(
-                weight.view(),
-                x_n,
-                bias.as_ref().map(|b| b.view()),
-                relu,
-                y_n,
-            )?;
-        }
-        Ok(())
-    })
-}
-
-/// Backward of the fused conv1x1 + ReLU. With Z the pre-activation and Y = max(Z, 0), the
-/// ReLU's backward is `dZ = dY ⊙ 1[Z > 0]`, and Z > 0 exactly where Y > 0, so the mask is read
-/// from the saved output. `dy` is masked in place (it becomes dZ), then the three GEMMs run on
-/// it as in [`backward_with`].
-#[allow(clippy::too_many_arguments)]
-pub fn backward_relu<T: Element>(
-    x: ArrayView4<T>,
-    weight: ArrayView2<T>,
-    y: ArrayView4<T>,
-    dy: ArrayViewMut4<T>,
-    dx: Option<ArrayViewMut4<T>>,
-    dweight: Option<ArrayViewMut2<T>>,
-    dbias: Option<ArrayViewMut1<T>>,
-    dx_write: GradWrite,
-) -> Result<()> {
-    check_same(OP, "output", dy.shape(), y.shape())?;
-    let mut dy = dy;
-    in_parts((Along(y, Axis(0)), Along(dy.view_mut(), Axis(0))), &|(
-        Along(y, _),
-        Along(mut dy, _),
-    )| {
-        // A select, not a branch, as in relu::backward.
-        Zip::from(&mut dy)
-            .and(&y)
-            .for_each(|dy, &y| *dy = if y > T::zero() { *dy } else { T::zero() });
-        Ok(())
-    })?;
-    backward_with(x, weight, dy.view(), dx, dweight, dbias, dx_write)
+    forward_epilogue(x, weight, bias, false, y)
 }
 
 /// Backward: accumulates (`+=`) dW = Σₙ dYₙ·Xₙᵀ, dXₙ = Wᵀ·dYₙ and db = Σ dY into whichever
@@ -223,80 +206,91 @@ pub fn backward<T: Element>(
     dweight: Option<ArrayViewMut2<T>>,
     dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
-    backward_with(x, weight, dy, dx, dweight, dbias, GradWrite::Accumulate)
+    check_gradients(&x, &weight, &dy, grad_shapes(&dx, &dweight, &dbias))?;
+    let dx = dx.map(|dx| (dx, GradWrite::Accumulate));
+    gradients(x, weight, dy, dx, dweight, dbias)
 }
 
-/// [`backward`], with dX written as `dx_write` says: with [`GradWrite::Overwrite`] the dX GEMM
-/// runs with β = 0, so dX need not be zeroed first. dW and db always accumulate (parameters
-/// collect gradients across steps until zeroed).
-pub fn backward_with<T: Element>(
+/// The three products, for whichever gradients are given; dX written as its [`GradWrite`] says.
+fn gradients<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,
     dy: ArrayView4<T>,
-    dx: Option<ArrayViewMut4<T>>,
+    dx: Option<(ArrayViewMut4<T>, GradWrite)>,
     dweight: Option<ArrayViewMut2<T>>,
     dbias: Option<ArrayViewMut1<T>>,
-    dx_write: GradWrite,
 ) -> Result<()> {
-    check_gradients(&x, &weight, &dy, &dx, &dweight, &dbias)?;
     if let Some(dweight) = dweight {
-        // dW sums over the samples, so the threads split dW itself: its columns (each thread
-        // computes dW[:, part] += Σₙ dYₙ·Xₙ[part]ᵀ) when F ≥ F1, else its rows
-        // (dW[part, :] += Σₙ dYₙ[part]·Xₙᵀ), keeping each thread's GEMM wide.
-        let accumulate = |dy: ArrayView4<T>, x: ArrayView4<T>, mut dweight: ArrayViewMut2<T>| {
-            for (x_block, dy_block) in x.outer_iter().zip(dy.outer_iter()) {
-                // (F1×P)·(P×F) += into (F1×F); Xₙᵀ is a transposed view, not a copy.
-                let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
-                gemm(T::one(), dy_n, x_n.t(), T::one(), dweight.view_mut())?;
-            }
-            Ok(())
-        };
-        if weight.ncols() >= weight.nrows() {
-            let parts = (Along(x, Axis(1)), Along(dweight, Axis(1)));
-            in_parts(parts, &|(Along(x, _), Along(dweight, _))| {
-                accumulate(dy, x, dweight)
-            })?;
-        } else {
-            let parts = (Along(dy, Axis(1)), Along(dweight, Axis(0)));
-            in_parts(parts, &|(Along(dy, _), Along(dweight, _))| {
-                accumulate(dy, x, dweight)
-            })?;
-        }
+        weight_gradient(x, dy, dweight)?; // dW += Σₙ dYₙ·Xₙᵀ
     }
-    if let Some(dx) = dx {
-        in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
-            Along(dy, _),
-            Along(mut dx, _),
-        )| {
-            for (dy_block, dx_block) in dy.outer_iter().zip(dx.outer_iter_mut()) {
-                let (dy_n, mut dx_n) = (sample_matrix(dy_block)?, sample_matrix_mut(dx_block)?);
-                // (F×F1)·(F1×P) += into (F×P), or = with β = 0
-                let beta = if dx_write == GradWrite::Accumulate {
-                    T::one()
-                } else {
-                    T::zero()
-                };
-                gemm(T::one(), weight.t(), dy_n, beta, dx_n.view_mut())?;
-            }
-            Ok(())
-        })?;
+    if let Some((dx, write)) = dx {
+        input_gradient(weight, dy, dx, write)?; // dXₙ += Wᵀ·dYₙ
     }
     if let Some(dbias) = dbias {
-        // Each thread sums its own channels over every sample and pixel.
-        in_parts((Along(dy, Axis(1)), Along(dbias, Axis(0))), &|(
-            Along(dy, _),
-            Along(mut dbias, _),
-        )| {
-            for dy_block in dy.outer_iter() {
-                for (db, row) in dbias.iter_mut().zip(dy_block.outer_iter()) {
-                    *db += row.sum();
-                }
-            }
-            Ok(())
-        })?;
+        bias_gradient(dy, dbias)?; // db += Σₙ Σₚ dYₙ[:, p]
     }
     Ok(())
 }
+
+/// dW += Σₙ dYₙ·Xₙᵀ.
+fn weight_gradient<T: Element>(
+    x: ArrayView4<T>,
+    dy: ArrayView4<T>,
+    dweight: ArrayViewMut2<T>,
+) -> Result<()> {
+    split_weight_gradient((x, dy, dweight), &|(x, dy, mut dweight)| {
+        for (x_block, dy_block) in x.outer_iter().zip(dy.outer_iter()) {
+            let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
+            // (F1×P)·(P×F) += into (F1×F); Xₙᵀ is a transposed view, not a copy.
+            gemm(T::one(), dy_n, x_n.t(), T::one(), dweight.view_mut())?;
+        }
+        Ok(())
+    })
+}
+
+/// dXₙ += Wᵀ·dYₙ for every sample, or = with [`GradWrite::Overwrite`] (β = 0, so that dX
+/// need not be zeroed first: what the tape runs for a gradient's first contribution).
+pub fn input_gradient<T: Element>(
+    weight: ArrayView2<T>,
+    dy: ArrayView4<T>,
+    dx: ArrayViewMut4<T>,
+    write: GradWrite,
+) -> Result<()> {
+    check_same(
+        OP,
+        "output gradient channels",
+        &weight.shape()[..1],
+        &dy.shape()[1..2],
+    )?;
+    let expected = [dy.shape()[0], weight.ncols(), dy.shape()[2], dy.shape()[3]];
+    check_same(OP, "input gradient", &expected, dx.shape())?;
+    let beta = if write == GradWrite::Accumulate {
+        T::one()
+    } else {
+        T::zero()
+    };
+    each_sample(dy, dx, &|dy_n, dx_n| {
+        // (F×F1)·(F1×P) += into (F×P)
+        gemm(T::one(), weight.t(), dy_n, beta, dx_n)
+    })
+}
+
+/// db += Σₙ Σₚ dYₙ[:, p]: a sum over rows, no GEMM. Each thread sums its own channels.
+fn bias_gradient<T: Element>(dy: ArrayView4<T>, dbias: ArrayViewMut1<T>) -> Result<()> {
+    in_parts((Along(dy, Axis(1)), Along(dbias, Axis(0))), &|(
+        Along(dy, _),
+        Along(mut dbias, _),
+    )| {
+        for dy_block in dy.outer_iter() {
+            for (db, row) in dbias.iter_mut().zip(dy_block.outer_iter()) {
+                *db += row.sum();
+            }
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------- reference loops
 
 /// The specification: `Yₙ[o,p] = Σ_c W[o,c]·Xₙ[c,p] + b[o]`, as plain loops.
 pub fn forward_reference<T: Element>(
@@ -334,7 +328,8 @@ pub fn backward_reference<T: Element>(
     mut dweight: Option<ArrayViewMut2<T>>,
     mut dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
-    let [batch, c_out, height, width] = check_gradients(&x, &weight, &dy, &dx, &dweight, &dbias)?;
+    let [batch, c_out, height, width] =
+        check_gradients(&x, &weight, &dy, grad_shapes(&dx, &dweight, &dbias))?;
     let c_in = x.shape()[1];
     for n in 0..batch {
         for o in 0..c_out {
@@ -357,4 +352,84 @@ pub fn backward_reference<T: Element>(
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- speed variants and helpers
+
+/// The forward pass with the tape's epilogue: Yₙ = W·Xₙ + b·1ᵀ, and with `relu` max(·, 0),
+/// both applied as the GEMM stores each tile of Yₙ, so the pre-activation never exists in
+/// memory. The samples split between the threads.
+fn forward_epilogue<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView2<T>,
+    bias: Option<ArrayView1<T>>,
+    relu: bool,
+    y: ArrayViewMut4<T>,
+) -> Result<()> {
+    let out = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
+    check_same(OP, "output", &out, y.shape())?;
+    each_sample(x, y, &|x_n, y_n| {
+        // (F1×F)·(F×P) → (F1×P)
+        gemm_bias_relu(
+            weight.view(),
+            x_n,
+            bias.as_ref().map(|b| b.view()),
+            relu,
+            y_n,
+        )
+    })
+}
+
+/// The fused ReLU's backward: with Y = max(Z, 0), dZ = dY ⊙ 1[Z > 0], and Z > 0 exactly where
+/// Y > 0, so the mask is read from the saved output; dY is masked in place (it becomes dZ).
+fn relu_mask<T: Element>(y: ArrayView4<T>, dy: ArrayViewMut4<T>) -> Result<()> {
+    check_same(OP, "output", dy.shape(), y.shape())?;
+    in_parts((Along(y, Axis(0)), Along(dy, Axis(0))), &|(
+        Along(y, _),
+        Along(mut dy, _),
+    )| {
+        // A select, not a branch, as in relu::backward.
+        Zip::from(&mut dy)
+            .and(&y)
+            .for_each(|dy, &y| *dy = if y > T::zero() { *dy } else { T::zero() });
+        Ok(())
+    })
+}
+
+/// Runs dW's accumulation on parts of dW: dW sums over the samples, so the threads split dW
+/// itself, by columns (each computes dW[:, part] += Σₙ dYₙ·Xₙ[part]ᵀ) when F ≥ F1, else by
+/// rows (dW[part, :] += Σₙ dYₙ[part]·Xₙᵀ), keeping each thread's GEMM wide.
+#[allow(clippy::type_complexity)]
+fn split_weight_gradient<'a, T: Element>(
+    (x, dy, dweight): (ArrayView4<'a, T>, ArrayView4<'a, T>, ArrayViewMut2<'a, T>),
+    work: &(dyn Fn((ArrayView4<T>, ArrayView4<T>, ArrayViewMut2<T>)) -> Result<()> + Sync),
+) -> Result<()> {
+    if dweight.ncols() >= dweight.nrows() {
+        in_parts((Along(x, Axis(1)), Along(dweight, Axis(1))), &|(
+            Along(x, _),
+            Along(dw, _),
+        )| {
+            work((x, dy, dw))
+        })
+    } else {
+        in_parts((Along(dy, Axis(1)), Along(dweight, Axis(0))), &|(
+            Along(dy, _),
+            Along(dw, _),
+        )| {
+            work((x, dy, dw))
+        })
+    }
+}
+
+/// Checks the buffers of a backward call (dx, dweight, dbias, where given) against x and
+/// weight; returns the output shape.
+fn check_gradients<T>(
+    x: &ArrayView4<T>,
+    weight: &ArrayView2<T>,
+    dy: &ArrayView4<T>,
+    buffers: [Option<&[usize]>; 3],
+) -> Result<[usize; 4]> {
+    let out = output_shape(x.shape(), weight.shape(), None)?;
+    check_layer_gradients(OP, [x.shape(), weight.shape(), &out, dy.shape()], buffers)?;
+    Ok(out)
 }

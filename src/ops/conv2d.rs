@@ -34,16 +34,78 @@
 //! Forward 2·N·F1·F·K²·P′ FLOPs, backward twice that (dW and dX) plus N·F1·P′ for db.
 //! im2col copies K² times the input: the memory traffic a 1×1 convolution never pays.
 
-use super::{check_image, check_ndim, check_same, shape_text};
+use super::{
+    accumulating, check_image, check_layer_gradients, check_ndim, check_same, dims, dims_mut,
+    grad_shapes, shape_text,
+};
+use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gemm::gemm;
+use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
 use ndarray::{
     Array2, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut3,
     ArrayViewMut4, Axis,
 };
 
 const OP: &str = "conv2d";
+
+/// The node on the tape: its padding; nothing saved beyond its input and weight.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    padding: usize,
+}
+
+impl<T: Element> Graph<T> {
+    /// A K×K convolution of `input` (N, F, H, W) by `weight` (F1, F, K, K), stride 1, zero
+    /// padding `padding` on every side, plus an optional `bias` (F1).
+    pub fn conv2d(
+        &mut self,
+        input: NodeId,
+        weight: NodeId,
+        bias: Option<NodeId>,
+        padding: usize,
+    ) -> Result<NodeId> {
+        let check = |w: &[usize], b: Option<&[usize]>| check_weights(w, b).map(drop);
+        self.push_layer(Conv2d { padding }, [input, weight], bias, check)
+    }
+}
+
+impl<T: Element> Operation<T> for Conv2d {
+    fn kind(&self) -> &'static str {
+        OP
+    }
+
+    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
+        let (x, weight, bias) = (pass.input(0), pass.input(1), pass.optional(2));
+        let bias_shape = bias.as_ref().map(|b| b.shape());
+        let shape = output_shape(x.shape(), weight.shape(), bias_shape, self.padding)?;
+        let y = dims_mut(OP, pass.output(&shape))?;
+        let bias = bias.map(|b| dims(OP, b)).transpose()?;
+        forward(dims(OP, x)?, dims(OP, weight)?, bias, self.padding, y)
+    }
+
+    fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
+        let Backward { dy, mut inputs, .. } = pass;
+        let [x, weight, bias] = inputs.ports::<3>()?;
+        let (x, dx) = accumulating(OP, x)?;
+        let (weight, dweight) = accumulating(OP, weight)?;
+        let (_, dbias) = accumulating(OP, bias)?;
+        backward(
+            x,
+            weight,
+            self.padding,
+            dims(OP, dy.view())?,
+            dx,
+            dweight,
+            dbias,
+        )
+    }
+
+    fn cost(&self, inputs: &[&[usize]], output: &[usize], input_grad: bool) -> Cost {
+        cost::conv2d(inputs[0], inputs[1], output, inputs.len() > 2, input_grad)
+    }
+}
 
 /// Checks x (N, F, H, W), weight (F1, F, K, K), bias (F1) and padding; returns (N, F1, H′, W′).
 pub fn output_shape(
@@ -77,7 +139,7 @@ pub fn output_shape(
 }
 
 /// Checks weight (F1, F, K, K) with non-zero sizes and bias (F1); returns [F1, F, K].
-pub fn check_weights(weight: &[usize], bias: Option<&[usize]>) -> Result<[usize; 3]> {
+pub(crate) fn check_weights(weight: &[usize], bias: Option<&[usize]>) -> Result<[usize; 3]> {
     check_ndim(OP, "weight (F1, F, K, K)", weight, 4)?;
     if weight.contains(&0) || weight[2] != weight[3] {
         return Err(Error::invalid_shape(
@@ -302,16 +364,8 @@ fn check_gradients<T: Element>(
     dbias: &Option<ArrayViewMut1<T>>,
 ) -> Result<[usize; 4]> {
     let out = output_shape(x.shape(), weight.shape(), None, padding)?;
-    check_same(OP, "output gradient", &out, dy.shape())?;
-    if let Some(dx) = dx {
-        check_same(OP, "input gradient", x.shape(), dx.shape())?;
-    }
-    if let Some(dweight) = dweight {
-        check_same(OP, "weight gradient", weight.shape(), dweight.shape())?;
-    }
-    if let Some(dbias) = dbias {
-        check_same(OP, "bias gradient", &out[1..2], dbias.shape())?;
-    }
+    let buffers = grad_shapes(dx, dweight, dbias);
+    check_layer_gradients(OP, [x.shape(), weight.shape(), &out, dy.shape()], buffers)?;
     Ok(out)
 }
 

@@ -18,12 +18,44 @@
 //! ## Cost
 //! Forward one add per input element; backward one add per input element.
 
-use super::{check_image, check_same};
+use super::{accumulating, check_image, check_same, dims, dims_mut};
 use crate::element::{count, Element};
 use crate::error::Result;
+use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
 use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis};
 
 const OP: &str = "global_avg_pool";
+
+/// The node on the tape: nothing saved.
+#[derive(Clone, Debug)]
+pub struct GlobalAvgPool;
+
+impl<T: Element> Graph<T> {
+    /// The mean of every channel: (N, C, H, W) → (N, C).
+    pub fn global_avg_pool(&mut self, input: NodeId) -> Result<NodeId> {
+        self.push_op(GlobalAvgPool, &[input])
+    }
+}
+
+impl<T: Element> Operation<T> for GlobalAvgPool {
+    fn kind(&self) -> &'static str {
+        OP
+    }
+
+    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
+        let x = dims(OP, pass.input(0))?;
+        let shape = output_shape(x.shape())?;
+        forward(x, dims_mut(OP, pass.output(&shape))?)
+    }
+
+    fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
+        let Backward { dy, mut inputs, .. } = pass;
+        match accumulating(OP, inputs.port(0)?)? {
+            (_, Some(dx)) => backward(dims(OP, dy.view())?, dx),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Checks the input and returns the output shape (N, C).
 pub fn output_shape(x: &[usize]) -> Result<[usize; 2]> {

@@ -20,12 +20,65 @@
 //! ## Cost
 //! Forward 2·N·F1·F FLOPs; backward 4·N·F1·F + N·F1.
 
-use super::{check_ndim, conv1x1};
+use super::{check_ndim, conv1x1, dims, dims_mut};
+use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::Result;
+use crate::graph::{Backward, Forward, Graph, NodeId, Operation, Port};
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 
 const OP: &str = "linear";
+
+/// The node on the tape: nothing saved beyond its input and weight.
+#[derive(Clone, Debug)]
+pub struct Linear;
+
+impl<T: Element> Graph<T> {
+    /// A fully-connected layer on `input` (N, F) by `weight` (F1, F), plus an optional `bias`
+    /// (F1): a 1×1 convolution on 1×1 maps.
+    pub fn linear(
+        &mut self,
+        input: NodeId,
+        weight: NodeId,
+        bias: Option<NodeId>,
+    ) -> Result<NodeId> {
+        self.push_layer(Linear, [input, weight], bias, conv1x1::check_weights)
+    }
+}
+
+impl<T: Element> Operation<T> for Linear {
+    fn kind(&self) -> &'static str {
+        OP
+    }
+
+    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
+        let (x, weight, bias) = (pass.input(0), pass.input(1), pass.optional(2));
+        let shape = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
+        let y = dims_mut(OP, pass.output(&shape))?;
+        let bias = bias.map(|b| dims(OP, b)).transpose()?;
+        forward(dims(OP, x)?, dims(OP, weight)?, bias, y)
+    }
+
+    fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
+        let Backward { dy, mut inputs, .. } = pass;
+        // (N, F) → (N, F, 1, 1) for the input, its gradient and dy; the weight and bias as they are.
+        let [x, weight, bias] = inputs.ports::<3>()?;
+        let x = Port {
+            value: x.value.insert_axis(Axis(2)).insert_axis(Axis(3)),
+            grad: x
+                .grad
+                .map(|(dx, write)| (dx.insert_axis(Axis(2)).insert_axis(Axis(3)), write)),
+        };
+        conv1x1::backward_ports(
+            [x, weight, bias],
+            dy.view().insert_axis(Axis(2)).insert_axis(Axis(3)),
+        )
+    }
+
+    fn cost(&self, inputs: &[&[usize]], _output: &[usize], input_grad: bool) -> Cost {
+        cost::linear(inputs[0], inputs[1][0], inputs.len() > 2, input_grad)
+    }
+}
 
 /// Checks x (N, F), weight (F1, F) and bias (F1) and returns the output shape (N, F1).
 pub fn output_shape(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result<[usize; 2]> {

@@ -23,11 +23,12 @@
 //! ## Cost
 //! Forward k² compares per output element; backward one add per output element.
 
-use super::{check_image, check_same, pooled_len, GradWrite};
+use super::{check_image, check_same, dims, dims_mut, pooled_len, GradWrite};
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
 use crate::parallel::{in_parts, Along, Items};
-use ndarray::{ArrayView2, ArrayView4, ArrayViewMut4, Axis};
+use ndarray::{ArrayView4, ArrayViewMut4, Axis};
 
 const OP: &str = "max_pool";
 
@@ -35,6 +36,62 @@ const OP: &str = "max_pool";
 /// are written in the forward pass and read in the backward pass, and half the bytes is half
 /// that memory traffic.
 pub type Position = u32;
+
+/// The node on the tape: its window and stride, and the arg-max of every output value of the
+/// last forward pass, one run of positions per sample.
+#[derive(Clone, Debug)]
+pub struct MaxPool {
+    window: usize,
+    stride: usize,
+    argmax: Vec<Position>,
+}
+
+impl<T: Element> Graph<T> {
+    /// Max pooling with a `window`×`window` window every `stride` pixels.
+    pub fn max_pool(&mut self, input: NodeId, window: usize, stride: usize) -> Result<NodeId> {
+        output_shape(&[1, 1, window.max(1), window.max(1)], window, stride)?;
+        let op = MaxPool {
+            window,
+            stride,
+            argmax: Vec::new(),
+        };
+        self.push_op(op, &[input])
+    }
+}
+
+impl<T: Element> Operation<T> for MaxPool {
+    fn kind(&self) -> &'static str {
+        OP
+    }
+
+    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
+        let x = dims(OP, pass.input(0))?;
+        let shape = output_shape(x.shape(), self.window, self.stride)?;
+        let y = dims_mut(OP, pass.output(&shape))?;
+        self.argmax.resize(y.len(), 0);
+        forward(x, self.window, self.stride, y, &mut self.argmax)
+    }
+
+    fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
+        let rows = pass.rows();
+        let Backward { dy, mut inputs, .. } = pass;
+        let Some((dx, write)) = inputs.port(0)?.grad else {
+            return Ok(());
+        };
+        let dy = dims(OP, dy.view())?;
+        // One arg-max per output value: the rows' are a contiguous run of them.
+        let per_sample = dy.len() / dy.shape()[0].max(1);
+        let rows = rows.map_or(0..self.argmax.len(), |r| {
+            r.start * per_sample..r.end * per_sample
+        });
+        let argmax = self.argmax.get(rows).unwrap_or_default();
+        scatter(dy, argmax, dims_mut(OP, dx)?, write)
+    }
+
+    fn saved_elements(&self) -> usize {
+        self.argmax.capacity()
+    }
+}
 
 /// Checks the input and the pool settings and returns the output shape.
 pub fn output_shape(x: &[usize], window: usize, stride: usize) -> Result<[usize; 4]> {
@@ -54,133 +111,52 @@ pub fn output_shape(x: &[usize], window: usize, stride: usize) -> Result<[usize;
     Ok([batch, channels, out_height, out_width])
 }
 
-fn check_argmax(len: usize, found: usize) -> Result<()> {
-    if len != found {
-        return Err(Error::shape_mismatch(
-            OP,
-            "arg-max buffer length",
-            len.to_string(),
-            found.to_string(),
-        ));
-    }
-    Ok(())
-}
+// ---------------------------------------------------------------- forward and backward
 
-/// Arg-max of one window of one channel plane, first maximum in row-major order.
-fn window_argmax<T: Element>(
-    plane: &ArrayView2<T>,
-    top: usize,
-    left: usize,
-    window: usize,
-) -> (usize, usize) {
-    let mut best = (top, left);
-    for h in top..top + window {
-        for w in left..left + window {
-            if plane[[h, w]] > plane[best] {
-                best = (h, w);
-            }
-        }
-    }
-    best
-}
-
-/// Forward: y = window maximum; `argmax` receives the winner's position (h·W + w) in its plane.
+/// Forward: y = window maximum; `argmax` receives the winner's position (h·W + w) in its
+/// plane. Row-major tensors: one plane (H×W) after another, each window read straight from
+/// its slice; the samples split between the threads.
 pub fn forward<T: Element>(
     x: ArrayView4<T>,
     window: usize,
     stride: usize,
-    mut y: ArrayViewMut4<T>,
+    y: ArrayViewMut4<T>,
     argmax: &mut [Position],
 ) -> Result<()> {
-    let out = output_shape(x.shape(), window, stride)?;
-    check_same(OP, "output", &out, y.shape())?;
+    let [_, channels, out_height, out_width] = output_shape(x.shape(), window, stride)?;
+    check_same(
+        OP,
+        "output",
+        &[x.shape()[0], channels, out_height, out_width],
+        y.shape(),
+    )?;
     check_argmax(y.len(), argmax.len())?;
-    let width = x.shape()[3];
-    if x.is_standard_layout() && y.is_standard_layout() {
-        // Row-major memory: the samples split between the threads, each part on slices.
-        let [_, channels, out_height, out_width] = out;
-        let plane = [x.shape()[2] * width, width];
-        let parts = (
-            Along(x, Axis(0)),
-            Along(y, Axis(0)),
-            Items(argmax, channels * out_height * out_width),
-        );
-        return in_parts(parts, &|(
-            Along(x, _),
-            Along(mut y, _),
-            Items(argmax, _),
-        )| {
-            let not_contiguous =
-                || Error::invalid_shape(OP, "a part of the batch is not contiguous", x.shape());
-            let y = y.as_slice_mut().ok_or_else(not_contiguous)?;
-            let x = x.as_slice().ok_or_else(not_contiguous)?;
-            forward_planes(x, plane, window, stride, y, [out_height, out_width], argmax);
-            Ok(())
-        });
-    }
-    let mut winners = argmax.iter_mut();
-    for (x_sample, mut y_sample) in x.outer_iter().zip(y.outer_iter_mut()) {
-        for (plane, mut y_plane) in x_sample.outer_iter().zip(y_sample.outer_iter_mut()) {
-            for ((i, j), y) in y_plane.indexed_iter_mut() {
-                let (h, w) = window_argmax(&plane, i * stride, j * stride, window);
-                *y = plane[[h, w]];
-                if let Some(winner) = winners.next() {
-                    *winner = (h * width + w) as Position;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The forward pass on row-major memory: one plane (H×W) after another, each window read
-/// straight from its slice. The same arithmetic as the indexed loop, without the index checks.
-fn forward_planes<T: Element>(
-    x: &[T],
-    [plane_len, width]: [usize; 2],
-    window: usize,
-    stride: usize,
-    y: &mut [T],
-    [out_height, out_width]: [usize; 2],
-    argmax: &mut [Position],
-) {
+    let [height, width] = [x.shape()[2], x.shape()[3]];
     let out_len = out_height * out_width;
-    for ((plane, y_plane), winners) in x
-        .chunks_exact(plane_len)
-        .zip(y.chunks_exact_mut(out_len))
-        .zip(argmax.chunks_exact_mut(out_len))
-    {
-        if window == 2 && stride == 2 {
-            // The common 2×2 / 2 case: two input rows at a time, four candidates per output
-            // in row-major order (so the first maximum still wins), no inner loops.
-            let rows = y_plane
-                .chunks_exact_mut(out_width)
-                .zip(winners.chunks_exact_mut(out_width));
-            for (i, (y_row, winner_row)) in rows.enumerate() {
-                let top = 2 * i * width;
-                let (upper, lower) = (
-                    &plane[top..top + width],
-                    &plane[top + width..top + 2 * width],
-                );
-                for (j, (y, winner)) in y_row.iter_mut().zip(winner_row.iter_mut()).enumerate() {
-                    let left = 2 * j;
-                    let mut best = (upper[left], top + left);
-                    for candidate in [
-                        (upper[left + 1], top + left + 1),
-                        (lower[left], top + width + left),
-                        (lower[left + 1], top + width + left + 1),
-                    ] {
-                        if candidate.0 > best.0 {
-                            best = candidate;
-                        }
-                    }
-                    (*y, *winner) = (best.0, best.1 as Position);
-                }
+    let parts = (
+        Along(x, Axis(0)),
+        Along(y, Axis(0)),
+        Items(argmax, channels * out_len),
+    );
+    in_parts(parts, &|(
+        Along(x, _),
+        Along(mut y, _),
+        Items(argmax, _),
+    )| {
+        let (x, y) = (
+            row_major(x.as_slice(), x.shape())?,
+            row_major(y.as_slice_mut(), &[])?,
+        );
+        let planes = x
+            .chunks_exact(height * width)
+            .zip(y.chunks_exact_mut(out_len));
+        for ((plane, y_plane), winners) in planes.zip(argmax.chunks_exact_mut(out_len)) {
+            if window == 2 && stride == 2 {
+                forward_plane_2x2(plane, width, y_plane, out_width, winners);
+                continue;
             }
-            continue;
-        }
-        for i in 0..out_height {
-            for j in 0..out_width {
+            for (o, (y, winner)) in y_plane.iter_mut().zip(winners.iter_mut()).enumerate() {
+                let (i, j) = (o / out_width, o % out_width);
                 let corner = i * stride * width + j * stride;
                 let mut best = corner;
                 for row in (corner..corner + window * width).step_by(width) {
@@ -190,130 +166,23 @@ fn forward_planes<T: Element>(
                         }
                     }
                 }
-                y_plane[i * out_width + j] = plane[best];
-                winners[i * out_width + j] = best as Position;
-            }
-        }
-    }
-}
-
-/// Checks dy against the arg-max buffer and dx (N, C, H, W); returns dx's shape.
-fn check_backward<T>(
-    dy: &ArrayView4<T>,
-    argmax: &[Position],
-    dx: &ArrayViewMut4<T>,
-) -> Result<[usize; 4]> {
-    check_argmax(dy.len(), argmax.len())?;
-    let shape = check_image(OP, dx.shape())?;
-    check_same(
-        OP,
-        "output gradient batch and channels",
-        &shape[..2],
-        &dy.shape()[..2],
-    )?;
-    Ok(shape)
-}
-
-/// The error for an arg-max position outside its plane (possible only with a forged buffer).
-fn bad_position(plane_len: usize, position: usize) -> Error {
-    Error::shape_mismatch(
-        OP,
-        "arg-max position",
-        format!("< {plane_len}"),
-        position.to_string(),
-    )
-}
-
-/// Backward: routes each dy to its window's arg-max, dx[arg-max] += dy.
-pub fn backward<T: Element>(
-    dy: ArrayView4<T>,
-    argmax: &[Position],
-    mut dx: ArrayViewMut4<T>,
-) -> Result<()> {
-    let shape = check_backward(&dy, argmax, &dx)?;
-    if dy.is_standard_layout() && dx.is_standard_layout() {
-        return scatter(dy, argmax, dx, shape, false);
-    }
-    let [_, _, height, width] = shape;
-    let mut winners = argmax.iter();
-    for (dy_sample, mut dx_sample) in dy.outer_iter().zip(dx.outer_iter_mut()) {
-        for (dy_plane, mut dx_plane) in dy_sample.outer_iter().zip(dx_sample.outer_iter_mut()) {
-            for &g in dy_plane.iter() {
-                if let Some(&position) = winners.next() {
-                    let position = position as usize;
-                    let slot = dx_plane.get_mut([position / width, position % width]);
-                    *slot.ok_or_else(|| bad_position(height * width, position))? += g;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The backward pass on row-major memory (shapes already checked): the samples split between
-/// the threads; plane after plane, each gradient added at its winner's offset (the plane
-/// zeroed first if `zero_first`).
-fn scatter<T: Element>(
-    dy: ArrayView4<T>,
-    argmax: &[Position],
-    dx: ArrayViewMut4<T>,
-    [batch, channels, height, width]: [usize; 4],
-    zero_first: bool,
-) -> Result<()> {
-    let plane_len = height * width;
-    let out_len = dy.len() / (batch * channels).max(1);
-    let parts = (
-        Along(dy, Axis(0)),
-        Along(dx, Axis(0)),
-        Items(argmax, channels * out_len),
-    );
-    in_parts(parts, &|(
-        Along(dy, _),
-        Along(mut dx, _),
-        Items(argmax, _),
-    )| {
-        let not_contiguous =
-            || Error::invalid_shape(OP, "a part of the batch is not contiguous", dy.shape());
-        let dx = dx.as_slice_mut().ok_or_else(not_contiguous)?;
-        let dy = dy.as_slice().ok_or_else(not_contiguous)?;
-        for ((dy_plane, winners), dx_plane) in dy
-            .chunks_exact(out_len)
-            .zip(argmax.chunks_exact(out_len))
-            .zip(dx.chunks_exact_mut(plane_len))
-        {
-            if zero_first {
-                dx_plane.fill(T::zero());
-            }
-            for (&g, &position) in dy_plane.iter().zip(winners) {
-                let slot = dx_plane
-                    .get_mut(position as usize)
-                    .ok_or_else(|| bad_position(plane_len, position as usize))?;
-                *slot += g;
+                (*y, *winner) = (plane[best], best as Position);
             }
         }
         Ok(())
     })
 }
 
-/// [`backward`], with dx written as `write` says. With [`GradWrite::Overwrite`] each channel
-/// plane of dx is zeroed just before its gradients are scattered into it, while it is in L1,
-/// instead of zeroing all of dx in a separate pass first.
-pub fn backward_with<T: Element>(
+/// Backward: routes each dy to its window's arg-max, dx[arg-max] += dy.
+pub fn backward<T: Element>(
     dy: ArrayView4<T>,
     argmax: &[Position],
     dx: ArrayViewMut4<T>,
-    write: GradWrite,
 ) -> Result<()> {
-    if write == GradWrite::Accumulate || !dy.is_standard_layout() || !dx.is_standard_layout() {
-        let mut dx = dx;
-        if write == GradWrite::Overwrite {
-            dx.fill(T::zero());
-        }
-        return backward(dy, argmax, dx);
-    }
-    let shape = check_backward(&dy, argmax, &dx)?;
-    scatter(dy, argmax, dx, shape, true)
+    scatter(dy, argmax, dx, GradWrite::Accumulate)
 }
+
+// ---------------------------------------------------------------- reference loops
 
 /// The specification's arg-max of output (n, c, i, j): every position of its window in
 /// row-major order, the first maximum kept (a later equal value does not replace it).
@@ -394,4 +263,157 @@ pub fn backward_reference<T: Element>(
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- speed variants and helpers
+
+/// The common 2×2 / 2 window on one plane: two input rows at a time, four candidates per
+/// output in row-major order (so the first maximum still wins), no inner loops.
+fn forward_plane_2x2<T: Element>(
+    plane: &[T],
+    width: usize,
+    y_plane: &mut [T],
+    out_width: usize,
+    winners: &mut [Position],
+) {
+    let rows = y_plane
+        .chunks_exact_mut(out_width)
+        .zip(winners.chunks_exact_mut(out_width));
+    for (i, (y_row, winner_row)) in rows.enumerate() {
+        let top = 2 * i * width;
+        let (upper, lower) = (
+            &plane[top..top + width],
+            &plane[top + width..top + 2 * width],
+        );
+        for (j, (y, winner)) in y_row.iter_mut().zip(winner_row.iter_mut()).enumerate() {
+            let left = 2 * j;
+            let mut best = (upper[left], top + left);
+            for candidate in [
+                (upper[left + 1], top + left + 1),
+                (lower[left], top + width + left),
+                (lower[left + 1], top + width + left + 1),
+            ] {
+                if candidate.0 > best.0 {
+                    best = candidate;
+                }
+            }
+            (*y, *winner) = (best.0, best.1 as Position);
+        }
+    }
+}
+
+/// The backward pass: the samples split between the threads; plane after plane, each
+/// gradient added at its winner's offset. With [`GradWrite::Overwrite`] each plane of dx is
+/// zeroed just before its gradients are scattered into it, while it is in L1, instead of
+/// zeroing all of dx in a separate pass first.
+fn scatter<T: Element>(
+    dy: ArrayView4<T>,
+    argmax: &[Position],
+    dx: ArrayViewMut4<T>,
+    write: GradWrite,
+) -> Result<()> {
+    check_argmax(dy.len(), argmax.len())?;
+    let [batch, channels, height, width] = check_image(OP, dx.shape())?;
+    check_same(
+        OP,
+        "output gradient batch and channels",
+        &[batch, channels],
+        &dy.shape()[..2],
+    )?;
+    let plane_len = height * width;
+    let out_len = dy.len() / (batch * channels).max(1);
+    let parts = (
+        Along(dy, Axis(0)),
+        Along(dx, Axis(0)),
+        Items(argmax, channels * out_len),
+    );
+    in_parts(parts, &|(
+        Along(dy, _),
+        Along(mut dx, _),
+        Items(argmax, _),
+    )| {
+        let dy = row_major(dy.as_slice(), dy.shape())?;
+        let dx = row_major(dx.as_slice_mut(), &[])?;
+        for ((dy_plane, winners), dx_plane) in dy
+            .chunks_exact(out_len)
+            .zip(argmax.chunks_exact(out_len))
+            .zip(dx.chunks_exact_mut(plane_len))
+        {
+            if write == GradWrite::Overwrite {
+                dx_plane.fill(T::zero());
+            }
+            for (&g, &position) in dy_plane.iter().zip(winners) {
+                let slot = dx_plane.get_mut(position as usize);
+                *slot.ok_or_else(|| bad_position(plane_len, position as usize))? += g;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A part of a tensor as one slice in logical order, or the error for a tensor that is not
+/// row-major.
+fn row_major<S>(slice: Option<S>, shape: &[usize]) -> Result<S> {
+    slice.ok_or_else(|| {
+        Error::invalid_shape(OP, "tensors must be in standard (row-major) layout", shape)
+    })
+}
+
+fn check_argmax(len: usize, found: usize) -> Result<()> {
+    if len != found {
+        return Err(Error::shape_mismatch(
+            OP,
+            "arg-max buffer length",
+            len.to_string(),
+            found.to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// The error for an arg-max position outside its plane (possible only with a forged buffer).
+fn bad_position(plane_len: usize, position: usize) -> Error {
+    Error::shape_mismatch(
+        OP,
+        "arg-max position",
+        format!("< {plane_len}"),
+        position.to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array4;
+
+    /// The tape's overwrite (each plane zeroed just before its scatter) gives exactly what
+    /// accumulating into zeros gives, whatever the buffer held (NaN here); accumulating twice
+    /// doubles it.
+    #[test]
+    fn overwriting_scatter_equals_accumulating_into_zeros() {
+        let x = Array4::from_shape_fn((2, 3, 5, 6), |(n, c, h, w)| {
+            ((n * 131 + c * 71 + h * 17 + w * 7) % 97) as f64 * 0.013
+        });
+        for (window, stride) in [(1, 1), (2, 2), (3, 3), (2, 1)] {
+            let out = output_shape(x.shape(), window, stride).unwrap();
+            let mut y = Array4::zeros(out);
+            let mut argmax = vec![0; y.len()];
+            forward(x.view(), window, stride, y.view_mut(), &mut argmax).unwrap();
+            let dy = Array4::from_shape_fn(out, |(n, c, i, j)| (n + 2 * c + 3 * i + 5 * j) as f64);
+            let mut accumulated = Array4::zeros(x.dim());
+            backward(dy.view(), &argmax, accumulated.view_mut()).unwrap();
+            let mut overwritten = Array4::from_elem(x.dim(), f64::NAN);
+            scatter(
+                dy.view(),
+                &argmax,
+                overwritten.view_mut(),
+                GradWrite::Overwrite,
+            )
+            .unwrap();
+            assert_eq!(accumulated, overwritten, "k{window} s{stride}");
+            let mut twice = accumulated.clone();
+            scatter(dy.view(), &argmax, twice.view_mut(), GradWrite::Accumulate).unwrap();
+            assert_eq!(twice, &accumulated * 2.0, "k{window} s{stride}");
+        }
+    }
 }

@@ -16,19 +16,50 @@ pub mod relu;
 pub mod softmax_cross_entropy;
 
 use crate::error::{Error, Result};
+use ndarray::{ArrayView, ArrayViewD, ArrayViewMut, ArrayViewMutD, Dimension};
 
-/// How a backward pass writes an input's gradient buffer.
-///
-/// Backward passes accumulate (`+=`), so that a value read by two nodes receives both
-/// contributions. When the tape knows that a buffer holds no contribution yet, a pass that
-/// supports it may overwrite it instead (`=`), which saves zeroing the buffer first and reading
-/// it back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GradWrite {
-    /// gradient += contribution
-    Accumulate,
-    /// gradient = contribution (whatever the buffer held is ignored)
-    Overwrite,
+use crate::element::Element;
+pub use crate::graph::GradWrite;
+use crate::graph::Port;
+
+/// A buffer seen with the number of dimensions `op` expects (checked once by its forward).
+pub(crate) fn dims<'a, T, D: Dimension>(
+    op: &'static str,
+    view: ArrayViewD<'a, T>,
+) -> Result<ArrayView<'a, T, D>> {
+    if D::NDIM.is_some_and(|ndim| ndim != view.ndim()) {
+        return Err(wrong_dims::<D>(op, view.shape()));
+    }
+    view.into_dimensionality()
+        .map_err(|_| wrong_dims::<D>(op, &[]))
+}
+
+/// The same for a mutable buffer.
+pub(crate) fn dims_mut<'a, T, D: Dimension>(
+    op: &'static str,
+    view: ArrayViewMutD<'a, T>,
+) -> Result<ArrayViewMut<'a, T, D>> {
+    if D::NDIM.is_some_and(|ndim| ndim != view.ndim()) {
+        return Err(wrong_dims::<D>(op, view.shape()));
+    }
+    view.into_dimensionality()
+        .map_err(|_| wrong_dims::<D>(op, &[]))
+}
+
+/// A port's value, and its gradient ready to accumulate into (see [`Port::accumulating`]),
+/// with the dimensions `op` expects.
+#[allow(clippy::type_complexity)]
+pub(crate) fn accumulating<'a, T: Element, D: Dimension>(
+    op: &'static str,
+    port: Port<'a, T>,
+) -> Result<(ArrayView<'a, T, D>, Option<ArrayViewMut<'a, T, D>>)> {
+    let (value, grad) = port.accumulating()?;
+    Ok((dims(op, value)?, grad.map(|g| dims_mut(op, g)).transpose()?))
+}
+
+fn wrong_dims<D: Dimension>(op: &'static str, shape: &[usize]) -> Error {
+    let expected = D::NDIM.map_or("any".to_string(), |n| n.to_string());
+    Error::shape_mismatch(op, "buffer dimensions", expected, shape_text(shape))
 }
 
 /// `[2, 6, 5, 5]`: how shapes appear in messages.
@@ -104,4 +135,35 @@ pub(crate) fn pooled_len(
         ));
     }
     Ok((len - window) / stride + 1)
+}
+
+/// Checks the gradient buffers of a layer's backward call: dy against the output shape `out`,
+/// and each given gradient (dx, dweight, dbias) against x, the weight and (F1).
+pub(crate) fn check_layer_gradients(
+    op: &'static str,
+    [x, weight, out, dy]: [&[usize]; 4],
+    [dx, dweight, dbias]: [Option<&[usize]>; 3],
+) -> Result<()> {
+    check_same(op, "output gradient", out, dy)?;
+    let expected = [x, weight, &out[1..2]];
+    let names = ["input gradient", "weight gradient", "bias gradient"];
+    for ((found, expected), name) in [dx, dweight, dbias].into_iter().zip(expected).zip(names) {
+        if let Some(found) = found {
+            check_same(op, name, expected, found)?;
+        }
+    }
+    Ok(())
+}
+
+/// The shapes of the gradient buffers a backward call was given (dx, dweight, dbias).
+pub(crate) fn grad_shapes<'a, T, A: Dimension, B: Dimension, C: Dimension>(
+    dx: &'a Option<ArrayViewMut<T, A>>,
+    dweight: &'a Option<ArrayViewMut<T, B>>,
+    dbias: &'a Option<ArrayViewMut<T, C>>,
+) -> [Option<&'a [usize]>; 3] {
+    [
+        dx.as_ref().map(|d| d.shape()),
+        dweight.as_ref().map(|d| d.shape()),
+        dbias.as_ref().map(|d| d.shape()),
+    ]
 }

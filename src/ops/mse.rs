@@ -18,9 +18,60 @@
 use super::check_same;
 use crate::element::{count, Element};
 use crate::error::{Error, Result};
+use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
 use ndarray::{ArrayViewD, ArrayViewMutD, Zip};
 
 const OP: &str = "mse";
+
+/// The node on the tape, with the element count M of the last forward pass: the mean's
+/// denominator when backward runs on part of the batch.
+#[derive(Clone, Debug)]
+pub struct MeanSquaredError {
+    elements: usize,
+}
+
+impl<T: Element> Graph<T> {
+    /// Mean squared error between `prediction` and `target`.
+    pub fn mse(&mut self, prediction: NodeId, target: NodeId) -> Result<NodeId> {
+        self.check_distinct(OP, &[prediction, target])?;
+        self.push_op(MeanSquaredError { elements: 0 }, &[prediction, target])
+    }
+}
+
+impl<T: Element> Operation<T> for MeanSquaredError {
+    fn kind(&self) -> &'static str {
+        OP
+    }
+
+    /// The mean mixes every sample.
+    fn batched(&self, _: &[bool]) -> bool {
+        false
+    }
+
+    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
+        let (prediction, target) = (pass.input(0), pass.input(1));
+        let loss = forward(prediction.view(), target.view())?;
+        self.elements = prediction.len();
+        pass.output(&[]).fill(loss);
+        Ok(())
+    }
+
+    fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
+        let Backward { dy, mut inputs, .. } = pass;
+        let dloss = dy.iter().copied().sum();
+        let [prediction, target] = inputs.ports::<2>()?;
+        let (prediction, dprediction) = prediction.accumulating()?;
+        let (target, dtarget) = target.accumulating()?;
+        backward_part(
+            prediction,
+            target,
+            dloss,
+            self.elements,
+            dprediction,
+            dtarget,
+        )
+    }
+}
 
 /// Checks that prediction and target agree and are not empty; returns the element count M.
 pub fn check<T>(prediction: &ArrayViewD<T>, target: &ArrayViewD<T>) -> Result<usize> {

@@ -23,10 +23,41 @@
 use super::check_same;
 use crate::element::Element;
 use crate::error::Result;
+use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
 use crate::parallel::{in_parts, Along};
 use ndarray::{ArrayViewD, ArrayViewMutD, Axis, Zip};
 
 const OP: &str = "relu";
+
+/// The node on the tape: nothing saved; backward reads its input x.
+#[derive(Clone, Debug)]
+pub struct Relu;
+
+impl<T: Element> Graph<T> {
+    /// max(x, 0), elementwise.
+    pub fn relu(&mut self, input: NodeId) -> Result<NodeId> {
+        self.push_op(Relu, &[input])
+    }
+}
+
+impl<T: Element> Operation<T> for Relu {
+    fn kind(&self) -> &'static str {
+        OP
+    }
+
+    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
+        let x = pass.input(0);
+        forward(x.view(), pass.output(x.shape()))
+    }
+
+    fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
+        let Backward { dy, mut inputs, .. } = pass;
+        match inputs.port(0)?.accumulating()? {
+            (x, Some(dx)) => backward(x, dy.view(), dx),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Forward: y = max(x, 0).
 pub fn forward<T: Element>(x: ArrayViewD<T>, y: ArrayViewMutD<T>) -> Result<()> {

@@ -21,12 +21,85 @@
 //! ## Cost
 //! Forward about 3·N·K operations plus N·K exps; backward N·K.
 
-use super::{check_ndim, check_same};
+use super::{accumulating, check_ndim, check_same, dims, dims_mut};
 use crate::element::{count, Element};
 use crate::error::{Error, Result};
-use ndarray::{ArrayView2, ArrayViewMut2};
+use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use ndarray::{ArrayD, ArrayView2, ArrayViewMut2, Axis, IxDyn, Slice};
 
 const OP: &str = "softmax_cross_entropy";
+
+/// The node on the tape, with what backward needs: the labels, and the probabilities the
+/// forward pass computed (N, K).
+#[derive(Clone, Debug)]
+pub struct SoftmaxCrossEntropy<T> {
+    labels: Vec<usize>,
+    probs: ArrayD<T>,
+}
+
+impl<T: Element> Graph<T> {
+    /// Mean softmax cross-entropy of `logits` (N, K); labels are set with [`Graph::set_labels`].
+    pub fn softmax_cross_entropy(&mut self, logits: NodeId) -> Result<NodeId> {
+        let op = SoftmaxCrossEntropy {
+            labels: Vec::new(),
+            probs: ArrayD::zeros(IxDyn(&[0, 0])),
+        };
+        self.push_op(op, &[logits])
+    }
+
+    /// Sets the class labels of a softmax cross-entropy node (checked against the logits at
+    /// forward).
+    pub fn set_labels(&mut self, loss: NodeId, labels: &[usize]) -> Result<()> {
+        let what = "labels can only be set on a softmax_cross_entropy node";
+        let op = self.op_mut::<SoftmaxCrossEntropy<T>>(loss, what)?;
+        op.labels.clear();
+        op.labels.extend_from_slice(labels);
+        Ok(())
+    }
+}
+
+impl<T: Element> Operation<T> for SoftmaxCrossEntropy<T> {
+    fn kind(&self) -> &'static str {
+        OP
+    }
+
+    /// The mean mixes every sample.
+    fn batched(&self, _: &[bool]) -> bool {
+        false
+    }
+
+    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
+        let logits = pass.input(0);
+        check_ndim(OP, "logits (N, K)", logits.shape(), 2)?;
+        crate::graph::resize(&mut self.probs, logits.shape());
+        let probs = dims_mut(OP, self.probs.view_mut())?;
+        let loss = forward(dims(OP, logits)?, &self.labels, probs)?;
+        pass.output(&[]).fill(loss);
+        Ok(())
+    }
+
+    fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
+        let rows = pass.rows();
+        let Backward { dy, mut inputs, .. } = pass;
+        let (_, Some(dlogits)) = accumulating(OP, inputs.port(0)?)? else {
+            return Ok(());
+        };
+        // The mean is over the whole batch, whichever rows this pass covers.
+        let batch = self.probs.shape()[0];
+        let rows = rows.unwrap_or(0..batch);
+        let probs = self
+            .probs
+            .view()
+            .slice_axis_move(Axis(0), Slice::from(rows.clone()));
+        let labels = self.labels.get(rows).unwrap_or_default();
+        let dloss = dy.iter().copied().sum();
+        backward_part(dims(OP, probs)?, labels, dloss, batch, dlogits)
+    }
+
+    fn saved_elements(&self) -> usize {
+        self.labels.capacity() + self.probs.len()
+    }
+}
 
 /// Checks logits (N, K) against the labels and returns (N, K).
 pub fn check<T>(logits: &ArrayView2<T>, labels: &[usize]) -> Result<(usize, usize)> {
@@ -88,13 +161,13 @@ pub fn backward<T: Element>(
     dlogits: ArrayViewMut2<T>,
 ) -> Result<()> {
     let batch = probs.nrows();
-    backward_rows(probs, labels, dloss, batch, dlogits)
+    backward_part(probs, labels, dloss, batch, dlogits)
 }
 
 /// [`backward`] for some of the rows of a batch of `batch` samples (the mean is over all of
 /// them): `probs`, `labels` and `dlogits` hold those rows only. The tape uses it to run its
 /// backward pass a few samples at a time.
-pub fn backward_rows<T: Element>(
+pub fn backward_part<T: Element>(
     probs: ArrayView2<T>,
     labels: &[usize],
     dloss: T,

@@ -26,6 +26,7 @@
 //! this module, behind our own header and checks; the format can move to another encoder by
 //! bumping the version.
 
+pub use crate::error::CheckpointError;
 use crate::error::{Error, Result};
 use crate::model::{Architecture, Layer, Model};
 use ndarray::{ArrayD, IxDyn};
@@ -41,68 +42,6 @@ pub const FORMAT_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 22;
 /// The largest payload accepted: 256 MiB, about 64 million f32 parameters.
 pub const MAX_PAYLOAD: u64 = 1 << 28;
-
-/// Everything that can be wrong with a weights file, one variant per case.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[non_exhaustive]
-pub enum CheckpointError {
-    #[error("weights file is {size} bytes, over the limit of {limit} bytes")]
-    TooLarge { size: u64, limit: u64 },
-    #[error("weights file is truncated: {what} needs {needed} bytes, {available} remain")]
-    Truncated {
-        what: &'static str,
-        needed: u64,
-        available: u64,
-    },
-    #[error("not a pointwise weights file: wrong magic bytes {found:02x?}{}", hint.map(|h| format!(" (this looks like {h})")).unwrap_or_default())]
-    BadMagic {
-        found: Vec<u8>,
-        hint: Option<&'static str>,
-    },
-    #[error("unsupported format version {found}, this build reads ≤ {supported}")]
-    UnsupportedVersion { found: u16, supported: u16 },
-    #[error("declared payload length {declared} exceeds the limit of {limit} bytes")]
-    LimitExceeded { declared: u64, limit: u64 },
-    #[error("checksum mismatch: the file says {stored:08x}, the payload hashes to {computed:08x} (the file is damaged)")]
-    Checksum { stored: u32, computed: u32 },
-    #[error("payload does not decode: {reason}")]
-    Decode { reason: String },
-    #[error("{count} trailing bytes after the payload")]
-    TrailingBytes { count: u64 },
-    #[error("tensor {name}: shape {shape:?} has more elements than fit in memory")]
-    ShapeOverflow { name: String, shape: Vec<u64> },
-    #[error("tensor {name}: shape holds {expected} elements but {found} values are stored")]
-    DataLength {
-        name: String,
-        expected: u64,
-        found: u64,
-    },
-    #[error("tensor {name}: dtype {found:?}, this build reads \"f32\"")]
-    DType { name: String, found: String },
-    #[error(
-        "tensor {name}: shape {found:?} does not fit the architecture, which expects {expected:?}"
-    )]
-    ShapeMismatch {
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<u64>,
-    },
-    #[error("tensor names do not match the architecture: missing {missing:?}, unexpected {unexpected:?}")]
-    TensorNames {
-        missing: Vec<String>,
-        unexpected: Vec<String>,
-    },
-    #[error("tensor {name} appears twice")]
-    DuplicateTensor { name: String },
-    #[error("tensor {name}: element {index} is {value}, not finite")]
-    NonFinite {
-        name: String,
-        index: usize,
-        value: f32,
-    },
-    #[error("architecture: {reason}")]
-    Architecture { reason: String },
-}
 
 /// What the file records besides the weights.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -246,8 +185,8 @@ pub fn to_bytes(model: &Model, metadata: &Metadata) -> Result<Vec<u8>> {
     };
     let body =
         bincode::serde::encode_to_vec(&payload, bincode::config::standard()).map_err(|e| {
-            CheckpointError::Decode {
-                reason: format!("encoding failed: {e}"),
+            CheckpointError::Encode {
+                reason: e.to_string(),
             }
         })?;
     let mut bytes = Vec::with_capacity(HEADER_LEN + body.len());

@@ -50,8 +50,18 @@ pub enum Error {
     },
 
     /// A value that must be finite is NaN or infinite (a diverging loss, a bad input batch).
-    #[error("non-finite value: {what}")]
-    NonFinite { what: String },
+    /// During training, `step` (counted from 0 over the whole run), `epoch` (from 1) and
+    /// `batch` (from 0 within the epoch) say where.
+    #[error("non-finite value: {what}{}", match (step, epoch, batch) {
+        (Some(step), Some(epoch), Some(batch)) => format!(" at step {step} (epoch {epoch}, batch {batch})"),
+        _ => String::new(),
+    })]
+    NonFinite {
+        what: String,
+        step: Option<u64>,
+        epoch: Option<usize>,
+        batch: Option<usize>,
+    },
 
     /// A node id that does not belong to this graph, or a value that was never set.
     #[error("graph: {reason}")]
@@ -59,7 +69,7 @@ pub enum Error {
 
     /// A weights file is damaged, hostile or does not fit the model.
     #[error(transparent)]
-    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    Checkpoint(#[from] CheckpointError),
 
     /// An operating-system error, with the action and the path it concerned.
     #[error("could not {action} {path}: {source}")]
@@ -105,9 +115,83 @@ impl Error {
         }
     }
 
+    /// A non-finite value outside training (no step).
+    pub(crate) fn non_finite(what: impl Into<String>) -> Self {
+        Error::NonFinite {
+            what: what.into(),
+            step: None,
+            epoch: None,
+            batch: None,
+        }
+    }
+
     pub(crate) fn graph(reason: impl Into<String>) -> Self {
         Error::Graph {
             reason: reason.into(),
         }
     }
+}
+
+/// Everything that can be wrong with a weights file, one variant per case.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    #[error("weights file is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("weights file is truncated: {what} needs {needed} bytes, {available} remain")]
+    Truncated {
+        what: &'static str,
+        needed: u64,
+        available: u64,
+    },
+    #[error("not a pointwise weights file: wrong magic bytes {found:02x?}{}", hint.map(|h| format!(" (this looks like {h})")).unwrap_or_default())]
+    BadMagic {
+        found: Vec<u8>,
+        hint: Option<&'static str>,
+    },
+    #[error("unsupported format version {found}, this build reads ≤ {supported}")]
+    UnsupportedVersion { found: u16, supported: u16 },
+    #[error("declared payload length {declared} exceeds the limit of {limit} bytes")]
+    LimitExceeded { declared: u64, limit: u64 },
+    #[error("checksum mismatch: the file says {stored:08x}, the payload hashes to {computed:08x} (the file is damaged)")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("payload does not decode: {reason}")]
+    Decode { reason: String },
+    #[error("the weights could not be encoded: {reason}")]
+    Encode { reason: String },
+    #[error("{count} trailing bytes after the payload")]
+    TrailingBytes { count: u64 },
+    #[error("tensor {name}: shape {shape:?} has more elements than fit in memory")]
+    ShapeOverflow { name: String, shape: Vec<u64> },
+    #[error("tensor {name}: shape holds {expected} elements but {found} values are stored")]
+    DataLength {
+        name: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("tensor {name}: dtype {found:?}, this build reads \"f32\"")]
+    DType { name: String, found: String },
+    #[error(
+        "tensor {name}: shape {found:?} does not fit the architecture, which expects {expected:?}"
+    )]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<u64>,
+    },
+    #[error("tensor names do not match the architecture: missing {missing:?}, unexpected {unexpected:?}")]
+    TensorNames {
+        missing: Vec<String>,
+        unexpected: Vec<String>,
+    },
+    #[error("tensor {name} appears twice")]
+    DuplicateTensor { name: String },
+    #[error("tensor {name}: element {index} is {value}, not finite")]
+    NonFinite {
+        name: String,
+        index: usize,
+        value: f32,
+    },
+    #[error("architecture: {reason}")]
+    Architecture { reason: String },
 }

@@ -17,7 +17,8 @@
 //! Import goes through the same checks as our own format: every name present exactly once,
 //! dtype F32, shape as the architecture expects, values finite.
 
-use crate::checkpoint::{write_atomically_with, CheckpointError};
+use crate::checkpoint::write_atomically_with;
+use crate::error::CheckpointError;
 use crate::error::{Error, Result};
 use crate::model::{Architecture, Model};
 use ndarray::{ArrayD, IxDyn};
@@ -52,13 +53,13 @@ pub fn to_safetensors(model: &Model) -> Result<Vec<u8>> {
         .map(|(name, shape, bytes)| {
             TensorView::new(Dtype::F32, shape.clone(), bytes)
                 .map(|view| (name.as_str(), view))
-                .map_err(|e| CheckpointError::Decode {
+                .map_err(|e| CheckpointError::Encode {
                     reason: format!("safetensors: {e}"),
                 })
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(
-        safetensors::serialize(views, None).map_err(|e| CheckpointError::Decode {
+        safetensors::serialize(views, None).map_err(|e| CheckpointError::Encode {
             reason: format!("safetensors: {e}"),
         })?,
     )

@@ -59,7 +59,9 @@ impl std::fmt::Display for TensorReport {
 
 /// Compares the analytic gradients of f = Σ R⊙y(output) with respect to each node of `wrt`
 /// (parameters, or inputs created with [`Graph::input_with_grad`]) with central differences of
-/// step `eps`. `seed` fixes R. Leaf gradients are zeroed first; every value is restored after.
+/// step `eps`. `seed` fixes R. Before the checked backward pass, one forward and backward pass
+/// on other values leaves every buffer stale (see `poison`); leaf gradients are then zeroed,
+/// and every value is restored after.
 pub fn check(
     graph: &mut Graph<f64>,
     output: NodeId,
@@ -92,6 +94,7 @@ pub fn check(
             .sum())
     };
 
+    poison(graph, output, wrt, seed)?;
     graph.zero_grad();
     graph.backward_from(output, weighting.view())?;
     let mut reports = Vec::with_capacity(wrt.len());
@@ -111,6 +114,33 @@ pub fn check(
     }
     graph.forward(output)?;
     Ok(reports)
+}
+
+/// Runs a forward and a backward pass on other values (every checked leaf scaled, another
+/// upstream weighting), then restores the leaves and runs forward again. The checked pass then
+/// finds every buffer holding a previous step's numbers, as in training: a backward that adds
+/// into a stale gradient, or reads stale saved state, fails the check instead of passing it
+/// on freshly zeroed buffers.
+fn poison(graph: &mut Graph<f64>, output: NodeId, wrt: &[NodeId], seed: u64) -> Result<()> {
+    let originals = wrt
+        .iter()
+        .map(|&id| Ok(graph.leaf_value_mut(id)?.to_owned()))
+        .collect::<Result<Vec<_>>>()?;
+    for &id in wrt {
+        graph.leaf_value_mut(id)?.mapv_inplace(|v| 0.5 - 1.5 * v);
+    }
+    graph.forward(output)?;
+    let shape = graph.value(output)?.raw_dim();
+    let distribution =
+        Uniform::new(2.0, 3.0).map_err(|e| Error::invalid_config("gradcheck", e.to_string()))?;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let other_weighting = ArrayD::random_using(shape, distribution, &mut rng);
+    graph.backward_from(output, other_weighting.view())?;
+    for (&id, original) in wrt.iter().zip(originals) {
+        graph.leaf_value_mut(id)?.assign(&original);
+    }
+    graph.forward(output)?;
+    Ok(())
 }
 
 /// Builds the report of one tensor from its analytic and numeric gradients.

@@ -267,9 +267,7 @@ impl Model {
         self.graph.forward(self.loss)?;
         let loss = self.graph.scalar(self.loss)?;
         if !loss.is_finite() {
-            return Err(Error::NonFinite {
-                what: format!("loss is {loss}"),
-            });
+            return Err(Error::non_finite(format!("loss is {loss}")));
         }
         let large = self.graph.intermediate_gradient_bytes(self.loss)? > CHUNK_ABOVE_BYTES;
         self.graph

@@ -135,12 +135,11 @@ impl Trainer {
                     let loss = model
                         .forward_backward_in_place(&self.labels)
                         .map_err(|error| match error {
-                            Error::NonFinite { what } => Error::NonFinite {
-                                what: format!(
-                                    "{what} at step {} (epoch {}, batch {index})",
-                                    self.step,
-                                    self.epoch + 1
-                                ),
+                            Error::NonFinite { what, .. } => Error::NonFinite {
+                                what,
+                                step: Some(self.step),
+                                epoch: Some(self.epoch + 1),
+                                batch: Some(index),
                             },
                             other => other,
                         })?;

@@ -262,7 +262,7 @@ fn a_scalar_input_is_checked_for_finiteness_like_a_batch() {
         .set_input(x, aview0(&f64::NAN).into_dyn())
         .unwrap_err();
     assert!(
-        matches!(&error, Error::NonFinite { what } if what.contains("element 0")),
+        matches!(&error, Error::NonFinite { what, .. } if what.contains("element 0")),
         "{error}"
     );
     let error = graph.forward(x).unwrap_err();

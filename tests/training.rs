@@ -123,9 +123,10 @@ fn a_diverging_run_stops_with_a_non_finite_error_naming_the_step() {
     }
     let error = error.expect("lr 1e6 must diverge");
     assert!(
-        matches!(&error, Error::NonFinite { what } if what.contains("step")),
+        matches!(&error, Error::NonFinite { what, step: Some(_), epoch: Some(1), batch: Some(_) } if what.contains("loss")),
         "{error}"
     );
+    assert!(error.to_string().contains("at step"), "{error}");
 }
 
 #[test]
@@ -178,7 +179,7 @@ fn a_batch_written_in_place_trains_exactly_like_a_copied_one() {
     let error = in_place.forward_backward_in_place(&labels).unwrap_err();
     let position = ((32 + 2) * 8 + 3) * 8 + 4;
     assert!(
-        matches!(&error, Error::NonFinite { what } if what.contains(&format!("element {position} "))),
+        matches!(&error, Error::NonFinite { what, .. } if what.contains(&format!("element {position} "))),
         "{error}"
     );
     // The input then counts as unset: no step runs on it until it is written again.

@@ -154,9 +154,7 @@ impl<T: Element> Graph<T> {
                 *t = s;
                 finite &= s.is_finite();
             });
-            finite.then_some(()).ok_or(Error::NonFinite {
-                what: String::new(),
-            })
+            finite.then_some(()).ok_or_else(|| Error::non_finite(""))
         };
         let parts = (
             Along(value.view(), Axis(0)),
@@ -192,9 +190,7 @@ impl<T: Element> Graph<T> {
         }
         let check = |Along(part, _): Along<ArrayViewD<T>>| {
             let finite = part.iter().all(|v| v.is_finite());
-            finite.then_some(()).ok_or(Error::NonFinite {
-                what: String::new(),
-            })
+            finite.then_some(()).ok_or_else(|| Error::non_finite(""))
         };
         if crate::parallel::in_parts(Along(node.value.view(), Axis(0)), &check).is_err() {
             node.has_value = false;
@@ -250,7 +246,5 @@ impl<T: Element> Graph<T> {
 /// check has failed: the common, finite case pays for one pass.
 fn non_finite_input<T: Element>(name: &str, values: ArrayViewD<T>) -> Error {
     let index = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
-    Error::NonFinite {
-        what: format!("element {index} of input {name:?}"),
-    }
+    Error::non_finite(format!("element {index} of input {name:?}"))
 }

@@ -76,7 +76,7 @@ fn values(seed: u32) -> impl FnMut() -> f32 {
 
 /// A tensor of those values, allocated as the tape allocates its own (on a cache line).
 fn fill(shape: &[usize], seed: u32) -> ArrayD<f32> {
-    let mut tensor = pointwise::buffer::zeros(IxDyn(shape));
+    let mut tensor = pointwise::aligned_zeros(IxDyn(shape));
     let mut next = values(seed);
     tensor.iter_mut().for_each(|v| *v = next());
     tensor
@@ -125,7 +125,7 @@ fn gemm_figures() -> Vec<Figure> {
     ] {
         let a = fill(&[m, k], 1).into_dimensionality().unwrap();
         let b = fill(&[k, n], 2).into_dimensionality().unwrap();
-        let mut c = pointwise::buffer::zeros::<f32, _>(Ix2(m, n));
+        let mut c = pointwise::aligned_zeros::<f32, _>(Ix2(m, n));
         let ms = bench(|| {
             pointwise::gemm::gemm(1.0, a.view(), b.view(), 0.0, c.view_mut()).unwrap();
             black_box(&c);
@@ -149,14 +149,14 @@ fn w1_figures() -> Vec<Figure> {
     let bias = fill(&[C_OUT], 5)
         .into_dimensionality::<ndarray::Ix1>()
         .unwrap();
-    let mut y = pointwise::buffer::zeros::<f32, _>(Ix4(N, C_OUT, SIDE, SIDE));
+    let mut y = pointwise::aligned_zeros::<f32, _>(Ix4(N, C_OUT, SIDE, SIDE));
     let forward = bench(|| {
         conv1x1::forward(x.view(), weight.view(), Some(bias.view()), y.view_mut()).unwrap();
         black_box(&y);
     });
-    let mut ones = pointwise::buffer::zeros::<f32, _>(Ix4(N, C_OUT, SIDE, SIDE));
+    let mut ones = pointwise::aligned_zeros::<f32, _>(Ix4(N, C_OUT, SIDE, SIDE));
     ones.fill(1.0);
-    let mut dx = pointwise::buffer::zeros::<f32, _>(x.raw_dim());
+    let mut dx = pointwise::aligned_zeros::<f32, _>(x.raw_dim());
     let mut dweight = Array2::<f32>::zeros(weight.dim());
     let mut dbias = ndarray::Array1::<f32>::zeros(C_OUT);
     let forward_backward = bench(|| {

@@ -3,9 +3,7 @@
 //! Every buffer the tape allocates starts on a 64-byte boundary: one cache line, and the width
 //! of an AVX-512 vector. A row whose length is a multiple of 16 floats (28·28 = 784 is) then
 //! starts on a line too, and every full-width load or store of a GEMM tile touches one line
-//! instead of straddling two. Measured on dXₙ = Wᵀ·dYₙ of W1 at 1 thread: 4.0–4.1 ms with dX
-//! 16 bytes past a line boundary, 3.6 ms with dX aligned. (PyTorch's CPU allocator aligns its
-//! tensors to 64 bytes too.)
+//! instead of straddling two. (PyTorch's CPU allocator aligns its tensors to 64 bytes too.)
 //!
 //! ndarray allocates through a `Vec`, which promises only the element's own alignment (glibc's
 //! large allocations sit 16 bytes past a page). So the buffer is a `Vec` one line longer,
@@ -17,7 +15,7 @@ use crate::element::Element;
 use ndarray::{s, Array, Array1, Dimension};
 
 /// The boundary every buffer starts on, in bytes.
-pub const ALIGN: usize = 64;
+pub(crate) const ALIGN: usize = 64;
 
 /// An array of zeros of `shape`, in standard layout, whose first element is [`ALIGN`]-byte
 /// aligned.
@@ -34,11 +32,4 @@ pub fn zeros<T: Element, D: Dimension>(shape: D) -> Array<T, D> {
     flat.slice_collapse(s![offset..offset + len]);
     flat.into_shape_with_order(shape.clone())
         .unwrap_or_else(|_| Array::zeros(shape))
-}
-
-/// Whether `array`'s first element is [`ALIGN`]-byte aligned.
-pub fn is_aligned<T, S: ndarray::RawData<Elem = T>, D: Dimension>(
-    array: &ndarray::ArrayBase<S, D>,
-) -> bool {
-    (array.as_ptr() as usize).is_multiple_of(ALIGN)
 }

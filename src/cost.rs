@@ -4,7 +4,7 @@
 //! elementwise ops (ReLU, pooling, adds, losses) cost O(elements) and are listed with 0 MACs.
 //! A FLOP count is 2 × MACs.
 //!
-//! The seed's example, per output pixel: "256 → 1×1 conv 64 → 4×4 conv 256" costs
+//! The Inception/ResNet-style bottleneck, per output pixel: "256 → 1×1 conv 64 → 4×4 conv 256" costs
 //! 256·64 + 64·256·16 = 256·64·17 MACs, "256 → 4×4 conv 256" costs 256·256·16: 64/17 ≈ 3.76×
 //! more. `tests/cost.rs` checks these numbers on the cost model itself.
 

@@ -93,7 +93,7 @@ impl Dataset {
         Ok(())
     }
 
-    /// A view of the images in `range`.
+    /// A view of every image (N, C, H, W).
     pub fn images(&self) -> ArrayView4<'_, f32> {
         self.images.view()
     }

@@ -1,7 +1,10 @@
 //! The element type of every tensor: `f32` for training, `f64` for gradient checks.
 //!
-//! One generic code path serves both, so the code that is gradient-checked in f64 is the very
-//! code that trains in f32.
+//! One generic code path serves both: every op's own code (index arithmetic, thread splits,
+//! reductions, the tape) is the same in f64, where it is gradient-checked, and in f32, where it
+//! trains. The matrix products are the exception: f64 goes to ndarray's GEMM, f32 to the
+//! crate's own kernel where the CPU has AVX-512 (`crate::gemm`), which `tests/gemm.rs` checks
+//! against an f64 triple loop and `tests/ops.rs` against the ops' reference loops in f32.
 
 use ndarray::{LinalgScalar, ScalarOperand};
 use std::fmt::{Debug, Display};

@@ -522,8 +522,7 @@ mod avx512 {
 
     /// Issues the prefetches of an [`Upcoming`] block evenly over a tile's `depth` steps: one
     /// every `every` steps (or `burst` per step when there are more lines than steps). Spread
-    /// out, they arrive while the tile computes; the same prefetches issued in bursts (a
-    /// whole panel at a tile's start, or 4 lines every step) did not measurably help.
+    /// out, they arrive while the tile computes, where bursts would queue behind each other.
     struct Prefetcher {
         block: Upcoming,
         remaining: usize,

@@ -153,9 +153,8 @@ pub const BACKWARD_CHUNK: usize = 4;
 
 /// The backward pass runs in chunks only when the batch's intermediate gradients would take
 /// more than this many bytes. Smaller ones fit in cache, and each chunk's fixed cost (a pass
-/// over the tape, the threads' hand-offs) would dominate: on `train_bottleneck`'s 32×8×8
-/// images (about 0.4 MB of gradients per batch), chunks of 4 cut its speed from about 75,000
-/// to 66,000 images/s.
+/// over the tape, the threads' hand-offs) would dominate, as on `train_bottleneck`'s 32×8×8
+/// images (about 0.4 MB of gradients per batch).
 pub const CHUNK_ABOVE_BYTES: usize = 8 << 20;
 
 /// A network ready to train: its architecture, its graph and the nodes a caller needs.

@@ -225,3 +225,20 @@ fn gemm_bias_relu_adds_the_bias_to_every_column_then_clamps() {
     );
     assert!(result.is_err());
 }
+
+/// Which kernel the f32 products above ran on. On a CPU without AVX-512 the SIMD kernel is
+/// never reached and every test above checks the portable path only; `.ci/run` sets
+/// `POINTWISE_REQUIRE_SIMD=1` on a CPU that has AVX-512, so that a dispatch bug that silently
+/// falls back fails here instead. Run with `--nocapture` to see the line.
+#[test]
+fn the_f32_backend_is_reported_and_is_the_simd_kernel_when_required() {
+    let backend = pointwise::gemm::backend::<f32>();
+    println!("f32 GEMM backend: {backend}");
+    assert_eq!(pointwise::gemm::backend::<f64>(), "ndarray");
+    if std::env::var("POINTWISE_REQUIRE_SIMD").as_deref() == Ok("1") {
+        assert_eq!(
+            backend, "avx512",
+            "POINTWISE_REQUIRE_SIMD=1 but the SIMD kernel is not running"
+        );
+    }
+}

@@ -21,7 +21,7 @@
 //! ```text
 //! ∂L/∂W[o,c]  = Σₙ Σₚ dYₙ[o,p]·Xₙ[c,p]     dW  = Σₙ dYₙ·Xₙᵀ    (F1×P)·(P×F)  → (F1×F)
 //! ∂L/∂Xₙ[c,p] = Σ_o W[o,c]·dYₙ[o,p]        dXₙ = Wᵀ·dYₙ        (F×F1)·(F1×P) → (F×P)
-//! ∂L/∂b[o]    = Σₙ Σₚ dYₙ[o,p]             db  = Σₙ dYₙ·1       (F1×P)·(P)    → (F1)
+//! ∂L/∂b[o]    = Σₙ Σₚ dYₙ[o,p]             db  = Σₙ Σₚ dYₙ[:, p]  a row sum     → (F1)
 //! ```
 //!
 //! Each sum over n appears because W and b are shared by every sample; the sum over p because
@@ -129,60 +129,6 @@ impl<T: Element> Operation<T> for Conv1x1 {
     }
 }
 
-/// Checks x (N, F, H, W), weight (F1, F) and bias (F1) and returns the output shape (N, F1, H, W).
-pub fn output_shape(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result<[usize; 4]> {
-    let [batch, c_in, height, width] = check_image(OP, x)?;
-    check_weights(weight, bias)?;
-    let (c_out, weight_c_in) = (weight[0], weight[1]);
-    if c_in != weight_c_in {
-        return Err(Error::shape_mismatch(
-            OP,
-            "input channels",
-            format!("{weight_c_in} (weight is {c_out}×{weight_c_in})"),
-            format!("{c_in} (input shape {})", shape_text(x)),
-        ));
-    }
-    Ok([batch, c_out, height, width])
-}
-
-/// Checks weight (F1, F) with F1, F > 0 and bias (F1).
-pub(crate) fn check_weights(weight: &[usize], bias: Option<&[usize]>) -> Result<()> {
-    check_ndim(OP, "weight (F1, F)", weight, 2)?;
-    if weight[0] == 0 || weight[1] == 0 {
-        return Err(Error::invalid_shape(
-            OP,
-            "weight must have non-zero F1 and F",
-            weight,
-        ));
-    }
-    match bias {
-        Some(bias) => check_same(OP, "bias", &weight[..1], bias),
-        None => Ok(()),
-    }
-}
-
-/// The tape's backward: the three products below, for whichever gradients are wanted, dX
-/// written as the tape says. [`crate::ops::linear`] calls it on (N, F, 1, 1) views.
-pub(crate) fn backward_ports<T: Element>(
-    [x, weight, bias]: [Port<'_, T>; 3],
-    dy: ArrayViewD<'_, T>,
-) -> Result<()> {
-    let dx = x
-        .grad
-        .map(|(dx, write)| dims_mut(OP, dx).map(|dx| (dx, write)));
-    let dx = dx.transpose()?;
-    let (weight, dweight) = accumulating(OP, weight)?;
-    let (_, dbias) = accumulating(OP, bias)?;
-    gradients(
-        dims(OP, x.value)?,
-        weight,
-        dims(OP, dy)?,
-        dx,
-        dweight,
-        dbias,
-    )
-}
-
 // ---------------------------------------------------------------- forward and backward
 
 /// Forward: Yₙ = W·Xₙ + b·1ᵀ for every sample, written into `y`.
@@ -193,6 +139,30 @@ pub fn forward<T: Element>(
     y: ArrayViewMut4<T>,
 ) -> Result<()> {
     forward_epilogue(x, weight, bias, false, y)
+}
+
+/// The forward pass with the tape's epilogue: Yₙ = W·Xₙ + b·1ᵀ, and with `relu` max(·, 0),
+/// both applied as the GEMM stores each tile of Yₙ, so the pre-activation never exists in
+/// memory. The samples split between the threads.
+fn forward_epilogue<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView2<T>,
+    bias: Option<ArrayView1<T>>,
+    relu: bool,
+    y: ArrayViewMut4<T>,
+) -> Result<()> {
+    let out = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
+    check_same(OP, "output", &out, y.shape())?;
+    each_sample(x, y, &|x_n, y_n| {
+        // (F1×F)·(F×P) → (F1×P)
+        gemm_bias_relu(
+            weight.view(),
+            x_n,
+            bias.as_ref().map(|b| b.view()),
+            relu,
+            y_n,
+        )
+    })
 }
 
 /// Backward: accumulates (`+=`) dW = Σₙ dYₙ·Xₙᵀ, dXₙ = Wᵀ·dYₙ and db = Σ dY into whichever
@@ -211,7 +181,7 @@ pub fn backward<T: Element>(
     gradients(x, weight, dy, dx, dweight, dbias)
 }
 
-/// The three products, for whichever gradients are given; dX written as its [`GradWrite`] says.
+/// The three gradients (two GEMMs and a row sum), for whichever gradients are given; dX written as its [`GradWrite`] says.
 fn gradients<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,
@@ -356,28 +326,58 @@ pub fn backward_reference<T: Element>(
 
 // ---------------------------------------------------------------- speed variants and helpers
 
-/// The forward pass with the tape's epilogue: Yₙ = W·Xₙ + b·1ᵀ, and with `relu` max(·, 0),
-/// both applied as the GEMM stores each tile of Yₙ, so the pre-activation never exists in
-/// memory. The samples split between the threads.
-fn forward_epilogue<T: Element>(
-    x: ArrayView4<T>,
-    weight: ArrayView2<T>,
-    bias: Option<ArrayView1<T>>,
-    relu: bool,
-    y: ArrayViewMut4<T>,
+/// The tape's backward: the three gradients below, for whichever gradients are wanted, dX
+/// written as the tape says. [`crate::ops::linear`] calls it on (N, F, 1, 1) views.
+pub(crate) fn backward_ports<T: Element>(
+    [x, weight, bias]: [Port<'_, T>; 3],
+    dy: ArrayViewD<'_, T>,
 ) -> Result<()> {
-    let out = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
-    check_same(OP, "output", &out, y.shape())?;
-    each_sample(x, y, &|x_n, y_n| {
-        // (F1×F)·(F×P) → (F1×P)
-        gemm_bias_relu(
-            weight.view(),
-            x_n,
-            bias.as_ref().map(|b| b.view()),
-            relu,
-            y_n,
-        )
-    })
+    let dx = x
+        .grad
+        .map(|(dx, write)| dims_mut(OP, dx).map(|dx| (dx, write)));
+    let dx = dx.transpose()?;
+    let (weight, dweight) = accumulating(OP, weight)?;
+    let (_, dbias) = accumulating(OP, bias)?;
+    gradients(
+        dims(OP, x.value)?,
+        weight,
+        dims(OP, dy)?,
+        dx,
+        dweight,
+        dbias,
+    )
+}
+
+/// Checks x (N, F, H, W), weight (F1, F) and bias (F1) and returns the output shape (N, F1, H, W).
+pub fn output_shape(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Result<[usize; 4]> {
+    let [batch, c_in, height, width] = check_image(OP, x)?;
+    check_weights(weight, bias)?;
+    let (c_out, weight_c_in) = (weight[0], weight[1]);
+    if c_in != weight_c_in {
+        return Err(Error::shape_mismatch(
+            OP,
+            "input channels",
+            format!("{weight_c_in} (weight is {c_out}×{weight_c_in})"),
+            format!("{c_in} (input shape {})", shape_text(x)),
+        ));
+    }
+    Ok([batch, c_out, height, width])
+}
+
+/// Checks weight (F1, F) with F1, F > 0 and bias (F1).
+pub(crate) fn check_weights(weight: &[usize], bias: Option<&[usize]>) -> Result<()> {
+    check_ndim(OP, "weight (F1, F)", weight, 2)?;
+    if weight[0] == 0 || weight[1] == 0 {
+        return Err(Error::invalid_shape(
+            OP,
+            "weight must have non-zero F1 and F",
+            weight,
+        ));
+    }
+    match bias {
+        Some(bias) => check_same(OP, "bias", &weight[..1], bias),
+        None => Ok(()),
+    }
 }
 
 /// The fused ReLU's backward: with Y = max(Z, 0), dZ = dY ⊙ 1[Z > 0], and Z > 0 exactly where

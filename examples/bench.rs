@@ -27,6 +27,10 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+mod common;
+use common::time;
+use serde::{Deserialize, Serialize};
+
 // ---------------------------------------------------------------- counting allocator
 
 struct Counting;
@@ -82,31 +86,10 @@ fn fill(shape: &[usize], seed: u32) -> ArrayD<f32> {
     tensor
 }
 
-/// Warm up (at least 2 calls and 0.3 s), then time 5 batches of about 0.4 s: (median, min) ms per call.
-fn bench(mut f: impl FnMut()) -> (f64, f64) {
-    let start = Instant::now();
-    let mut calls = 0usize;
-    while calls < 2 || (start.elapsed().as_secs_f64() < 0.3 && calls < 100) {
-        f();
-        calls += 1;
-    }
-    let per_call = start.elapsed().as_secs_f64() / calls as f64;
-    let iterations = ((0.4 / per_call).round() as usize).max(1);
-    let mut samples: Vec<f64> = (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..iterations {
-                f();
-            }
-            t.elapsed().as_secs_f64() * 1e3 / iterations as f64
-        })
-        .collect();
-    samples.sort_by(|a, b| a.total_cmp(b));
-    (samples[samples.len() / 2], samples[0])
-}
-
+#[derive(Serialize, Deserialize)]
 struct Figure {
-    workload: &'static str,
+    workload: String,
+    /// (median, min) milliseconds per call.
     ms: (f64, f64),
     gflop: f64,
 }
@@ -126,12 +109,12 @@ fn gemm_figures() -> Vec<Figure> {
         let a = fill(&[m, k], 1).into_dimensionality().unwrap();
         let b = fill(&[k, n], 2).into_dimensionality().unwrap();
         let mut c = pointwise::aligned_zeros::<f32, _>(Ix2(m, n));
-        let ms = bench(|| {
+        let ms = time(|| {
             pointwise::gemm::gemm(1.0, a.view(), b.view(), 0.0, c.view_mut()).unwrap();
             black_box(&c);
         });
         figures.push(Figure {
-            workload,
+            workload: workload.to_string(),
             ms,
             gflop: 2.0 * (m * k * n) as f64 * 1e-9,
         });
@@ -150,7 +133,7 @@ fn w1_figures() -> Vec<Figure> {
         .into_dimensionality::<ndarray::Ix1>()
         .unwrap();
     let mut y = pointwise::aligned_zeros::<f32, _>(Ix4(N, C_OUT, SIDE, SIDE));
-    let forward = bench(|| {
+    let forward = time(|| {
         conv1x1::forward(x.view(), weight.view(), Some(bias.view()), y.view_mut()).unwrap();
         black_box(&y);
     });
@@ -159,7 +142,7 @@ fn w1_figures() -> Vec<Figure> {
     let mut dx = pointwise::aligned_zeros::<f32, _>(x.raw_dim());
     let mut dweight = Array2::<f32>::zeros(weight.dim());
     let mut dbias = ndarray::Array1::<f32>::zeros(C_OUT);
-    let forward_backward = bench(|| {
+    let forward_backward = time(|| {
         conv1x1::forward(x.view(), weight.view(), Some(bias.view()), y.view_mut()).unwrap();
         // Fresh gradients each call, as with `.grad = None` in the peers: dX is overwritten
         // (what the tape does for a gradient's first contribution), dW and db start from zero.
@@ -185,12 +168,12 @@ fn w1_figures() -> Vec<Figure> {
     });
     vec![
         Figure {
-            workload: "W1_fwd",
+            workload: "W1_fwd".to_string(),
             ms: forward,
             gflop: CONV_GFLOP,
         },
         Figure {
-            workload: "W1_fwdbwd",
+            workload: "W1_fwdbwd".to_string(),
             ms: forward_backward,
             gflop: 3.0 * CONV_GFLOP,
         },
@@ -208,6 +191,7 @@ fn w2_model() -> (Model, Vec<usize>) {
     (model, labels)
 }
 
+#[derive(Serialize, Deserialize)]
 struct Memory {
     allocations_per_step: f64,
     peak_rss_mib: f64,
@@ -238,11 +222,11 @@ fn theoretical_minimum_mib() -> f64 {
 
 fn w2_figures() -> (Vec<Figure>, Memory) {
     let (mut model, labels) = w2_model();
-    let step = bench(|| {
+    let step = time(|| {
         black_box(model.forward_backward_in_place(&labels).unwrap());
     });
     let mut optimizer = Optimizer::new(OptimizerKind::sgd()).unwrap();
-    let update = bench(|| optimizer.step(model.graph_mut(), 1e-6).unwrap());
+    let update = time(|| optimizer.step(model.graph_mut(), 1e-6).unwrap());
     // Steady state: count allocations over 20 steps after the warm-up above, with the loop
     // run inside the thread pool as a training loop should be (pointwise::parallel::install).
     let allocations = pointwise::parallel::install(|| {
@@ -263,12 +247,12 @@ fn w2_figures() -> (Vec<Figure>, Memory) {
     };
     let figures = vec![
         Figure {
-            workload: "W2_step",
+            workload: "W2_step".to_string(),
             ms: step,
             gflop: 5.0 * CONV_GFLOP,
         },
         Figure {
-            workload: "W2_update",
+            workload: "W2_update".to_string(),
             ms: update,
             gflop: 0.0,
         },
@@ -368,6 +352,7 @@ mod x86 {
 
 // ---------------------------------------------------------------- driver
 
+#[derive(Serialize, Deserialize)]
 struct Run {
     threads: usize,
     peak: f64,
@@ -419,7 +404,7 @@ fn print_run(run: &Run) {
         };
         println!(
             "{:<52} {:>9.2} {:>9.2} {:>9} {:>7} {:>7}",
-            describe(f.workload),
+            describe(&f.workload),
             f.ms.0,
             f.ms.1,
             rate,
@@ -437,29 +422,6 @@ fn print_run(run: &Run) {
     );
 }
 
-fn json(runs: &[Run]) -> String {
-    let mut out = String::from("{\n  \"runs\": [\n");
-    for (i, run) in runs.iter().enumerate() {
-        out += &format!(
-            "    {{\"threads\": {}, \"fma_peak_gflops\": {:.3}, \"gemm_ceiling_gflops\": {:.3}, \"allocations_per_step\": {:.2}, \"peak_rss_mib\": {:.1}, \"theoretical_minimum_mib\": {:.1}, \"workloads\": [\n",
-            run.threads, run.peak, run.ceiling, run.memory.allocations_per_step, run.memory.peak_rss_mib, run.memory.minimum_mib
-        );
-        for (j, f) in run.figures.iter().enumerate() {
-            out += &format!(
-                "      {{\"name\": \"{}\", \"median_ms\": {:.4}, \"min_ms\": {:.4}, \"gflop\": {:.5}, \"gflops\": {:.3}}}{}\n",
-                f.workload,
-                f.ms.0,
-                f.ms.1,
-                f.gflop,
-                if f.gflop > 0.0 { f.gflops() } else { 0.0 },
-                if j + 1 < run.figures.len() { "," } else { "" }
-            );
-        }
-        out += &format!("    ]}}{}\n", if i + 1 < runs.len() { "," } else { "" });
-    }
-    out + "  ]\n}\n"
-}
-
 fn threads_from_env() -> usize {
     std::env::var("BENCH_THREADS")
         .ok()
@@ -467,9 +429,23 @@ fn threads_from_env() -> usize {
         .unwrap_or(1)
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--result-lines") {
+/// Speed and memory of 1×1 training against this machine's FMA peak, at 1 and 2 threads.
+#[derive(clap::Parser)]
+struct Options {
+    /// Also write the figures as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<std::path::PathBuf>,
+    /// Print one RESULT line per workload at BENCH_THREADS threads (for side-by-side runs).
+    #[arg(long, conflicts_with = "json")]
+    result_lines: bool,
+    /// Internal: measure one thread count and print it as JSON.
+    #[arg(long, hide = true)]
+    child: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let options = <Options as clap::Parser>::parse();
+    if options.result_lines {
         let run = measure(threads_from_env());
         for f in run.figures.iter().filter(|f| f.gflop > 0.0) {
             println!(
@@ -482,21 +458,24 @@ fn main() {
                 f.gflops()
             );
         }
-        return;
+        return std::process::ExitCode::SUCCESS;
     }
-    if args.iter().any(|a| a == "--child") {
+    if options.child {
         // One thread count, in a fresh process: print the figures as JSON for the parent.
-        print!("{}", json(&[measure(threads_from_env())]));
-        return;
+        let json = serde_json::to_string(&measure(threads_from_env()));
+        println!("{}", json.unwrap());
+        return std::process::ExitCode::SUCCESS;
     }
-    let json_path = match args.as_slice() {
-        [] => None,
-        [flag, path] if flag == "--json" => Some(path.clone()),
-        _ => {
+    // The output file is created before the long run, so that a path that cannot be written
+    // fails at once.
+    let mut json_file = match options.json.as_ref().map(std::fs::File::create).transpose() {
+        Ok(file) => file,
+        Err(error) => {
             eprintln!(
-                "usage: cargo run --release --example bench -- [--json FILE | --result-lines]"
+                "error: cannot write {:?}: {error}",
+                options.json.unwrap_or_default()
             );
-            std::process::exit(2);
+            return std::process::ExitCode::FAILURE;
         }
     };
     let exe = std::env::current_exe().unwrap();
@@ -515,10 +494,7 @@ fn main() {
             "{}",
             String::from_utf8_lossy(&output.stderr)
         );
-        runs.push(parse_child(
-            &String::from_utf8_lossy(&output.stdout),
-            threads,
-        ));
+        runs.push(serde_json::from_slice::<Run>(&output.stdout).unwrap());
     }
     println!(
         "GEMM backend for f32 on this CPU: {}",
@@ -527,53 +503,15 @@ fn main() {
     for run in &runs {
         print_run(run);
     }
-    if let Some(path) = json_path {
-        std::fs::write(&path, json(&runs)).unwrap();
-        println!("\nfigures written to {path}");
+    if let (Some(file), Some(path)) = (json_file.as_mut(), options.json) {
+        if let Err(error) = serde_json::to_writer_pretty(file, &runs) {
+            eprintln!("error: cannot write {path:?}: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+        println!("\nfigures written to {}", path.display());
     }
+    std::process::ExitCode::SUCCESS
 }
-
-/// Reads back the JSON a child printed (our own fixed format, one value per key).
-fn parse_child(text: &str, threads: usize) -> Run {
-    let number = |line: &str, key: &str| -> f64 {
-        let start = line.find(&format!("\"{key}\": ")).unwrap() + key.len() + 4;
-        let rest = &line[start..];
-        let end = rest.find([',', '}']).unwrap();
-        rest[..end].trim().parse().unwrap()
-    };
-    let header = text.lines().find(|l| l.contains("\"threads\"")).unwrap();
-    let mut figures = Vec::new();
-    for line in text.lines().filter(|l| l.contains("\"name\"")) {
-        let name_start = line.find("\"name\": \"").unwrap() + 9;
-        let name = &line[name_start..name_start + line[name_start..].find('"').unwrap()];
-        let workload = WORKLOADS.iter().copied().find(|w| *w == name).unwrap();
-        figures.push(Figure {
-            workload,
-            ms: (number(line, "median_ms"), number(line, "min_ms")),
-            gflop: number(line, "gflop"),
-        });
-    }
-    Run {
-        threads,
-        peak: number(header, "fma_peak_gflops"),
-        ceiling: number(header, "gemm_ceiling_gflops"),
-        figures,
-        memory: Memory {
-            allocations_per_step: number(header, "allocations_per_step"),
-            peak_rss_mib: number(header, "peak_rss_mib"),
-            minimum_mib: number(header, "theoretical_minimum_mib"),
-        },
-    }
-}
-
-const WORKLOADS: [&str; 6] = [
-    "W3_conv_gemm",
-    "W3_sq2048",
-    "W1_fwd",
-    "W1_fwdbwd",
-    "W2_step",
-    "W2_update",
-];
 
 fn describe(workload: &str) -> &'static str {
     match workload {

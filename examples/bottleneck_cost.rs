@@ -3,7 +3,7 @@
 //! ```sh
 //! cargo run --release --example bottleneck_cost
 //! ```
-//! The seed's example: "256 → 1×1 conv 64 → 4×4 conv 256" against "256 → 4×4 conv 256", and an
+//! The Inception/ResNet-style bottleneck: "256 → 1×1 conv 64 → 4×4 conv 256" against "256 → 4×4 conv 256", and an
 //! Inception-style 5×5 branch with and without its 1×1 reduction (192 → 16 → 5×5 32 against
 //! 192 → 5×5 32), on N = 8 images of 28×28. Both paths of a pair have the same input and output
 //! shapes; the input needs no gradient (as for a network's first layers).
@@ -13,7 +13,8 @@ use ndarray_rand::rand::{rngs::StdRng, SeedableRng};
 use ndarray_rand::rand_distr::Normal;
 use ndarray_rand::RandomExt;
 use pointwise::{Graph, NodeId};
-use std::time::Instant;
+
+mod common;
 
 const BATCH: usize = 8;
 const SIDE: usize = 28;
@@ -67,20 +68,6 @@ fn build(c_in: usize, reduced: Option<usize>, kernel: usize, c_out: usize, seed:
     }
 }
 
-/// Median milliseconds of `f` over at least 5 runs and 0.5 s, after one warm-up call.
-fn time(mut f: impl FnMut()) -> f64 {
-    f();
-    let started = Instant::now();
-    let mut samples = Vec::new();
-    while samples.len() < 5 || started.elapsed().as_secs_f64() < 0.5 {
-        let t = Instant::now();
-        f();
-        samples.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    samples[samples.len() / 2]
-}
-
 fn total_macs(path: &Path) -> (u64, u64) {
     let total = path.graph.total_cost().unwrap();
     (total.forward_macs, total.backward_macs)
@@ -94,14 +81,15 @@ fn compare(title: &str, per_pixel: Option<f64>, mut with: Path, mut without: Pat
     let (with_fwd, with_bwd) = total_macs(&with);
     let (without_fwd, without_bwd) = total_macs(&without);
     let measure = |path: &mut Path| {
-        let forward = time(|| path.graph.forward(path.output).unwrap());
-        let both = time(|| {
+        let forward = common::time(|| path.graph.forward(path.output).unwrap()).0;
+        let both = common::time(|| {
             path.graph.zero_grad();
             path.graph.forward(path.output).unwrap();
             path.graph
                 .backward_from(path.output, path.upstream.view())
                 .unwrap();
-        });
+        })
+        .0;
         (forward, both)
     };
     let (with_f, with_fb) = measure(&mut with);

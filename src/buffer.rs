@@ -17,7 +17,7 @@ use ndarray::{s, Array, Array1, Dimension};
 /// The boundary every buffer starts on, in bytes.
 pub(crate) const ALIGN: usize = 64;
 
-/// An array of zeros of `shape`, in standard layout, whose first element is [`ALIGN`]-byte
+/// An array of zeros of `shape`, in standard layout, whose first element is 64-byte
 /// aligned.
 pub fn zeros<T: Element, D: Dimension>(shape: D) -> Array<T, D> {
     let Some(len) = shape.size_checked() else {

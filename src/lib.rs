@@ -136,6 +136,19 @@
 //! # Ok::<(), pointwise::Error>(())
 //! ```
 //!
+//! ## Using it from your own crate
+//!
+//! Cargo builds a dependency with *your* profile, so in a debug build of your project this
+//! crate's loops run unoptimised. Add to your `Cargo.toml`:
+//!
+//! ```toml
+//! [profile.dev.package.pointwise]
+//! opt-level = 3
+//! ```
+//!
+//! `pointwise::ndarray` re-exports the ndarray this crate uses, and [`prelude`] the names most
+//! programs need.
+//!
 //! ## Glossary
 //!
 //! | math | meaning | code |

@@ -171,6 +171,7 @@ pub mod export;
 pub mod gemm;
 pub mod gradcheck;
 pub mod graph;
+mod input;
 pub mod model;
 pub mod ops;
 pub mod optim;

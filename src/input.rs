@@ -1,0 +1,78 @@
+//! Feeding data to the tape: an input's values, copied and checked for finiteness as they go.
+
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::graph::{resize, Graph, NodeId};
+use crate::parallel::Along;
+use ndarray::{ArrayViewD, ArrayViewMutD, Axis, Zip};
+
+impl<T: Element> Graph<T> {
+    /// Copies `value` into an input node (its buffer is reused when the shape is unchanged),
+    /// checking as it copies that every value is finite: one pass over the batch, split between
+    /// the threads. A NaN or ±Inf is an [`Error::NonFinite`] naming its position, and the
+    /// input then counts as unset.
+    pub fn set_input(&mut self, id: NodeId, value: ArrayViewD<T>) -> Result<()> {
+        let node = self.input_node(id)?;
+        node.has_value = false;
+        resize(&mut node.value, value.shape());
+        let copy = |(Along(source, _), Along(mut target, _)): (
+            Along<ArrayViewD<T>>,
+            Along<ArrayViewMutD<T>>,
+        )| {
+            let mut finite = true;
+            Zip::from(&mut target).and(&source).for_each(|t, &s| {
+                *t = s;
+                finite &= s.is_finite();
+            });
+            finite.then_some(()).ok_or_else(|| Error::non_finite(""))
+        };
+        let parts = (
+            Along(value.view(), Axis(0)),
+            Along(node.value.view_mut(), Axis(0)),
+        );
+        if crate::parallel::in_parts(parts, &copy).is_err() {
+            return Err(non_finite_input(&node.name, value));
+        }
+        node.has_value = true;
+        Ok(())
+    }
+
+    /// The input's own buffer, sized to `shape`, for the caller to fill in place, so that a
+    /// batch exists once in memory rather than twice; [`Graph::check_input_finite`] must
+    /// follow. The buffer keeps its previous content until written.
+    pub(crate) fn input_mut(
+        &mut self,
+        id: NodeId,
+        shape: &[usize],
+    ) -> Result<ArrayViewMutD<'_, T>> {
+        let node = self.input_node(id)?;
+        resize(&mut node.value, shape);
+        node.has_value = true;
+        Ok(node.value.view_mut())
+    }
+
+    /// Checks that every value of an input written through [`Graph::input_mut`] is finite
+    /// (one read pass, split between the threads); if not, the input counts as unset.
+    pub(crate) fn check_input_finite(&mut self, id: NodeId) -> Result<()> {
+        let node = self.input_node(id)?;
+        if !node.has_value {
+            return Err(Error::graph(format!("input {:?} was not set", node.name)));
+        }
+        let check = |Along(part, _): Along<ArrayViewD<T>>| {
+            let finite = part.iter().all(|v| v.is_finite());
+            finite.then_some(()).ok_or_else(|| Error::non_finite(""))
+        };
+        if crate::parallel::in_parts(Along(node.value.view(), Axis(0)), &check).is_err() {
+            node.has_value = false;
+            return Err(non_finite_input(&node.name, node.value.view()));
+        }
+        Ok(())
+    }
+}
+
+/// The error for an input holding a NaN or ±Inf, naming the first one. Only called once a
+/// check has failed: the common, finite case pays for one pass.
+fn non_finite_input<T: Element>(name: &str, values: ArrayViewD<T>) -> Error {
+    let index = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    Error::non_finite(format!("element {index} of input {name:?}"))
+}

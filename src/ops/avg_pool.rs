@@ -18,7 +18,7 @@
 //! ## Cost
 //! Forward k² adds per output element; backward k² adds per output element.
 
-use super::{accumulating, check_image, check_same, dims, dims_mut, pooled_len};
+use super::{accumulating, check_same, dims, dims_mut, pooled_shape};
 use crate::element::{count, Element};
 use crate::error::Result;
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
@@ -68,10 +68,7 @@ impl<T: Element> Operation<T> for AvgPool {
 
 /// Checks the input and the pool settings and returns the output shape.
 pub fn output_shape(x: &[usize], window: usize, stride: usize) -> Result<[usize; 4]> {
-    let [batch, channels, height, width] = check_image(OP, x)?;
-    let out_height = pooled_len(OP, height, window, stride, x)?;
-    let out_width = pooled_len(OP, width, window, stride, x)?;
-    Ok([batch, channels, out_height, out_width])
+    pooled_shape(OP, x, window, stride)
 }
 
 /// Forward: y = window mean.

@@ -23,7 +23,7 @@
 //! ## Cost
 //! Forward k² compares per output element; backward one add per output element.
 
-use super::{check_image, check_same, dims, dims_mut, pooled_len, GradWrite};
+use super::{check_image, check_same, dims, dims_mut, pooled_shape, GradWrite};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
@@ -95,7 +95,7 @@ impl<T: Element> Operation<T> for MaxPool {
 
 /// Checks the input and the pool settings and returns the output shape.
 pub fn output_shape(x: &[usize], window: usize, stride: usize) -> Result<[usize; 4]> {
-    let [batch, channels, height, width] = check_image(OP, x)?;
+    let [_, _, height, width] = check_image(OP, x)?;
     if height
         .checked_mul(width)
         .is_none_or(|plane| plane > Position::MAX as usize)
@@ -106,9 +106,7 @@ pub fn output_shape(x: &[usize], window: usize, stride: usize) -> Result<[usize;
             x,
         ));
     }
-    let out_height = pooled_len(OP, height, window, stride, x)?;
-    let out_width = pooled_len(OP, width, window, stride, x)?;
-    Ok([batch, channels, out_height, out_width])
+    pooled_shape(OP, x, window, stride)
 }
 
 // ---------------------------------------------------------------- forward and backward

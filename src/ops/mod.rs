@@ -112,6 +112,19 @@ pub(crate) fn check_same(
     Ok(())
 }
 
+/// The output shape (N, C, H′, W′) of a `window`×`window` pooling every `stride` pixels.
+pub(crate) fn pooled_shape(
+    op: &'static str,
+    x: &[usize],
+    window: usize,
+    stride: usize,
+) -> Result<[usize; 4]> {
+    let [batch, channels, height, width] = check_image(op, x)?;
+    let out_height = pooled_len(op, height, window, stride, x)?;
+    let out_width = pooled_len(op, width, window, stride, x)?;
+    Ok([batch, channels, out_height, out_width])
+}
+
 /// Output length of a pooling window sweep along one axis: ⌊(len − window) / stride⌋ + 1.
 /// Checks window and stride first, so the subtraction cannot underflow.
 pub(crate) fn pooled_len(

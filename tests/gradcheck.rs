@@ -526,3 +526,46 @@ fn conv1x1_relu_dx_dweight_dbias_match_finite_difference() {
         });
     }
 }
+
+#[test]
+fn flatten_dx_matches_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(&format!("flatten {case:?}"), i as u64, |graph| {
+            let x = graph.input_with_grad("x");
+            graph
+                .set_input(x, random(&case.image(), i as u64).view())
+                .unwrap();
+            let fed_x = fed(graph, x);
+            (graph.flatten(fed_x).unwrap(), vec![x])
+        });
+    }
+}
+
+/// A linear layer on a flattened feature map (a network's classifier head), every input.
+#[test]
+fn linear_on_a_flattened_map_matches_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(&format!("flatten → linear {case:?}"), i as u64, |graph| {
+            let x = graph.input_with_grad("x");
+            graph
+                .set_input(x, random(&case.image(), i as u64).view())
+                .unwrap();
+            let features = case.c_in * case.height * case.width;
+            let weight = graph
+                .param(
+                    "head.weight",
+                    random(&[case.c_out, features], 50 + i as u64),
+                )
+                .unwrap();
+            let bias = graph
+                .param("head.bias", random(&[case.c_out], 60 + i as u64))
+                .unwrap();
+            let fed_x = fed(graph, x);
+            let flat = graph.flatten(fed_x).unwrap();
+            (
+                graph.linear(flat, weight, Some(bias)).unwrap(),
+                vec![x, weight, bias],
+            )
+        });
+    }
+}

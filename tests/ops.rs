@@ -636,3 +636,21 @@ fn overwriting_backward_passes_equal_accumulating_into_zeros() {
         assert_eq!(accumulated, overwritten, "conv1x1 {case:?}");
     }
 }
+
+#[test]
+fn flatten_matches_reference_loops() {
+    for (i, case) in CASES.iter().enumerate() {
+        let x = random(&case.image(), i as u64);
+        let out = pointwise::ops::flatten::output_shape(x.shape()).unwrap();
+        let (mut y, mut y_ref) = (ArrayD::zeros(IxDyn(&out)), ArrayD::zeros(IxDyn(&out)));
+        pointwise::ops::flatten::forward(x.view(), y.view_mut()).unwrap();
+        pointwise::ops::flatten::forward_reference(x.view(), y_ref.view_mut()).unwrap();
+        assert_eq!(y, y_ref, "{case:?}");
+        let dy = random(&out, 100 + i as u64);
+        let (mut dx, mut dx_ref) = (random(&case.image(), 7), random(&case.image(), 7));
+        pointwise::ops::flatten::backward(dy.view(), dx.view_mut()).unwrap();
+        pointwise::ops::flatten::backward_reference(dy.view(), dx_ref.view_mut()).unwrap();
+        assert_eq!(dx, dx_ref, "{case:?}");
+    }
+    assert!(pointwise::ops::flatten::output_shape(&[4]).is_err());
+}

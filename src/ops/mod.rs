@@ -8,6 +8,7 @@ pub mod add;
 pub mod avg_pool;
 pub mod conv1x1;
 pub mod conv2d;
+pub mod flatten;
 pub mod global_avg_pool;
 pub mod linear;
 pub mod max_pool;

@@ -569,3 +569,90 @@ fn linear_on_a_flattened_map_matches_finite_difference() {
         });
     }
 }
+
+#[test]
+fn relu6_dx_matches_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(&format!("relu6 {case:?}"), i as u64, |graph| {
+            let x = graph.input_with_grad("x");
+            // Values in ±[0.05, 8.05], nudged off 6 by ≥ 0.05: no step straddles a kink.
+            let values = away_from_zero(&case.image(), i as u64, 0.05).mapv(|v| {
+                let v = 8.0 * v;
+                if (v - 6.0).abs() < 0.05 {
+                    v + 0.1
+                } else {
+                    v
+                }
+            });
+            graph.set_input(x, values.view()).unwrap();
+            let fed_x = fed(graph, x);
+            (graph.relu6(fed_x).unwrap(), vec![x])
+        });
+    }
+}
+
+#[test]
+fn global_max_pool_dx_matches_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(&format!("global_max_pool {case:?}"), i as u64, |graph| {
+            let x = graph.input_with_grad("x");
+            // Values 0.01 apart ≫ 2·EPS: the arg-max of a plane never changes under the step.
+            graph
+                .set_input(x, distinct_values(&case.image(), i as u64, 0.01).view())
+                .unwrap();
+            let fed_x = fed(graph, x);
+            (graph.global_max_pool(fed_x).unwrap(), vec![x])
+        });
+    }
+}
+
+/// Three inputs of different channel counts, one of them given twice (both slices of dy reach
+/// it), and one input that needs no gradient.
+#[test]
+fn concat_dinputs_match_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        check_graph(&format!("concat {case:?}"), i as u64, |graph| {
+            let [n, c, h, w] = case.image();
+            let a = graph.input_with_grad("a");
+            let b = graph.input_with_grad("b");
+            let constant = graph.input("constant");
+            graph
+                .set_input(a, random(&[n, c, h, w], i as u64).view())
+                .unwrap();
+            graph
+                .set_input(b, random(&[n, 2, h, w], 10 + i as u64).view())
+                .unwrap();
+            graph
+                .set_input(constant, random(&[n, 3, h, w], 20 + i as u64).view())
+                .unwrap();
+            let (fed_a, fed_b) = (fed(graph, a), fed(graph, b));
+            let y = graph.concat(&[fed_a, constant, fed_b, fed_a]).unwrap();
+            (y, vec![a, b])
+        });
+    }
+}
+
+#[test]
+fn channel_shuffle_dx_matches_finite_difference() {
+    for (i, (batch, groups, per_group, height, width)) in [
+        (1, 3, 2, 2, 3),
+        (2, 2, 3, 3, 1),
+        (3, 5, 1, 1, 1),
+        (2, 4, 2, 2, 2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let shape = [batch, groups * per_group, height, width];
+        check_graph(
+            &format!("channel_shuffle {shape:?} g{groups}"),
+            i as u64,
+            |graph| {
+                let x = graph.input_with_grad("x");
+                graph.set_input(x, random(&shape, i as u64).view()).unwrap();
+                let fed_x = fed(graph, x);
+                (graph.channel_shuffle(fed_x, groups).unwrap(), vec![x])
+            },
+        );
+    }
+}

@@ -654,3 +654,99 @@ fn flatten_matches_reference_loops() {
     }
     assert!(pointwise::ops::flatten::output_shape(&[4]).is_err());
 }
+
+#[test]
+fn relu6_global_max_pool_concat_and_channel_shuffle_match_reference_loops() {
+    use pointwise::ops::{channel_shuffle, concat, global_max_pool, relu6};
+    for (i, case) in CASES.iter().enumerate() {
+        let x = r4(case.image(), i as u64).mapv(|v| 8.0 * v);
+        let (mut y, mut y_ref) = (ArrayD::zeros(x.shape()), ArrayD::zeros(x.shape()));
+        relu6::forward(x.view().into_dyn(), y.view_mut()).unwrap();
+        relu6::forward_reference(x.view().into_dyn(), y_ref.view_mut()).unwrap();
+        assert_eq!(y, y_ref, "relu6 {case:?}");
+        let dy = random(x.shape(), 40 + i as u64);
+        let (mut dx, mut dx_ref) = (random(x.shape(), 41), random(x.shape(), 41));
+        relu6::backward(x.view().into_dyn(), dy.view(), dx.view_mut()).unwrap();
+        relu6::backward_reference(x.view().into_dyn(), dy.view(), dx_ref.view_mut()).unwrap();
+        assert_eq!(dx, dx_ref, "relu6 {case:?}");
+
+        let x = distinct_values(&case.image(), i as u64, 0.01)
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let out = (case.batch, case.c_in);
+        let (mut y, mut y_ref) = (Array2::zeros(out), Array2::zeros(out));
+        let mut argmax = vec![0; case.batch * case.c_in];
+        global_max_pool::forward(x.view(), y.view_mut(), &mut argmax).unwrap();
+        let argmax_ref = global_max_pool::forward_reference(x.view(), y_ref.view_mut()).unwrap();
+        assert_eq!(
+            (&y, &argmax),
+            (&y_ref, &argmax_ref),
+            "global_max_pool {case:?}"
+        );
+        let dy = r2([case.batch, case.c_in], 50 + i as u64);
+        let (mut dx, mut dx_ref) = (r4(case.image(), 51), r4(case.image(), 51));
+        global_max_pool::backward(dy.view(), &argmax, dx.view_mut()).unwrap();
+        global_max_pool::backward_reference(x.view(), dy.view(), dx_ref.view_mut()).unwrap();
+        assert_eq!(dx, dx_ref, "global_max_pool {case:?}");
+
+        let [n, c, h, w] = case.image();
+        let parts = [
+            r4([n, c, h, w], 60),
+            r4([n, 1, h, w], 61),
+            r4([n, 3, h, w], 62),
+        ];
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        let (mut y, mut y_ref) = (
+            Array4::zeros((n, c + 4, h, w)),
+            Array4::zeros((n, c + 4, h, w)),
+        );
+        concat::forward(&views, y.view_mut()).unwrap();
+        concat::forward_reference(&views, y_ref.view_mut()).unwrap();
+        assert_eq!(y, y_ref, "concat {case:?}");
+        let dy = r4([n, c + 4, h, w], 63);
+        let mut dxs = [
+            r4([n, c, h, w], 64),
+            r4([n, 1, h, w], 65),
+            r4([n, 3, h, w], 66),
+        ];
+        let mut dxs_ref = dxs.clone();
+        concat::backward(
+            dy.view(),
+            &mut dxs.iter_mut().map(|d| d.view_mut()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        concat::backward_reference(
+            dy.view(),
+            &mut dxs_ref.iter_mut().map(|d| d.view_mut()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        assert_eq!(dxs, dxs_ref, "concat {case:?}");
+        let too_few = Array4::zeros((n, c + 3, h, w));
+        assert!(concat::forward(&views, too_few.clone().view_mut()).is_err());
+
+        for groups in (1..=c).filter(|g| c % g == 0) {
+            let x = r4(case.image(), 70 + i as u64);
+            let (mut y, mut y_ref) = (Array4::zeros(x.dim()), Array4::zeros(x.dim()));
+            channel_shuffle::forward(x.view(), groups, y.view_mut()).unwrap();
+            channel_shuffle::forward_reference(x.view(), groups, y_ref.view_mut()).unwrap();
+            assert_eq!(y, y_ref, "channel_shuffle g{groups} {case:?}");
+            let (mut dx, mut dx_ref) = (r4(case.image(), 71), r4(case.image(), 71));
+            channel_shuffle::backward(y.view(), groups, dx.view_mut()).unwrap();
+            channel_shuffle::backward_reference(y.view(), groups, dx_ref.view_mut()).unwrap();
+            assert_eq!(dx, dx_ref, "channel_shuffle g{groups} {case:?}");
+        }
+    }
+}
+
+/// ShuffleNet's shuffle on 2 groups of 3 channels: (0 1 2 | 3 4 5) → (0 3 1 4 2 5).
+#[test]
+fn channel_shuffle_interleaves_the_groups() {
+    let x = Array4::from_shape_fn((1, 6, 1, 1), |(_, c, _, _)| c as f64);
+    let mut y = Array4::zeros((1, 6, 1, 1));
+    pointwise::ops::channel_shuffle::forward(x.view(), 2, y.view_mut()).unwrap();
+    assert_eq!(
+        y.iter().copied().collect::<Vec<_>>(),
+        [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+    );
+    assert!(pointwise::ops::channel_shuffle::output_shape(&[1, 6, 1, 1], 4).is_err());
+}

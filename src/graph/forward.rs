@@ -1,6 +1,6 @@
 //! The forward pass: every node up to the target, in creation order.
 
-use super::op::Forward;
+use super::op::{Forward, Inputs};
 use super::{Graph, Node, NodeId, Source};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -28,8 +28,11 @@ impl<T: Element> Graph<T> {
                 }
                 Source::Input | Source::Param => {}
                 Source::Op(op) => {
-                    op.forward(Forward {
+                    let inputs = Inputs {
                         nodes: before,
+                        ids: inputs,
+                    };
+                    op.forward(Forward {
                         inputs,
                         output: value,
                     })?;

@@ -28,7 +28,7 @@ mod chunk;
 mod forward;
 mod op;
 
-pub use op::{Backward, CloneOperation, Forward, GradWrite, Operation, Port, Ports};
+pub use op::{Backward, CloneOperation, Forward, GradWrite, Inputs, Operation, Port, Ports};
 
 use crate::element::Element;
 use crate::error::{Error, Result};

@@ -93,26 +93,68 @@ impl<T> Clone for Box<dyn Operation<T>> {
 
 /// What an op's forward pass may touch: its inputs' values, and its own output buffer.
 pub struct Forward<'a, T> {
-    pub(super) nodes: &'a [Node<T>],
-    pub(super) inputs: &'a [NodeId],
+    pub(super) inputs: Inputs<'a, T>,
     pub(super) output: &'a mut ArrayD<T>,
 }
 
-impl<'a, T: Element> Forward<'a, T> {
-    /// The value of input `i` (in the order the builder passed them).
-    pub fn input(&self, i: usize) -> ArrayViewD<'a, T> {
+/// The values of a node's inputs (in the order the builder passed them).
+pub struct Inputs<'a, T> {
+    pub(super) nodes: &'a [Node<T>],
+    pub(super) ids: &'a [NodeId],
+}
+
+impl<T> Clone for Inputs<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Inputs<'_, T> {}
+
+impl<'a, T> Inputs<'a, T> {
+    /// How many inputs the node has.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True for a node without inputs.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The value of input `i`.
+    pub fn get(&self, i: usize) -> ArrayViewD<'a, T> {
         let nodes = self.nodes;
-        debug_assert!(
-            i < self.inputs.len(),
-            "an op reads an input it was not given"
-        );
-        nodes[self.inputs[i].0].value.view()
+        nodes[self.ids[i].0].value.view()
     }
 
     /// The value of input `i`, or `None` when the op was built with fewer (an absent bias).
     pub fn optional(&self, i: usize) -> Option<ArrayViewD<'a, T>> {
         let nodes = self.nodes;
-        self.inputs.get(i).map(|id| nodes[id.0].value.view())
+        self.ids.get(i).map(|id| nodes[id.0].value.view())
+    }
+}
+
+impl<'a, T: Element> Forward<'a, T> {
+    /// How many inputs the node has.
+    pub fn len(&self) -> usize {
+        self.inputs.len()
+    }
+
+    /// True for a node without inputs.
+    pub fn is_empty(&self) -> bool {
+        self.inputs.is_empty()
+    }
+
+    /// The value of input `i` (in the order the builder passed them). The tape built the
+    /// node with its inputs, so an op reads only indices it was given.
+    pub fn input(&self, i: usize) -> ArrayViewD<'a, T> {
+        self.inputs.get(i)
+    }
+
+    /// The value of input `i`, or `None` when the op was built with fewer (an absent bias).
+    pub fn optional(&self, i: usize) -> Option<ArrayViewD<'a, T>> {
+        self.inputs.optional(i)
     }
 
     /// The output buffer, sized to `shape`: reallocated only when the shape changes, so
@@ -120,6 +162,12 @@ impl<'a, T: Element> Forward<'a, T> {
     pub fn output(&mut self, shape: &[usize]) -> ArrayViewMutD<'_, T> {
         resize(self.output, shape);
         self.output.view_mut()
+    }
+
+    /// The output buffer as [`Forward::output`] gives it, with the inputs, to read while
+    /// the output is held (an op with any number of inputs).
+    pub fn inputs_and_output(&mut self, shape: &[usize]) -> (Inputs<'a, T>, ArrayViewMutD<'_, T>) {
+        (self.inputs, self.output(shape))
     }
 }
 

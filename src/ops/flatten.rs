@@ -18,7 +18,7 @@
 //! ## Cost
 //! No arithmetic: forward copies N·C·H·W values, backward adds as many.
 
-use super::{check_same, shape_text};
+use super::{check_same, shape_text, unary_backward};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
@@ -48,11 +48,7 @@ impl<T: Element> Operation<T> for Flatten {
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
-        let Backward { dy, mut inputs, .. } = pass;
-        match inputs.port(0)?.accumulating()? {
-            (_, Some(dx)) => backward(dy.view(), dx),
-            _ => Ok(()),
-        }
+        unary_backward(pass, |_, dy, dx| backward(dy, dx))
     }
 }
 

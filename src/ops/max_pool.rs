@@ -95,18 +95,24 @@ impl<T: Element> Operation<T> for MaxPool {
 
 /// Checks the input and the pool settings and returns the output shape.
 pub fn output_shape(x: &[usize], window: usize, stride: usize) -> Result<[usize; 4]> {
-    let [_, _, height, width] = check_image(OP, x)?;
-    if height
-        .checked_mul(width)
+    check_positions(OP, x)?;
+    pooled_shape(OP, x, window, stride)
+}
+
+/// Checks that x is (N, C, H, W) and that a [`Position`] can name every pixel of a plane.
+pub(crate) fn check_positions(op: &'static str, x: &[usize]) -> Result<[usize; 4]> {
+    let shape = check_image(op, x)?;
+    if shape[2]
+        .checked_mul(shape[3])
         .is_none_or(|plane| plane > Position::MAX as usize)
     {
         return Err(Error::invalid_shape(
-            OP,
+            op,
             "a channel plane has more pixels than a u32 position can name",
             x,
         ));
     }
-    pooled_shape(OP, x, window, stride)
+    Ok(shape)
 }
 
 // ---------------------------------------------------------------- forward and backward

@@ -6,14 +6,18 @@
 
 pub mod add;
 pub mod avg_pool;
+pub mod channel_shuffle;
+pub mod concat;
 pub mod conv1x1;
 pub mod conv2d;
 pub mod flatten;
 pub mod global_avg_pool;
+pub mod global_max_pool;
 pub mod linear;
 pub mod max_pool;
 pub mod mse;
 pub mod relu;
+pub mod relu6;
 pub mod softmax_cross_entropy;
 
 use crate::error::{Error, Result};
@@ -21,7 +25,7 @@ use ndarray::{ArrayView, ArrayViewD, ArrayViewMut, ArrayViewMutD, Dimension};
 
 use crate::element::Element;
 pub use crate::graph::GradWrite;
-use crate::graph::{Graph, NodeId, Operation, Port};
+use crate::graph::{Backward, Forward, Graph, NodeId, Operation, Port};
 
 /// A buffer seen with the number of dimensions `op` expects (checked once by its forward).
 pub(crate) fn dims<'a, T, D: Dimension>(
@@ -56,6 +60,29 @@ pub(crate) fn accumulating<'a, T: Element, D: Dimension>(
 ) -> Result<(ArrayView<'a, T, D>, Option<ArrayViewMut<'a, T, D>>)> {
     let (value, grad) = port.accumulating()?;
     Ok((dims(op, value)?, grad.map(|g| dims_mut(op, g)).transpose()?))
+}
+
+/// The forward pass of a one-input op whose output has the input's shape (an elementwise op):
+/// calls `forward(x, y)`.
+pub(crate) fn elementwise_forward<T: Element>(
+    mut pass: Forward<'_, T>,
+    forward: impl FnOnce(ArrayViewD<T>, ArrayViewMutD<T>) -> Result<()>,
+) -> Result<()> {
+    let x = pass.input(0);
+    forward(x.view(), pass.output(x.shape()))
+}
+
+/// The backward pass of a one-input op that only adds into dx: calls `backward(x, dy, dx)`
+/// when the input wants a gradient.
+pub(crate) fn unary_backward<T: Element>(
+    pass: Backward<'_, T>,
+    backward: impl FnOnce(ArrayViewD<T>, ArrayViewD<T>, ArrayViewMutD<T>) -> Result<()>,
+) -> Result<()> {
+    let Backward { dy, mut inputs, .. } = pass;
+    match inputs.port(0)?.accumulating()? {
+        (x, Some(dx)) => backward(x, dy.view(), dx),
+        _ => Ok(()),
+    }
 }
 
 fn wrong_dims<D: Dimension>(op: &'static str, shape: &[usize]) -> Error {

@@ -20,7 +20,7 @@
 //! Forward: one compare per element, read x, write y. Backward: one compare and one add per
 //! element, read x and dy, read-modify-write dx.
 
-use super::check_same;
+use super::{check_same, elementwise_forward, unary_backward};
 use crate::element::Element;
 use crate::error::Result;
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
@@ -45,17 +45,12 @@ impl<T: Element> Operation<T> for Relu {
         OP
     }
 
-    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let x = pass.input(0);
-        forward(x.view(), pass.output(x.shape()))
+    fn forward(&mut self, pass: Forward<'_, T>) -> Result<()> {
+        elementwise_forward(pass, forward)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
-        let Backward { dy, mut inputs, .. } = pass;
-        match inputs.port(0)?.accumulating()? {
-            (x, Some(dx)) => backward(x, dy.view(), dx),
-            _ => Ok(()),
-        }
+        unary_backward(pass, |x, dy, dx| backward(x, dy, dx))
     }
 }
 

@@ -656,3 +656,78 @@ fn channel_shuffle_dx_matches_finite_difference() {
         );
     }
 }
+
+/// Batch norm in training mode (through the batch statistics) w.r.t. x, γ and β, and in
+/// evaluation mode (running statistics, set away from 0 and 1 first) with a batch of 1 too.
+#[test]
+fn batch_norm_dx_dweight_dbias_match_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        for training in [true, false] {
+            let [n, c, h, w] = case.image();
+            if training && n * h * w < 2 {
+                continue; // one value per channel has no variance (an error, as in PyTorch)
+            }
+            check_graph(
+                &format!("batch_norm training {training} {case:?}"),
+                i as u64,
+                |graph| {
+                    let x = graph.input_with_grad("x");
+                    // Not seed i: gradcheck's weighting R uses it, and R = x makes the true
+                    // gradient of Σ R·BN(x) w.r.t. x vanish (to O(ε/σ²)).
+                    graph
+                        .set_input(x, random(&[n, c, h, w], 100 + i as u64).view())
+                        .unwrap();
+                    let gamma = graph
+                        .param("bn.weight", random(&[c], 30 + i as u64) + 1.5)
+                        .unwrap();
+                    let beta = graph.param("bn.bias", random(&[c], 40 + i as u64)).unwrap();
+                    let fed_x = fed(graph, x);
+                    let y = graph.batch_norm(fed_x, gamma, beta).unwrap();
+                    let mean = random(&[c], 50 + i as u64).into_dimensionality().unwrap();
+                    let var = (random(&[c], 60 + i as u64) + 1.5)
+                        .into_dimensionality()
+                        .unwrap();
+                    graph
+                        .set_running_stats(y, mean.view(), var.view(), 3)
+                        .unwrap();
+                    graph.set_training(training);
+                    (y, vec![x, gamma, beta])
+                },
+            );
+        }
+    }
+}
+
+/// SqueezeNet's fire module: squeeze 1×1 + ReLU, then a 1×1 and a 3×3 (padding 1) expand side
+/// by side, each + ReLU, concatenated on channels; w.r.t. every parameter and the input.
+#[test]
+fn squeezenet_fire_module_matches_finite_difference() {
+    for (seed, batch, c_in, squeeze, expand, side) in [(1, 1, 5, 3, 2, 3), (2, 2, 4, 2, 3, 4)] {
+        check_graph(&format!("fire module seed {seed}"), seed, |graph| {
+            let x = graph.input_with_grad("x");
+            graph
+                .set_input(x, random(&[batch, c_in, side, side], seed).view())
+                .unwrap();
+            let mut param = |name: &str, shape: &[usize], k: u64| {
+                graph
+                    .param(name, random(shape, 10 * seed + k) * 0.7)
+                    .unwrap()
+            };
+            let squeeze_w = param("squeeze.weight", &[squeeze, c_in], 1);
+            let squeeze_b = param("squeeze.bias", &[squeeze], 2);
+            let e1_w = param("expand1x1.weight", &[expand, squeeze], 3);
+            let e1_b = param("expand1x1.bias", &[expand], 4);
+            let e3_w = param("expand3x3.weight", &[expand, squeeze, 3, 3], 5);
+            let e3_b = param("expand3x3.bias", &[expand], 6);
+            let fed_x = fed(graph, x);
+            let s = graph
+                .conv1x1_relu(fed_x, squeeze_w, Some(squeeze_b))
+                .unwrap();
+            let left = graph.conv1x1_relu(s, e1_w, Some(e1_b)).unwrap();
+            let right = graph.conv2d(s, e3_w, Some(e3_b), 1).unwrap();
+            let right = graph.relu(right).unwrap();
+            let y = graph.concat(&[left, right]).unwrap();
+            (y, vec![x, squeeze_w, squeeze_b, e1_w, e1_b, e3_w, e3_b])
+        });
+    }
+}

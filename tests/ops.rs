@@ -750,3 +750,163 @@ fn channel_shuffle_interleaves_the_groups() {
     );
     assert!(pointwise::ops::channel_shuffle::output_shape(&[1, 6, 1, 1], 4).is_err());
 }
+
+/// Batch norm through the tape against the reference loops: training-mode output and
+/// gradients (the O(M²) double sum of the derivation), the running statistics after two steps
+/// (momentum 0.1, unbiased variance), and evaluation mode on a batch of 1.
+#[test]
+fn batch_norm_matches_reference_loops_and_pytorch_semantics() {
+    use pointwise::ops::batch_norm;
+    for (i, case) in CASES.iter().enumerate() {
+        let [n, c, h, w] = case.image();
+        if n * h * w < 2 {
+            continue;
+        }
+        let x = r4(case.image(), 80 + i as u64);
+        let gamma = random(&[c], 81 + i as u64) + 1.5;
+        let beta = random(&[c], 82 + i as u64);
+        let mut graph = pointwise::Graph::<f64>::new();
+        let x_node = graph.input_with_grad("x");
+        let g_node = graph.param("bn.weight", gamma.clone()).unwrap();
+        let b_node = graph.param("bn.bias", beta.clone()).unwrap();
+        let y_node = graph.batch_norm(x_node, g_node, b_node).unwrap();
+        graph.set_input(x_node, x.view().into_dyn()).unwrap();
+        graph.forward(y_node).unwrap();
+        let (gamma, beta) = (
+            gamma.into_dimensionality::<Ix1>().unwrap(),
+            beta.into_dimensionality::<Ix1>().unwrap(),
+        );
+        let (y_ref, mean, var) =
+            batch_norm::forward_reference(x.view(), gamma.view(), beta.view()).unwrap();
+        assert_abs_diff_eq!(graph.value(y_node).unwrap(), y_ref.view(), epsilon = TOL);
+
+        let dy = r4(case.image(), 83 + i as u64);
+        graph.backward_from(y_node, dy.view().into_dyn()).unwrap();
+        let (dx_ref, dgamma_ref, dbeta_ref) =
+            batch_norm::backward_reference(x.view(), gamma.view(), dy.view()).unwrap();
+        assert_abs_diff_eq!(graph.grad(x_node).unwrap(), dx_ref.view(), epsilon = 1e-11);
+        assert_abs_diff_eq!(
+            graph.grad(g_node).unwrap(),
+            dgamma_ref.into_dyn().view(),
+            epsilon = 1e-11
+        );
+        assert_abs_diff_eq!(
+            graph.grad(b_node).unwrap(),
+            dbeta_ref.into_dyn().view(),
+            epsilon = 1e-11
+        );
+
+        // Two training steps: running ← 0.9·running + 0.1·batch, with the unbiased variance.
+        graph.forward(y_node).unwrap();
+        let unbiased = (n * h * w) as f64 / (n * h * w - 1) as f64;
+        let (running_mean, running_var, tracked) = graph.running_stats(y_node).unwrap();
+        let expected_mean = mean.mapv(|m| 0.9 * (0.1 * m) + 0.1 * m);
+        let expected_var = var.mapv(|v| 0.9 * (0.9 + 0.1 * v * unbiased) + 0.1 * v * unbiased);
+        assert_abs_diff_eq!(running_mean, expected_mean.view(), epsilon = TOL);
+        assert_abs_diff_eq!(running_var, expected_var.view(), epsilon = TOL);
+        assert_eq!(tracked, 2);
+
+        // Evaluation mode: the running statistics, on one sample; the statistics do not move.
+        graph.set_training(false);
+        let sample = x.slice(ndarray::s![0..1, .., .., ..]).to_owned();
+        graph.set_input(x_node, sample.view().into_dyn()).unwrap();
+        graph.forward(y_node).unwrap();
+        let y = graph.value(y_node).unwrap().to_owned();
+        for ((index, &got), _) in y.indexed_iter().zip(0..) {
+            let ch = index[1];
+            let want = gamma[ch] * (sample[[0, ch, index[2], index[3]]] - expected_mean[ch])
+                / (expected_var[ch] + 1e-5).sqrt()
+                + beta[ch];
+            assert!((got - want).abs() < TOL, "eval {case:?}: {got} vs {want}");
+        }
+        assert_eq!(graph.running_stats(y_node).unwrap().2, 2);
+    }
+}
+
+#[test]
+fn batch_norm_in_training_mode_refuses_one_value_per_channel() {
+    let mut graph = pointwise::Graph::<f64>::new();
+    let x = graph.input("x");
+    let gamma = graph.param("g", ArrayD::ones(IxDyn(&[2]))).unwrap();
+    let beta = graph.param("b", ArrayD::zeros(IxDyn(&[2]))).unwrap();
+    let y = graph.batch_norm(x, gamma, beta).unwrap();
+    graph
+        .set_input(x, ArrayD::ones(IxDyn(&[1, 2, 1, 1])).view())
+        .unwrap();
+    assert!(matches!(
+        graph.forward(y),
+        Err(pointwise::Error::InvalidShape {
+            op: "batch_norm",
+            ..
+        })
+    ));
+    graph.set_training(false);
+    graph.forward(y).unwrap();
+    let wrong = graph.param("wrong", ArrayD::ones(IxDyn(&[3]))).unwrap();
+    assert!(graph.batch_norm(x, wrong, beta).is_err());
+}
+
+/// A 1×1 and a 3×3 convolution followed by an evaluation-mode batch norm equal the folded
+/// convolution alone.
+#[test]
+fn folding_batch_norm_into_a_convolution_gives_the_same_outputs() {
+    use pointwise::ops::batch_norm::fold_into_convolution;
+    for (kernel, with_bias) in [(None, true), (None, false), (Some(3), true)] {
+        let (c_in, c_out) = (4, 5);
+        let weight_shape: Vec<usize> = match kernel {
+            None => vec![c_out, c_in],
+            Some(k) => vec![c_out, c_in, k, k],
+        };
+        let build =
+            |graph: &mut pointwise::Graph<f64>, weight: ArrayD<f64>, bias: Option<ArrayD<f64>>| {
+                let x = graph.input("x");
+                let w = graph.param("w", weight).unwrap();
+                let b = bias.map(|b| graph.param("b", b).unwrap());
+                let y = match kernel {
+                    None => graph.conv1x1(x, w, b).unwrap(),
+                    Some(_) => graph.conv2d(x, w, b, 1).unwrap(),
+                };
+                (x, y)
+            };
+        let weight = random(&weight_shape, 90);
+        let bias = with_bias.then(|| random(&[c_out], 91));
+        let stats: Vec<ndarray::Array1<f64>> = (0..4)
+            .map(|k| random(&[c_out], 92 + k).into_dimensionality().unwrap())
+            .collect();
+        let (gamma, beta, mean) = (stats[0].clone() + 1.5, stats[1].clone(), stats[2].clone());
+        let var = stats[3].mapv(|v| v + 1.2);
+
+        let mut unfolded = pointwise::Graph::<f64>::new();
+        let (x, conv) = build(&mut unfolded, weight.clone(), bias.clone());
+        let g = unfolded
+            .param("bn.weight", gamma.clone().into_dyn())
+            .unwrap();
+        let b = unfolded.param("bn.bias", beta.clone().into_dyn()).unwrap();
+        let y = unfolded.batch_norm(conv, g, b).unwrap();
+        unfolded
+            .set_running_stats(y, mean.view(), var.view(), 1)
+            .unwrap();
+        unfolded.set_training(false);
+        let input = random(&[2, c_in, 5, 6], 99);
+        unfolded.set_input(x, input.view()).unwrap();
+        unfolded.forward(y).unwrap();
+
+        let (w_folded, b_folded) = fold_into_convolution(
+            weight.view(),
+            bias.as_ref()
+                .map(|b| b.view().into_dimensionality().unwrap()),
+            [gamma.view(), beta.view(), mean.view(), var.view()],
+            1e-5,
+        )
+        .unwrap();
+        let mut folded = pointwise::Graph::<f64>::new();
+        let (x, y_folded) = build(&mut folded, w_folded, Some(b_folded.into_dyn()));
+        folded.set_input(x, input.view()).unwrap();
+        folded.forward(y_folded).unwrap();
+        assert_abs_diff_eq!(
+            folded.value(y_folded).unwrap(),
+            unfolded.value(y).unwrap(),
+            epsilon = 1e-12
+        );
+    }
+}

@@ -10,6 +10,7 @@ impl<T: Element> Graph<T> {
     /// Evaluates every node up to and including `target`, in creation order.
     pub fn forward(&mut self, target: NodeId) -> Result<()> {
         self.node(target)?;
+        let training = self.training;
         for index in 0..=target.0 {
             let (before, rest) = self.nodes.split_at_mut(index);
             let Node {
@@ -35,6 +36,7 @@ impl<T: Element> Graph<T> {
                     op.forward(Forward {
                         inputs,
                         output: value,
+                        training,
                     })?;
                     *has_value = true;
                 }

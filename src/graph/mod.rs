@@ -104,6 +104,8 @@ pub struct Graph<T> {
     pub(crate) nodes: Vec<Node<T>>,
     /// Samples per chunk of the backward pass; `None` runs it on the whole batch at once.
     pub(crate) backward_chunk: Option<usize>,
+    /// Training mode (the default) or evaluation mode, for ops that differ (batch norm).
+    pub(crate) training: bool,
 }
 
 impl<T: Element> Default for Graph<T> {
@@ -133,7 +135,20 @@ impl<T: Element> Graph<T> {
         Graph {
             nodes: Vec::new(),
             backward_chunk: None,
+            training: true,
         }
+    }
+
+    /// Training mode (`true`, the default) or evaluation mode: ops that behave differently
+    /// (batch norm: batch statistics and running averages vs the running averages alone) read
+    /// it at every forward pass, as `model.train()` / `model.eval()` set it in PyTorch.
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// Whether the graph is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
     }
 
     pub(crate) fn node(&self, id: NodeId) -> Result<&Node<T>> {

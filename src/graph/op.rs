@@ -95,6 +95,7 @@ impl<T> Clone for Box<dyn Operation<T>> {
 pub struct Forward<'a, T> {
     pub(super) inputs: Inputs<'a, T>,
     pub(super) output: &'a mut ArrayD<T>,
+    pub(super) training: bool,
 }
 
 /// The values of a node's inputs (in the order the builder passed them).
@@ -144,6 +145,11 @@ impl<'a, T: Element> Forward<'a, T> {
     /// True for a node without inputs.
     pub fn is_empty(&self) -> bool {
         self.inputs.is_empty()
+    }
+
+    /// Whether the graph is in training mode ([`crate::Graph::set_training`]).
+    pub fn training(&self) -> bool {
+        self.training
     }
 
     /// The value of input `i` (in the order the builder passed them). The tape built the

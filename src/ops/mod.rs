@@ -6,6 +6,7 @@
 
 pub mod add;
 pub mod avg_pool;
+pub mod batch_norm;
 pub mod channel_shuffle;
 pub mod concat;
 pub mod conv1x1;

@@ -1,0 +1,450 @@
+//! # BatchNorm: normalise every channel, then scale and shift it
+//!
+//! ## What
+//! Each channel c is normalised to zero mean and unit variance, then scaled by γ_c and shifted by
+//! β_c. In training mode the mean and variance are those of the batch (over N, H and W), and
+//! running averages of them are kept; in evaluation mode the running averages are used. As
+//! PyTorch's `BatchNorm2d`: ε = 1e-5, momentum 0.1, the *biased* variance normalises, the
+//! *unbiased* one enters the running average.
+//!
+//! ## Shapes
+//! x (N, C, H, W), weight γ (C), bias β (C) → y (N, C, H, W). M = N·H·W values per channel.
+//! Running mean and variance (C) live in the node; saved for backward: the mean μ (C) and
+//! s = 1/√(σ² + ε) (C) the last forward pass normalised with.
+//!
+//! ## Derivation
+//! Forward, per channel c (sums over the M positions i = (n, h, w)):
+//! ```text
+//! μ = (1/M) Σᵢ xᵢ          σ² = (1/M) Σᵢ (xᵢ − μ)²          s = 1/√(σ² + ε)
+//! x̂ᵢ = (xᵢ − μ)·s          yᵢ = γ·x̂ᵢ + β
+//! running_mean ← (1 − m)·running_mean + m·μ
+//! running_var  ← (1 − m)·running_var  + m·σ²·M/(M − 1)
+//! ```
+//! Backward, with gᵢ = ∂L/∂yᵢ. The scale and shift are direct:
+//! ```text
+//! ∂L/∂β = Σᵢ gᵢ            ∂L/∂γ = Σᵢ gᵢ·x̂ᵢ            ∂L/∂x̂ᵢ = γ·gᵢ
+//! ```
+//! In training mode μ and s depend on every xⱼ of the channel, so each xⱼ reaches L through
+//! x̂ⱼ directly and through μ and σ²:
+//! ```text
+//! ∂μ/∂xⱼ = 1/M             ∂σ²/∂xⱼ = 2(xⱼ − μ)/M   (the Σᵢ (xᵢ − μ)·∂μ/∂xⱼ term is 0)
+//! ∂x̂ᵢ/∂xⱼ = s·(δᵢⱼ − 1/M) − (xᵢ − μ)·s³·(xⱼ − μ)/M = s·(δᵢⱼ − 1/M − x̂ᵢ·x̂ⱼ/M)
+//! ∂L/∂xⱼ = Σᵢ γgᵢ·∂x̂ᵢ/∂xⱼ = (γ·s/M)·(M·gⱼ − Σᵢ gᵢ − x̂ⱼ·Σᵢ gᵢ·x̂ᵢ)
+//! ```
+//! In evaluation mode μ and s are constants: ∂L/∂xⱼ = γ·s·gⱼ.
+//!
+//! ## Cost
+//! Forward: two passes over x for the statistics (training) and one to normalise; about 5
+//! operations per value. Backward: two passes (the two sums, then dx). No GEMM.
+
+use super::{accumulating, check_image, check_same, dims, dims_mut};
+use crate::element::{count, Element};
+use crate::error::{Error, Result};
+use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use ndarray::{
+    Array1, ArrayD, ArrayView1, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut4, Axis, Zip,
+};
+
+const OP: &str = "batch_norm";
+
+/// PyTorch's defaults.
+pub const EPS: f64 = 1e-5;
+pub const MOMENTUM: f64 = 0.1;
+
+/// The node on the tape: its running statistics, and what the last forward pass normalised
+/// with (the mean μ and s = 1/√(σ² + ε) per channel, and whether they were the batch's).
+#[derive(Clone, Debug)]
+pub struct BatchNorm<T> {
+    running_mean: Array1<T>,
+    running_var: Array1<T>,
+    batches_tracked: u64,
+    mean: Array1<T>,
+    inv_std: Array1<T>,
+    batch_statistics: bool,
+}
+
+impl<T: Element> Graph<T> {
+    /// Batch normalisation of `input` (N, C, H, W) with scale `weight` γ (C) and shift `bias`
+    /// β (C), both parameters; running mean 0 and variance 1 to start, ε = 1e-5, momentum 0.1.
+    /// Training or evaluation mode follows [`Graph::set_training`].
+    pub fn batch_norm(&mut self, input: NodeId, weight: NodeId, bias: NodeId) -> Result<NodeId> {
+        let channels = self.param_shape(OP, "weight", weight)?.to_vec();
+        check_weights(&channels, Some(self.param_shape(OP, "bias", bias)?))?;
+        let op = BatchNorm {
+            running_mean: Array1::zeros(channels[0]),
+            running_var: Array1::ones(channels[0]),
+            batches_tracked: 0,
+            mean: Array1::zeros(channels[0]),
+            inv_std: Array1::zeros(channels[0]),
+            batch_statistics: true,
+        };
+        self.push_layer(op, [input, weight], Some(bias), check_weights)
+    }
+
+    /// The running mean and variance of a batch-norm node, and the number of training batches
+    /// they average (PyTorch's `running_mean`, `running_var`, `num_batches_tracked`).
+    pub fn running_stats(
+        &mut self,
+        id: NodeId,
+    ) -> Result<(ArrayView1<'_, T>, ArrayView1<'_, T>, u64)> {
+        let op = self.op_mut::<BatchNorm<T>>(id, "running statistics exist on batch_norm nodes")?;
+        Ok((
+            op.running_mean.view(),
+            op.running_var.view(),
+            op.batches_tracked,
+        ))
+    }
+
+    /// Replaces the running statistics of a batch-norm node (loading trained weights).
+    pub fn set_running_stats(
+        &mut self,
+        id: NodeId,
+        mean: ArrayView1<T>,
+        var: ArrayView1<T>,
+        batches_tracked: u64,
+    ) -> Result<()> {
+        let op = self.op_mut::<BatchNorm<T>>(id, "running statistics exist on batch_norm nodes")?;
+        check_same(OP, "running mean", op.running_mean.shape(), mean.shape())?;
+        check_same(OP, "running variance", op.running_var.shape(), var.shape())?;
+        if var.iter().any(|v| !(v.is_finite() && *v >= T::zero()))
+            || mean.iter().any(|v| !v.is_finite())
+        {
+            return Err(Error::invalid_config(
+                OP,
+                "running statistics must be finite, the variance ≥ 0",
+            ));
+        }
+        op.running_mean.assign(&mean);
+        op.running_var.assign(&var);
+        op.batches_tracked = batches_tracked;
+        Ok(())
+    }
+}
+
+impl<T: Element> Operation<T> for BatchNorm<T> {
+    fn kind(&self) -> &'static str {
+        OP
+    }
+
+    /// In training mode every output depends on the whole batch (through μ and σ²).
+    fn batched(&self, _: &[bool]) -> bool {
+        false
+    }
+
+    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
+        let (x, weight, bias) = (pass.input(0), pass.input(1), pass.input(2));
+        let x: ArrayView4<T> = dims(OP, x)?;
+        let shape = output_shape(x.shape(), weight.shape())?;
+        self.batch_statistics = pass.training();
+        let eps = T::from_f64(EPS);
+        if self.batch_statistics {
+            let values = shape[0] * shape[2] * shape[3];
+            if values < 2 {
+                return Err(Error::invalid_shape(
+                    OP,
+                    "training mode needs more than one value per channel (N·H·W ≥ 2)",
+                    x.shape(),
+                ));
+            }
+            statistics(x, self.mean.view_mut(), self.inv_std.view_mut())?;
+            // inv_std holds the biased variance here: update the running averages first.
+            let (m, unbiased) = (
+                T::from_f64(MOMENTUM),
+                count::<T>(values) / count::<T>(values - 1),
+            );
+            Zip::from(&mut self.running_mean)
+                .and(&self.mean)
+                .for_each(|r, &mean| *r = (T::one() - m) * *r + m * mean);
+            Zip::from(&mut self.running_var)
+                .and(&self.inv_std)
+                .for_each(|r, &var| *r = (T::one() - m) * *r + m * var * unbiased);
+            self.inv_std
+                .mapv_inplace(|var| T::one() / (var + eps).sqrt());
+            self.batches_tracked += 1;
+        } else {
+            self.mean.assign(&self.running_mean);
+            Zip::from(&mut self.inv_std)
+                .and(&self.running_var)
+                .for_each(|s, &var| *s = T::one() / (var + eps).sqrt());
+        }
+        let y = dims_mut(OP, pass.output(&shape))?;
+        forward(
+            x,
+            dims(OP, weight)?,
+            dims(OP, bias)?,
+            self.mean.view(),
+            self.inv_std.view(),
+            y,
+        )
+    }
+
+    fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
+        let Backward { dy, mut inputs, .. } = pass;
+        let [x, weight, bias] = inputs.ports::<3>()?;
+        let (x, dx) = accumulating(OP, x)?;
+        let (weight, dweight) = accumulating(OP, weight)?;
+        let (_, dbias) = accumulating(OP, bias)?;
+        let saved = Saved {
+            mean: self.mean.view(),
+            inv_std: self.inv_std.view(),
+            batch_statistics: self.batch_statistics,
+        };
+        backward(x, weight, saved, dims(OP, dy.view())?, dx, dweight, dbias)
+    }
+
+    fn saved_elements(&self) -> usize {
+        4 * self.mean.len()
+    }
+}
+
+/// Checks x (N, C, H, W) against γ (C); returns the output shape.
+pub fn output_shape(x: &[usize], weight: &[usize]) -> Result<[usize; 4]> {
+    let shape = check_image(OP, x)?;
+    check_same(OP, "weight (C)", &shape[1..2], weight)?;
+    Ok(shape)
+}
+
+/// Checks γ (C) and β (C).
+fn check_weights(weight: &[usize], bias: Option<&[usize]>) -> Result<()> {
+    super::check_ndim(OP, "weight (C)", weight, 1)?;
+    check_same(OP, "bias", weight, bias.unwrap_or(&[]))
+}
+
+/// What the backward pass needs from the forward one.
+#[derive(Clone, Copy, Debug)]
+pub struct Saved<'a, T> {
+    /// μ per channel.
+    pub mean: ArrayView1<'a, T>,
+    /// s = 1/√(σ² + ε) per channel.
+    pub inv_std: ArrayView1<'a, T>,
+    /// Whether μ and s were the batch's (training) or constants (evaluation).
+    pub batch_statistics: bool,
+}
+
+// ---------------------------------------------------------------- forward and backward
+
+/// The batch's statistics per channel: μ into `mean`, the biased variance σ² into `var`.
+pub fn statistics<T: Element>(
+    x: ArrayView4<T>,
+    mut mean: ArrayViewMut1<T>,
+    mut var: ArrayViewMut1<T>,
+) -> Result<()> {
+    check_same(OP, "mean", &x.shape()[1..2], mean.shape())?;
+    check_same(OP, "variance", &x.shape()[1..2], var.shape())?;
+    let values = count::<T>(x.len() / x.shape()[1].max(1));
+    for ((channel, mean), var) in x
+        .axis_iter(Axis(1))
+        .zip(mean.iter_mut())
+        .zip(var.iter_mut())
+    {
+        *mean = channel.sum() / values;
+        // Two passes: the squared deviations from the mean, not E[x²] − μ², which cancels.
+        *var = channel.fold(T::zero(), |sum, &v| sum + (v - *mean) * (v - *mean)) / values;
+    }
+    Ok(())
+}
+
+/// Forward: y = γ·(x − μ)·s + β, per channel.
+pub fn forward<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView1<T>,
+    bias: ArrayView1<T>,
+    mean: ArrayView1<T>,
+    inv_std: ArrayView1<T>,
+    mut y: ArrayViewMut4<T>,
+) -> Result<()> {
+    check_same(
+        OP,
+        "output",
+        &output_shape(x.shape(), weight.shape())?,
+        y.shape(),
+    )?;
+    for c in 0..x.shape()[1] {
+        let (scale, shift) = (
+            weight[c] * inv_std[c],
+            bias[c] - weight[c] * inv_std[c] * mean[c],
+        );
+        Zip::from(y.index_axis_mut(Axis(1), c))
+            .and(x.index_axis(Axis(1), c))
+            .for_each(|y, &x| *y = scale * x + shift);
+    }
+    Ok(())
+}
+
+/// Backward: dβ += Σ g, dγ += Σ g·x̂, and dx += (γs/M)·(M·g − Σ g − x̂·Σ g·x̂) with batch
+/// statistics, or dx += γ·s·g with constant ones.
+pub fn backward<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView1<T>,
+    saved: Saved<'_, T>,
+    dy: ArrayView4<T>,
+    mut dx: Option<ArrayViewMut4<T>>,
+    mut dweight: Option<ArrayViewMut1<T>>,
+    mut dbias: Option<ArrayViewMut1<T>>,
+) -> Result<()> {
+    check_same(
+        OP,
+        "output gradient",
+        &output_shape(x.shape(), weight.shape())?,
+        dy.shape(),
+    )?;
+    if let Some(dx) = &dx {
+        check_same(OP, "input gradient", x.shape(), dx.shape())?;
+    }
+    let values = count::<T>(x.len() / x.shape()[1].max(1));
+    for c in 0..x.shape()[1] {
+        let (mu, s) = (saved.mean[c], saved.inv_std[c]);
+        let (x_c, g_c) = (x.index_axis(Axis(1), c), dy.index_axis(Axis(1), c));
+        let (mut sum_g, mut sum_g_xhat) = (T::zero(), T::zero());
+        Zip::from(&x_c).and(&g_c).for_each(|&x, &g| {
+            sum_g += g;
+            sum_g_xhat += g * (x - mu) * s;
+        });
+        if let Some(dbias) = dbias.as_mut() {
+            dbias[c] += sum_g;
+        }
+        if let Some(dweight) = dweight.as_mut() {
+            dweight[c] += sum_g_xhat;
+        }
+        if let Some(dx) = dx.as_mut() {
+            let scale = weight[c] * s;
+            let (mean_g, mean_g_xhat) = if saved.batch_statistics {
+                (sum_g / values, sum_g_xhat / values)
+            } else {
+                (T::zero(), T::zero())
+            };
+            Zip::from(dx.index_axis_mut(Axis(1), c))
+                .and(&x_c)
+                .and(&g_c)
+                .for_each(|dx, &x, &g| {
+                    *dx += scale * (g - mean_g - (x - mu) * s * mean_g_xhat);
+                });
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- reference loops
+
+/// The specification in training mode, by index loops: returns y, the batch mean and the
+/// biased variance per channel.
+pub fn forward_reference<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView1<T>,
+    bias: ArrayView1<T>,
+) -> Result<(ArrayD<T>, Array1<T>, Array1<T>)> {
+    let [batch, channels, height, width] = output_shape(x.shape(), weight.shape())?;
+    let values = count::<T>(batch * height * width);
+    let mut y = ArrayD::zeros(x.shape());
+    let (mut mean, mut var) = (Array1::zeros(channels), Array1::zeros(channels));
+    for c in 0..channels {
+        let (mut sum, mut squares) = (T::zero(), T::zero());
+        for n in 0..batch {
+            for h in 0..height {
+                for w in 0..width {
+                    sum += x[[n, c, h, w]];
+                }
+            }
+        }
+        mean[c] = sum / values;
+        for n in 0..batch {
+            for h in 0..height {
+                for w in 0..width {
+                    squares += (x[[n, c, h, w]] - mean[c]) * (x[[n, c, h, w]] - mean[c]);
+                }
+            }
+        }
+        var[c] = squares / values;
+        let s = T::one() / (var[c] + T::from_f64(EPS)).sqrt();
+        for n in 0..batch {
+            for h in 0..height {
+                for w in 0..width {
+                    y[[n, c, h, w]] = weight[c] * (x[[n, c, h, w]] - mean[c]) * s + bias[c];
+                }
+            }
+        }
+    }
+    Ok((y, mean, var))
+}
+
+/// The specification of the training-mode backward pass: the double sum
+/// ∂L/∂xⱼ = Σᵢ γ·gᵢ·s·(δᵢⱼ − 1/M − x̂ᵢ·x̂ⱼ/M) term by term (O(M²) per channel, for small
+/// tests), and the sums for γ and β. Returns (dx, dγ, dβ).
+pub fn backward_reference<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView1<T>,
+    dy: ArrayView4<T>,
+) -> Result<(ArrayD<T>, Array1<T>, Array1<T>)> {
+    let (_, mean, var) = forward_reference(x, weight, weight)?;
+    let [batch, channels, height, width] = output_shape(x.shape(), weight.shape())?;
+    let values = count::<T>(batch * height * width);
+    let positions: Vec<(usize, usize, usize)> = (0..batch)
+        .flat_map(|n| (0..height).flat_map(move |h| (0..width).map(move |w| (n, h, w))))
+        .collect();
+    let mut dx = ArrayD::zeros(x.shape());
+    let (mut dweight, mut dbias) = (Array1::zeros(channels), Array1::zeros(channels));
+    for c in 0..channels {
+        let s = T::one() / (var[c] + T::from_f64(EPS)).sqrt();
+        let xhat = |(n, h, w): (usize, usize, usize)| (x[[n, c, h, w]] - mean[c]) * s;
+        for &i in &positions {
+            let g = dy[[i.0, c, i.1, i.2]];
+            dbias[c] += g;
+            dweight[c] += g * xhat(i);
+            for &j in &positions {
+                let delta = if i == j { T::one() } else { T::zero() };
+                let derivative = s * (delta - T::one() / values - xhat(i) * xhat(j) / values);
+                dx[[j.0, c, j.1, j.2]] += weight[c] * g * derivative;
+            }
+        }
+    }
+    Ok((dx, dweight, dbias))
+}
+
+// ---------------------------------------------------------------- folding into a convolution
+
+/// The weight and bias of one convolution equal to `conv` (weight (F1, …) with an optional
+/// bias (F1)) followed by an evaluation-mode batch norm (γ, β, running mean and variance, ε):
+/// per output channel o, with kₒ = γₒ/√(varₒ + ε),
+/// ```text
+/// W′[o, …] = kₒ·W[o, …]          b′ₒ = kₒ·(bₒ − meanₒ) + βₒ
+/// ```
+/// since γ·(W·x + b − mean)/√(var + ε) + β = (k·W)·x + k·(b − mean) + β. Inference then runs
+/// one op instead of two.
+pub fn fold_into_convolution<T: Element>(
+    conv_weight: ArrayViewD<T>,
+    conv_bias: Option<ArrayView1<T>>,
+    [gamma, beta, running_mean, running_var]: [ArrayView1<T>; 4],
+    eps: f64,
+) -> Result<(ArrayD<T>, Array1<T>)> {
+    let c_out = conv_weight.shape().first().copied().unwrap_or(0);
+    for (what, shape) in [
+        ("γ", gamma.shape()),
+        ("β", beta.shape()),
+        ("running mean", running_mean.shape()),
+        ("running variance", running_var.shape()),
+    ] {
+        check_same(OP, what, &[c_out], shape)?;
+    }
+    if let Some(bias) = &conv_bias {
+        check_same(OP, "convolution bias", &[c_out], bias.shape())?;
+    }
+    let k = Zip::from(&gamma)
+        .and(&running_var)
+        .map_collect(|&g, &v| g / (v + T::from_f64(eps)).sqrt());
+    let mut weight = conv_weight.to_owned();
+    for (mut row, &k) in weight.outer_iter_mut().zip(&k) {
+        row.mapv_inplace(|w| w * k);
+    }
+    let bias = Zip::from(&k)
+        .and(&running_mean)
+        .and(&beta)
+        .map_collect(|&k, &mean, &beta| beta - k * mean);
+    let bias = match conv_bias {
+        Some(conv_bias) => Zip::from(&bias)
+            .and(&k)
+            .and(&conv_bias)
+            .map_collect(|&b, &k, &cb| b + k * cb),
+        None => bias,
+    };
+    Ok((weight, bias))
+}

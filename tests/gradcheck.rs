@@ -731,3 +731,106 @@ fn squeezenet_fire_module_matches_finite_difference() {
         });
     }
 }
+
+/// (batch, channels, multiplier, kernel, stride, padding, height, width).
+type DepthwiseCase = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+/// Batch 1, odd sizes, stride 1 and 2, "same" padding and none, a channel multiplier of 2, a
+/// 1×1 map.
+const DEPTHWISE: [DepthwiseCase; 5] = [
+    (1, 3, 1, 3, 1, 1, 5, 4),
+    (2, 5, 1, 3, 2, 1, 7, 5),
+    (1, 2, 2, 3, 2, 0, 5, 7),
+    (3, 3, 1, 1, 1, 0, 1, 1),
+    (2, 4, 2, 5, 1, 2, 3, 3),
+];
+
+#[test]
+fn depthwise_dx_dweight_dbias_match_finite_difference() {
+    for (i, (n, c, m, k, stride, padding, h, w)) in DEPTHWISE.into_iter().enumerate() {
+        let context = format!("depthwise {:?}", DEPTHWISE[i]);
+        check_graph(&context, i as u64, |graph| {
+            let x = graph.input_with_grad("x");
+            graph
+                .set_input(x, random(&[n, c, h, w], 100 + i as u64).view())
+                .unwrap();
+            let weight = graph
+                .param("dw.weight", random(&[c * m, 1, k, k], 200 + i as u64))
+                .unwrap();
+            let bias = graph
+                .param("dw.bias", random(&[c * m], 300 + i as u64))
+                .unwrap();
+            let fed_x = fed(graph, x);
+            let y = graph
+                .depthwise(fed_x, weight, Some(bias), stride, padding)
+                .unwrap();
+            (y, vec![x, weight, bias])
+        });
+    }
+}
+
+/// MobileNetV2's inverted residual block: 1×1 expand + BN + ReLU6 → depthwise 3×3 + BN +
+/// ReLU6 → 1×1 project + BN, plus the input (stride 1, same channels), in training mode;
+/// w.r.t. every parameter and the input. The margins from the ReLU6 kinks are checked, not
+/// assumed.
+#[test]
+fn mobilenet_v2_inverted_residual_block_matches_finite_difference() {
+    for (seed, batch, channels, expand, side) in [(1, 2, 3, 6, 4), (2, 3, 4, 8, 3)] {
+        let mut graph = Graph::<f64>::new();
+        let x = graph.input_with_grad("x");
+        graph
+            .set_input(x, random(&[batch, channels, side, side], 10 * seed).view())
+            .unwrap();
+        let mut param = |name: &str, shape: &[usize], k: u64, shift: f64| {
+            graph
+                .param(name, random(shape, 10 * seed + k) + shift)
+                .unwrap()
+        };
+        let expand_w = param("conv.0.0.weight", &[expand, channels], 1, 0.0);
+        let bn0 = [
+            param("conv.0.1.weight", &[expand], 2, 1.5),
+            param("conv.0.1.bias", &[expand], 3, 1.0),
+        ];
+        let dw_w = param("conv.1.0.weight", &[expand, 1, 3, 3], 4, 0.0);
+        let bn1 = [
+            param("conv.1.1.weight", &[expand], 5, 1.5),
+            param("conv.1.1.bias", &[expand], 6, 1.0),
+        ];
+        let project_w = param("conv.2.weight", &[channels, expand], 7, 0.0);
+        let bn2 = [
+            param("conv.3.weight", &[channels], 8, 1.5),
+            param("conv.3.bias", &[channels], 9, 0.0),
+        ];
+        let h = graph.conv1x1(x, expand_w, None).unwrap();
+        let pre0 = graph.batch_norm(h, bn0[0], bn0[1]).unwrap();
+        let h = graph.relu6(pre0).unwrap();
+        let h = graph.depthwise(h, dw_w, None, 1, 1).unwrap();
+        let pre1 = graph.batch_norm(h, bn1[0], bn1[1]).unwrap();
+        let h = graph.relu6(pre1).unwrap();
+        let h = graph.conv1x1(h, project_w, None).unwrap();
+        let h = graph.batch_norm(h, bn2[0], bn2[1]).unwrap();
+        let y = graph.add(h, x).unwrap();
+        graph.forward(y).unwrap();
+        for pre in [pre0, pre1] {
+            let margin = graph
+                .value(pre)
+                .unwrap()
+                .iter()
+                .fold(f64::INFINITY, |m, v| m.min(v.abs()).min((v - 6.0).abs()));
+            assert!(
+                margin > 1e-4,
+                "seed {seed}: a pre-activation is within {margin:e} of a kink"
+            );
+        }
+        let mut wrt = graph.params();
+        wrt.push(x);
+        assert_eq!(wrt.len(), 10);
+        check_chunked(
+            &mut graph,
+            y,
+            &wrt,
+            seed,
+            &format!("inverted residual seed {seed}"),
+        );
+    }
+}

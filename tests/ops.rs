@@ -910,3 +910,78 @@ fn folding_batch_norm_into_a_convolution_gives_the_same_outputs() {
         );
     }
 }
+
+#[test]
+fn depthwise_matches_reference_loops() {
+    use pointwise::ops::depthwise::{self, Window};
+    for (i, (n, c, m, k, stride, padding, h, w)) in [
+        (1, 3, 1, 3, 1, 1, 5, 4),
+        (2, 5, 1, 3, 2, 1, 7, 5),
+        (1, 2, 2, 3, 2, 0, 5, 7),
+        (3, 3, 1, 1, 1, 0, 1, 1),
+        (2, 4, 3, 5, 2, 2, 6, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let window = Window { stride, padding };
+        let x = r4([n, c, h, w], 110 + i as u64);
+        let weight = r4([c * m, 1, k, k], 111 + i as u64);
+        let bias = random(&[c * m], 112).into_dimensionality::<Ix1>().unwrap();
+        let out = depthwise::output_shape(x.shape(), weight.shape(), window).unwrap();
+        let (mut y, mut y_ref) = (Array4::zeros(out), Array4::zeros(out));
+        depthwise::forward(
+            x.view(),
+            weight.view(),
+            Some(bias.view()),
+            window,
+            y.view_mut(),
+        )
+        .unwrap();
+        depthwise::forward_reference(
+            x.view(),
+            weight.view(),
+            Some(bias.view()),
+            window,
+            y_ref.view_mut(),
+        )
+        .unwrap();
+        assert_abs_diff_eq!(y, y_ref, epsilon = TOL);
+        let dy = r4(out, 113 + i as u64);
+        let (mut dx, mut dw, mut db) = (
+            r4([n, c, h, w], 1),
+            r4([c * m, 1, k, k], 2),
+            Array1::ones(c * m),
+        );
+        let (mut dx_ref, mut dw_ref, mut db_ref) = (dx.clone(), dw.clone(), db.clone());
+        depthwise::backward(
+            x.view(),
+            weight.view(),
+            window,
+            dy.view(),
+            Some(dx.view_mut()),
+            Some(dw.view_mut()),
+            Some(db.view_mut()),
+        )
+        .unwrap();
+        depthwise::backward_reference(
+            x.view(),
+            weight.view(),
+            window,
+            dy.view(),
+            dx_ref.view_mut(),
+            dw_ref.view_mut(),
+            db_ref.view_mut(),
+        )
+        .unwrap();
+        assert_abs_diff_eq!(dx, dx_ref, epsilon = TOL);
+        assert_abs_diff_eq!(dw, dw_ref, epsilon = TOL);
+        assert_abs_diff_eq!(db, db_ref, epsilon = TOL);
+    }
+    let window = Window {
+        stride: 1,
+        padding: 0,
+    };
+    assert!(depthwise::output_shape(&[1, 3, 2, 2], &[3, 1, 3, 3], window).is_err());
+    assert!(depthwise::output_shape(&[1, 3, 4, 4], &[4, 1, 3, 3], window).is_err());
+}

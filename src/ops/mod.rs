@@ -11,6 +11,7 @@ pub mod channel_shuffle;
 pub mod concat;
 pub mod conv1x1;
 pub mod conv2d;
+pub mod depthwise;
 pub mod flatten;
 pub mod global_avg_pool;
 pub mod global_max_pool;

@@ -1,0 +1,367 @@
+//! # Depthwise: a K×K convolution of every channel on its own
+//!
+//! ## What
+//! Each input channel is convolved with its own K×K filters (m of them, the channel multiplier)
+//! and never mixed with another channel: groups = channels, in PyTorch's terms. It is the
+//! spatial half of MobileNet's depthwise-separable convolution; the *pointwise* 1×1 convolution
+//! after it does all the channel mixing.
+//!
+//! ## Shapes
+//! x (N, C, H, W), weight (C·m, 1, K, K), bias (C·m) → y (N, C·m, H′, W′) with
+//! H′ = ⌊(H + 2p − K)/s⌋ + 1, W′ likewise (stride s, zero padding p on every side). Output
+//! channel o reads input channel c(o) = ⌊o/m⌋.
+//!
+//! ## Derivation
+//! Index form, with the input zero outside the image:
+//! ```text
+//! y[n,o,i,j] = Σ_{a,b} W[o,0,a,b]·x[n, c(o), i·s + a − p, j·s + b − p] + b[o]
+//! ```
+//! Differentiating term by term:
+//! ```text
+//! ∂L/∂W[o,0,a,b] = Σ_{n,i,j} dy[n,o,i,j]·x[n, c(o), i·s + a − p, j·s + b − p]
+//! ∂L/∂x[n,c,h,w] = Σ_{o: c(o) = c} Σ_{(i,j,a,b): i·s + a − p = h, j·s + b − p = w} dy[n,o,i,j]·W[o,0,a,b]
+//! ∂L/∂b[o]       = Σ_{n,i,j} dy[n,o,i,j]
+//! ```
+//! Each output pixel sends its gradient back to the K×K inputs it read, weighted as it read them.
+//!
+//! ## Cost
+//! Forward N·C·m·H′·W′·K² multiply-adds, backward twice that (dW and dx) plus N·C·m·H′·W′ for
+//! db: K²/C_out of a full K×K convolution's. No GEMM: every output reads K² inputs, too few
+//! to fill a matrix product, so the work is memory-bound loops.
+
+use super::{accumulating, check_image, check_ndim, check_same, dims, dims_mut, shape_text};
+use crate::cost::Cost;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::parallel::{in_parts, Along};
+use ndarray::{ArrayView1, ArrayView4, ArrayViewMut1, ArrayViewMut4, Axis};
+
+const OP: &str = "depthwise";
+
+/// Stride and padding of a K×K window sweep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// The node on the tape: its stride and padding; nothing saved beyond x and the weight.
+#[derive(Clone, Debug)]
+pub struct Depthwise {
+    window: Window,
+}
+
+impl<T: Element> Graph<T> {
+    /// A depthwise K×K convolution of `input` (N, C, H, W) by `weight` (C·m, 1, K, K), with an
+    /// optional `bias` (C·m), `stride` and zero `padding` on every side.
+    pub fn depthwise(
+        &mut self,
+        input: NodeId,
+        weight: NodeId,
+        bias: Option<NodeId>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<NodeId> {
+        if stride == 0 {
+            return Err(Error::invalid_config(OP, "stride must be at least 1"));
+        }
+        let op = Depthwise {
+            window: Window { stride, padding },
+        };
+        self.push_layer(op, [input, weight], bias, |w, b| {
+            check_weights(w, b).map(drop)
+        })
+    }
+}
+
+impl<T: Element> Operation<T> for Depthwise {
+    fn kind(&self) -> &'static str {
+        OP
+    }
+
+    fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
+        let (x, weight, bias) = (pass.input(0), pass.input(1), pass.optional(2));
+        let shape = output_shape(x.shape(), weight.shape(), self.window)?;
+        let y = dims_mut(OP, pass.output(&shape))?;
+        let bias = bias.map(|b| dims(OP, b)).transpose()?;
+        forward(dims(OP, x)?, dims(OP, weight)?, bias, self.window, y)
+    }
+
+    fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
+        let Backward { dy, mut inputs, .. } = pass;
+        let [x, weight, bias] = inputs.ports::<3>()?;
+        let (x, dx) = accumulating(OP, x)?;
+        let (weight, dweight) = accumulating(OP, weight)?;
+        let (_, dbias) = accumulating(OP, bias)?;
+        let dy = dims(OP, dy.view())?;
+        backward(x, weight, self.window, dy, dx, dweight, dbias)
+    }
+
+    fn cost(&self, inputs: &[&[usize]], output: &[usize], input_grad: bool) -> Cost {
+        let (weight, kernel) = (inputs[1], inputs[1][2] * inputs[1][3]);
+        let macs = (output.iter().product::<usize>() * kernel) as u64;
+        Cost {
+            params: weight.iter().product::<usize>() + inputs.get(2).map_or(0, |b| b[0]),
+            forward_macs: macs,
+            backward_macs: if input_grad { 2 * macs } else { macs },
+            gemms: Vec::new(),
+        }
+    }
+}
+
+/// Checks weight (C·m, 1, K, K) with a square, non-empty kernel and bias (C·m); returns K.
+fn check_weights(weight: &[usize], bias: Option<&[usize]>) -> Result<usize> {
+    check_ndim(OP, "weight (C·m, 1, K, K)", weight, 4)?;
+    if weight[0] == 0 || weight[1] != 1 || weight[2] == 0 || weight[2] != weight[3] {
+        return Err(Error::invalid_shape(
+            OP,
+            "weight must be (C·m, 1, K, K) with a square kernel",
+            weight,
+        ));
+    }
+    if let Some(bias) = bias {
+        check_same(OP, "bias", &weight[..1], bias)?;
+    }
+    Ok(weight[2])
+}
+
+/// Checks x (N, C, H, W) against the weight and window; returns (N, C·m, H′, W′).
+pub fn output_shape(x: &[usize], weight: &[usize], window: Window) -> Result<[usize; 4]> {
+    let [batch, channels, height, width] = check_image(OP, x)?;
+    let kernel = check_weights(weight, None)?;
+    if !weight[0].is_multiple_of(channels) {
+        return Err(Error::shape_mismatch(
+            OP,
+            "weight rows",
+            format!("a multiple of the {channels} input channels"),
+            shape_text(weight),
+        ));
+    }
+    let Window { stride, padding } = window;
+    let out = |len: usize| {
+        len.checked_add(padding.checked_mul(2)?)
+            .and_then(|padded| padded.checked_sub(kernel))
+            .map(|room| room / stride.max(1) + 1)
+    };
+    match (out(height), out(width)) {
+        (Some(out_height), Some(out_width)) => Ok([batch, weight[0], out_height, out_width]),
+        _ => Err(Error::invalid_shape(
+            OP,
+            format!("a {kernel}×{kernel} kernel does not fit the input padded by {padding}"),
+            x,
+        )),
+    }
+}
+
+/// For output index `i` and kernel offset `a`, the input index i·s + a − p, if inside `len`.
+fn source(i: usize, a: usize, window: Window, len: usize) -> Option<usize> {
+    (i * window.stride + a)
+        .checked_sub(window.padding)
+        .filter(|&h| h < len)
+}
+
+// ---------------------------------------------------------------- forward and backward
+
+/// Forward: y[n,o,i,j] = Σ_{a,b} W[o,0,a,b]·x[n, ⌊o/m⌋, i·s + a − p, j·s + b − p] + b[o];
+/// the samples split between the threads.
+pub fn forward<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView4<T>,
+    bias: Option<ArrayView1<T>>,
+    window: Window,
+    y: ArrayViewMut4<T>,
+) -> Result<()> {
+    let out = output_shape(x.shape(), weight.shape(), window)?;
+    check_same(OP, "output", &out, y.shape())?;
+    if let Some(bias) = &bias {
+        check_same(OP, "bias", &out[1..2], bias.shape())?;
+    }
+    let multiplier = out[1] / x.shape()[1];
+    in_parts((Along(x, Axis(0)), Along(y, Axis(0))), &|(
+        Along(x, _),
+        Along(mut y, _),
+    )| {
+        for (x_n, mut y_n) in x.outer_iter().zip(y.outer_iter_mut()) {
+            for (o, mut plane) in y_n.outer_iter_mut().enumerate() {
+                let (input, filter) = (
+                    x_n.index_axis(Axis(0), o / multiplier),
+                    weight.index_axis(Axis(0), o),
+                );
+                let filter = filter.index_axis(Axis(0), 0);
+                let start = bias.as_ref().map_or(T::zero(), |b| b[o]);
+                for ((i, j), y) in plane.indexed_iter_mut() {
+                    let mut sum = start;
+                    for ((a, b), &w) in filter.indexed_iter() {
+                        let h = source(i, a, window, input.nrows());
+                        let v = source(j, b, window, input.ncols());
+                        if let (Some(h), Some(v)) = (h, v) {
+                            sum += w * input[[h, v]];
+                        }
+                    }
+                    *y = sum;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Backward: accumulates dW, dx and db (whichever are given) as in the derivation.
+pub fn backward<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView4<T>,
+    window: Window,
+    dy: ArrayView4<T>,
+    dx: Option<ArrayViewMut4<T>>,
+    mut dweight: Option<ArrayViewMut4<T>>,
+    mut dbias: Option<ArrayViewMut1<T>>,
+) -> Result<()> {
+    let out = output_shape(x.shape(), weight.shape(), window)?;
+    check_same(OP, "output gradient", &out, dy.shape())?;
+    let multiplier = out[1] / x.shape()[1];
+    if let Some(dweight) = dweight.as_mut() {
+        check_same(OP, "weight gradient", weight.shape(), dweight.shape())?;
+    }
+    if let Some(dbias) = dbias.as_mut() {
+        check_same(OP, "bias gradient", &out[1..2], dbias.shape())?;
+    }
+    // dW and db sum over samples: one pass, on one thread (they are small).
+    for (x_n, dy_n) in x.outer_iter().zip(dy.outer_iter()) {
+        for (o, grad) in dy_n.outer_iter().enumerate() {
+            let input = x_n.index_axis(Axis(0), o / multiplier);
+            if let Some(dbias) = dbias.as_mut() {
+                dbias[o] += grad.sum();
+            }
+            if let Some(dweight) = dweight.as_mut() {
+                let mut dfilter = dweight.index_axis_mut(Axis(0), o);
+                for ((a, b), dw) in dfilter.index_axis_mut(Axis(0), 0).indexed_iter_mut() {
+                    for ((i, j), &g) in grad.indexed_iter() {
+                        let h = source(i, a, window, input.nrows());
+                        let v = source(j, b, window, input.ncols());
+                        if let (Some(h), Some(v)) = (h, v) {
+                            *dw += g * input[[h, v]];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let Some(dx) = dx else { return Ok(()) };
+    check_same(OP, "input gradient", x.shape(), dx.shape())?;
+    // dx is per sample: the samples split between the threads.
+    in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
+        Along(dy, _),
+        Along(mut dx, _),
+    )| {
+        for (dy_n, mut dx_n) in dy.outer_iter().zip(dx.outer_iter_mut()) {
+            for (o, grad) in dy_n.outer_iter().enumerate() {
+                let mut target = dx_n.index_axis_mut(Axis(0), o / multiplier);
+                let filter = weight.index_axis(Axis(0), o);
+                let filter = filter.index_axis(Axis(0), 0);
+                let (height, width) = target.dim();
+                for ((i, j), &g) in grad.indexed_iter() {
+                    for ((a, b), &w) in filter.indexed_iter() {
+                        if let (Some(h), Some(v)) =
+                            (source(i, a, window, height), source(j, b, window, width))
+                        {
+                            target[[h, v]] += g * w;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------- reference loops
+
+/// The specification: the index form, with explicit bounds for the zero padding.
+pub fn forward_reference<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView4<T>,
+    bias: Option<ArrayView1<T>>,
+    window: Window,
+    mut y: ArrayViewMut4<T>,
+) -> Result<()> {
+    let [batch, c_out, out_height, out_width] = output_shape(x.shape(), weight.shape(), window)?;
+    check_same(
+        OP,
+        "output",
+        &[batch, c_out, out_height, out_width],
+        y.shape(),
+    )?;
+    let (multiplier, kernel) = (c_out / x.shape()[1], weight.shape()[2]);
+    let (height, width) = (x.shape()[2] as isize, x.shape()[3] as isize);
+    let (s, p) = (window.stride as isize, window.padding as isize);
+    for n in 0..batch {
+        for o in 0..c_out {
+            for i in 0..out_height {
+                for j in 0..out_width {
+                    let mut sum = bias.as_ref().map_or(T::zero(), |b| b[o]);
+                    for a in 0..kernel {
+                        for b in 0..kernel {
+                            let (h, w) = (
+                                i as isize * s + a as isize - p,
+                                j as isize * s + b as isize - p,
+                            );
+                            if (0..height).contains(&h) && (0..width).contains(&w) {
+                                sum += weight[[o, 0, a, b]]
+                                    * x[[n, o / multiplier, h as usize, w as usize]];
+                            }
+                        }
+                    }
+                    y[[n, o, i, j]] = sum;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The specification of the backward pass, term by term from the index form.
+pub fn backward_reference<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView4<T>,
+    window: Window,
+    dy: ArrayView4<T>,
+    mut dx: ArrayViewMut4<T>,
+    mut dweight: ArrayViewMut4<T>,
+    mut dbias: ArrayViewMut1<T>,
+) -> Result<()> {
+    let [batch, c_out, out_height, out_width] = output_shape(x.shape(), weight.shape(), window)?;
+    check_same(
+        OP,
+        "output gradient",
+        &[batch, c_out, out_height, out_width],
+        dy.shape(),
+    )?;
+    let (multiplier, kernel) = (c_out / x.shape()[1], weight.shape()[2]);
+    let (height, width) = (x.shape()[2] as isize, x.shape()[3] as isize);
+    let (s, p) = (window.stride as isize, window.padding as isize);
+    for n in 0..batch {
+        for o in 0..c_out {
+            for i in 0..out_height {
+                for j in 0..out_width {
+                    let g = dy[[n, o, i, j]];
+                    dbias[o] += g;
+                    for a in 0..kernel {
+                        for b in 0..kernel {
+                            let (h, w) = (
+                                i as isize * s + a as isize - p,
+                                j as isize * s + b as isize - p,
+                            );
+                            if (0..height).contains(&h) && (0..width).contains(&w) {
+                                let c = o / multiplier;
+                                dweight[[o, 0, a, b]] += g * x[[n, c, h as usize, w as usize]];
+                                dx[[n, c, h as usize, w as usize]] += g * weight[[o, 0, a, b]];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

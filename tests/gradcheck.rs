@@ -834,3 +834,55 @@ fn mobilenet_v2_inverted_residual_block_matches_finite_difference() {
         );
     }
 }
+
+/// Grouped 1×1 convolutions: 1 group (a plain 1×1), 2 and 3 groups, batch 1, odd sizes, a
+/// 1×1 map; then ShuffleNet's unit core: grouped 1×1 → ReLU → channel shuffle → grouped 1×1.
+#[test]
+fn grouped_conv1x1_dx_dweight_dbias_match_finite_difference() {
+    for (i, (n, groups, fg, f1g, h, w)) in [
+        (1, 1, 3, 2, 2, 3),
+        (2, 2, 3, 2, 3, 1),
+        (1, 3, 1, 3, 1, 1),
+        (3, 3, 2, 1, 2, 2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check_graph(
+            &format!("grouped_conv1x1 g{groups} case {i}"),
+            i as u64,
+            |graph| {
+                let x = graph.input_with_grad("x");
+                graph
+                    .set_input(x, random(&[n, groups * fg, h, w], 100 + i as u64).view())
+                    .unwrap();
+                let weight = graph
+                    .param("w", random(&[groups * f1g, fg], 200 + i as u64))
+                    .unwrap();
+                let bias = graph
+                    .param("b", random(&[groups * f1g], 300 + i as u64))
+                    .unwrap();
+                let fed_x = fed(graph, x);
+                let y = graph
+                    .grouped_conv1x1(fed_x, weight, Some(bias), groups)
+                    .unwrap();
+                (y, vec![x, weight, bias])
+            },
+        );
+    }
+    check_graph("shufflenet unit core", 9, |graph| {
+        let x = graph.input_with_grad("x");
+        graph
+            .set_input(x, away_from_zero(&[2, 6, 3, 3], 9, 0.05).view())
+            .unwrap();
+        let w1 = graph.param("w1", random(&[6, 3], 10) * 0.5).unwrap();
+        let w2 = graph.param("w2", random(&[4, 3], 11)).unwrap();
+        let h = graph.grouped_conv1x1(x, w1, None, 2).unwrap();
+        let h = graph.relu(h).unwrap();
+        let h = graph.channel_shuffle(h, 2).unwrap();
+        (
+            graph.grouped_conv1x1(h, w2, None, 2).unwrap(),
+            vec![x, w1, w2],
+        )
+    });
+}

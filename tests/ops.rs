@@ -985,3 +985,74 @@ fn depthwise_matches_reference_loops() {
     assert!(depthwise::output_shape(&[1, 3, 2, 2], &[3, 1, 3, 3], window).is_err());
     assert!(depthwise::output_shape(&[1, 3, 4, 4], &[4, 1, 3, 3], window).is_err());
 }
+
+#[test]
+fn grouped_conv1x1_matches_reference_loops() {
+    use pointwise::ops::grouped_conv1x1;
+    for (i, (n, groups, fg, f1g, h, w)) in [
+        (1, 1, 3, 2, 2, 3),
+        (2, 2, 3, 2, 3, 1),
+        (1, 3, 1, 3, 1, 1),
+        (3, 4, 5, 2, 4, 5),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let x = r4([n, groups * fg, h, w], 120 + i as u64);
+        let weight = r2([groups * f1g, fg], 121 + i as u64);
+        let bias = random(&[groups * f1g], 122)
+            .into_dimensionality::<Ix1>()
+            .unwrap();
+        let out = grouped_conv1x1::output_shape(x.shape(), weight.shape(), groups).unwrap();
+        let (mut y, mut y_ref) = (Array4::zeros(out), Array4::zeros(out));
+        grouped_conv1x1::forward(
+            x.view(),
+            weight.view(),
+            Some(bias.view()),
+            groups,
+            y.view_mut(),
+        )
+        .unwrap();
+        grouped_conv1x1::forward_reference(
+            x.view(),
+            weight.view(),
+            Some(bias.view()),
+            groups,
+            y_ref.view_mut(),
+        )
+        .unwrap();
+        assert_abs_diff_eq!(y, y_ref, epsilon = TOL);
+        let dy = r4(out, 123 + i as u64);
+        let (mut dx, mut dw, mut db) = (
+            r4(x.dim().into(), 1),
+            r2(weight.dim().into(), 2),
+            Array1::ones(groups * f1g),
+        );
+        let (mut dx_ref, mut dw_ref, mut db_ref) = (dx.clone(), dw.clone(), db.clone());
+        grouped_conv1x1::backward(
+            x.view(),
+            weight.view(),
+            dy.view(),
+            Some(dx.view_mut()),
+            Some(dw.view_mut()),
+            Some(db.view_mut()),
+            groups,
+        )
+        .unwrap();
+        grouped_conv1x1::backward_reference(
+            x.view(),
+            weight.view(),
+            dy.view(),
+            groups,
+            dx_ref.view_mut(),
+            dw_ref.view_mut(),
+            db_ref.view_mut(),
+        )
+        .unwrap();
+        assert_abs_diff_eq!(dx, dx_ref, epsilon = TOL);
+        assert_abs_diff_eq!(dw, dw_ref, epsilon = TOL);
+        assert_abs_diff_eq!(db, db_ref, epsilon = TOL);
+    }
+    assert!(grouped_conv1x1::output_shape(&[1, 6, 2, 2], &[4, 2], 2).is_err());
+    assert!(grouped_conv1x1::output_shape(&[1, 6, 2, 2], &[3, 3], 2).is_err());
+}

@@ -182,7 +182,7 @@ pub fn backward<T: Element>(
 }
 
 /// The three gradients (two GEMMs and a row sum), for whichever gradients are given; dX written as its [`GradWrite`] says.
-fn gradients<T: Element>(
+pub(crate) fn gradients<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,
     dy: ArrayView4<T>,

@@ -15,6 +15,7 @@ pub mod depthwise;
 pub mod flatten;
 pub mod global_avg_pool;
 pub mod global_max_pool;
+pub mod grouped_conv1x1;
 pub mod linear;
 pub mod max_pool;
 pub mod mse;

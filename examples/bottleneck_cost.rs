@@ -56,7 +56,7 @@ fn build(c_in: usize, reduced: Option<usize>, kernel: usize, c_out: usize, seed:
             random(&[c_out, channels, kernel, kernel], &mut rng),
         )
         .unwrap();
-    let output = graph.conv2d(h, w, None, kernel / 2).unwrap();
+    let output = graph.conv2d(h, w, None, 1, kernel / 2).unwrap();
     name += &format!(" → {kernel}×{kernel} {c_out}");
     graph.forward(output).unwrap();
     let upstream = ArrayD::from_elem(graph.value(output).unwrap().shape(), 1.0);

@@ -23,8 +23,8 @@ fn the_seed_bottleneck_needs_64_over_17_fewer_multiply_adds_per_pixel() {
         .param("direct.weight", ArrayD::zeros(IxDyn(&[256, 256, 4, 4])))
         .unwrap();
     let reduced = graph.conv1x1(x, reduce_w, None).unwrap();
-    let bottleneck = graph.conv2d(reduced, conv_a, None, 2).unwrap();
-    let direct = graph.conv2d(x, conv_b, None, 2).unwrap();
+    let bottleneck = graph.conv2d(reduced, conv_a, None, 1, 2).unwrap();
+    let direct = graph.conv2d(x, conv_b, None, 1, 2).unwrap();
     graph.forward(bottleneck).unwrap();
     graph.forward(direct).unwrap();
 

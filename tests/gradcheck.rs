@@ -437,19 +437,26 @@ fn gradcheck_detects_a_wrong_gradient() {
     assert!(report.max_rel_error.is_nan() || report.max_rel_error > REL_TOL);
 }
 
-/// (kernel, padding) settings: K = 1 (a 1×1 conv), odd K with "same" padding, even K = 4
-/// with p = 2 (output grows by one), and no padding.
-const KERNELS: [(usize, usize); 4] = [(1, 0), (3, 1), (4, 2), (2, 0)];
+/// (kernel, stride, padding) settings: K = 1 (a 1×1 conv), odd K with "same" padding, even
+/// K = 4 with p = 2 (output grows by one), no padding, and stride 2 (a network's stem).
+const KERNELS: [(usize, usize, usize); 6] = [
+    (1, 1, 0),
+    (3, 1, 1),
+    (4, 1, 2),
+    (2, 1, 0),
+    (3, 2, 1),
+    (1, 2, 0),
+];
 
 #[test]
 fn conv2d_dx_dweight_dbias_match_finite_difference() {
     for (i, case) in CASES.iter().enumerate() {
-        for &(kernel, padding) in &KERNELS {
+        for &(kernel, stride, padding) in &KERNELS {
             if case.height + 2 * padding < kernel || case.width + 2 * padding < kernel {
                 continue;
             }
             check_graph(
-                &format!("conv2d k{kernel} p{padding} {case:?}"),
+                &format!("conv2d k{kernel} s{stride} p{padding} {case:?}"),
                 i as u64,
                 |graph| {
                     let seed = 10 * i as u64 + kernel as u64;
@@ -469,7 +476,7 @@ fn conv2d_dx_dweight_dbias_match_finite_difference() {
                     (
                         {
                             let fed_x = fed(graph, x);
-                            graph.conv2d(fed_x, weight, Some(bias), padding)
+                            graph.conv2d(fed_x, weight, Some(bias), stride, padding)
                         }
                         .unwrap(),
                         vec![x, weight, bias],
@@ -724,7 +731,7 @@ fn squeezenet_fire_module_matches_finite_difference() {
                 .conv1x1_relu(fed_x, squeeze_w, Some(squeeze_b))
                 .unwrap();
             let left = graph.conv1x1_relu(s, e1_w, Some(e1_b)).unwrap();
-            let right = graph.conv2d(s, e3_w, Some(e3_b), 1).unwrap();
+            let right = graph.conv2d(s, e3_w, Some(e3_b), 1, 1).unwrap();
             let right = graph.relu(right).unwrap();
             let y = graph.concat(&[left, right]).unwrap();
             (y, vec![x, squeeze_w, squeeze_b, e1_w, e1_b, e3_w, e3_b])

@@ -160,7 +160,7 @@ fn chunkable_graph(batch: usize) -> (Graph<f64>, pointwise::NodeId, Vec<pointwis
         .param("head", random(&[classes, channels], 4))
         .unwrap();
     let hidden = graph.conv1x1_relu(x, w1, Some(b1)).unwrap();
-    let branch = graph.conv2d(hidden, w2, None, 1).unwrap();
+    let branch = graph.conv2d(hidden, w2, None, 1, 1).unwrap();
     let sum = graph.add(branch, x).unwrap();
     let active = graph.relu(sum).unwrap();
     let smooth = graph.avg_pool(active, 2, 2).unwrap();

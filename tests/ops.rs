@@ -334,14 +334,23 @@ fn softmax_cross_entropy_is_stable_for_huge_logits() {
 
 #[test]
 fn conv2d_fast_path_matches_reference_loops() {
-    use pointwise::ops::conv2d;
+    use pointwise::ops::{conv2d, Window};
     for (i, case) in CASES.iter().enumerate() {
-        for (kernel, padding) in [(1, 0), (3, 1), (4, 2), (2, 0), (3, 0)] {
-            let seed = 10 * i as u64 + kernel as u64;
+        for (kernel, stride, padding) in [
+            (1, 1, 0),
+            (3, 1, 1),
+            (4, 1, 2),
+            (2, 1, 0),
+            (3, 1, 0),
+            (3, 2, 1),
+            (2, 2, 0),
+        ] {
+            let window = Window { stride, padding };
+            let seed = 10 * i as u64 + kernel as u64 + stride as u64;
             let x = r4(case.image(), seed);
             let weight = r4([case.c_out, case.c_in, kernel, kernel], seed + 1);
             let bias = r1(case.c_out, seed + 2);
-            let Ok(out) = conv2d::output_shape(x.shape(), weight.shape(), None, padding) else {
+            let Ok(out) = conv2d::output_shape(x.shape(), weight.shape(), None, window) else {
                 continue;
             };
             let (mut y, mut y_ref) = (Array4::zeros(out), Array4::zeros(out));
@@ -349,7 +358,7 @@ fn conv2d_fast_path_matches_reference_loops() {
                 x.view(),
                 weight.view(),
                 Some(bias.view()),
-                padding,
+                window,
                 y.view_mut(),
             )
             .unwrap();
@@ -357,7 +366,7 @@ fn conv2d_fast_path_matches_reference_loops() {
                 x.view(),
                 weight.view(),
                 Some(bias.view()),
-                padding,
+                window,
                 y_ref.view_mut(),
             )
             .unwrap();
@@ -373,7 +382,7 @@ fn conv2d_fast_path_matches_reference_loops() {
             conv2d::backward(
                 x.view(),
                 weight.view(),
-                padding,
+                window,
                 dy.view(),
                 Some(dx.view_mut()),
                 Some(dw.view_mut()),
@@ -383,7 +392,7 @@ fn conv2d_fast_path_matches_reference_loops() {
             conv2d::backward_reference(
                 x.view(),
                 weight.view(),
-                padding,
+                window,
                 dy.view(),
                 Some(dx_ref.view_mut()),
                 Some(dw_ref.view_mut()),
@@ -401,7 +410,7 @@ fn conv2d_fast_path_matches_reference_loops() {
 /// gradients, once the weight (F1, F, 1, 1) is read as (F1, F).
 #[test]
 fn conv2d_with_a_1x1_kernel_equals_conv1x1() {
-    use pointwise::ops::conv2d;
+    use pointwise::ops::{conv2d, Window};
     for (i, case) in CASES.iter().enumerate() {
         let x = r4(case.image(), i as u64);
         let weight = r2([case.c_out, case.c_in], 50 + i as u64);
@@ -417,7 +426,7 @@ fn conv2d_with_a_1x1_kernel_equals_conv1x1() {
             x.view(),
             weight4.view(),
             Some(bias.view()),
-            0,
+            Window::UNIT,
             yk.view_mut(),
         )
         .unwrap();
@@ -437,7 +446,7 @@ fn conv2d_with_a_1x1_kernel_equals_conv1x1() {
         conv2d::backward(
             x.view(),
             weight4.view(),
-            0,
+            Window::UNIT,
             dy.view(),
             Some(dxk.view_mut()),
             Some(dwk.view_mut()),
@@ -864,7 +873,7 @@ fn folding_batch_norm_into_a_convolution_gives_the_same_outputs() {
                 let b = bias.map(|b| graph.param("b", b).unwrap());
                 let y = match kernel {
                     None => graph.conv1x1(x, w, b).unwrap(),
-                    Some(_) => graph.conv2d(x, w, b, 1).unwrap(),
+                    Some(_) => graph.conv2d(x, w, b, 1, 1).unwrap(),
                 };
                 (x, y)
             };

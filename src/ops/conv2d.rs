@@ -1,4 +1,4 @@
-//! # Conv2d: a K×K convolution (stride 1, zero padding p), as im2col + GEMM
+//! # Conv2d: a K×K convolution (stride s, zero padding p), as im2col + GEMM
 //!
 //! ## What
 //! Every output pixel mixes a K×K neighbourhood of every input channel. It is here to measure
@@ -7,7 +7,7 @@
 //!
 //! ## Shapes
 //! x (N, F, H, W), weight (F1, F, K, K), bias (F1) → y (N, F1, H′, W′) with
-//! H′ = H + 2p − K + 1, W′ = W + 2p − K + 1; P′ = H′·W′. The padding p is the same on all four
+//! H′ = ⌊(H + 2p − K)/s⌋ + 1, W′ = ⌊(W + 2p − K)/s⌋ + 1; P′ = H′·W′. The padding p is the same on all four
 //! sides, so with an even K the output cannot keep the input's size: K = 4, p = 2 gives H + 1
 //! (asymmetric "same" padding, as in TensorFlow, is not offered).
 //!
@@ -36,7 +36,7 @@
 
 use super::{
     accumulating, check_image, check_layer_gradients, check_ndim, check_same, dims, dims_mut,
-    grad_shapes, shape_text,
+    grad_shapes, shape_text, Window,
 };
 use crate::cost::{self, Cost};
 use crate::element::Element;
@@ -50,24 +50,29 @@ use ndarray::{
 
 const OP: &str = "conv2d";
 
-/// The node on the tape: its padding; nothing saved beyond its input and weight.
+/// The node on the tape: its stride and padding; nothing saved beyond its input and weight.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    padding: usize,
+    window: Window,
 }
 
 impl<T: Element> Graph<T> {
-    /// A K×K convolution of `input` (N, F, H, W) by `weight` (F1, F, K, K), stride 1, zero
-    /// padding `padding` on every side, plus an optional `bias` (F1).
+    /// A K×K convolution of `input` (N, F, H, W) by `weight` (F1, F, K, K), with `stride` and
+    /// zero `padding` on every side, plus an optional `bias` (F1).
     pub fn conv2d(
         &mut self,
         input: NodeId,
         weight: NodeId,
         bias: Option<NodeId>,
+        stride: usize,
         padding: usize,
     ) -> Result<NodeId> {
+        if stride == 0 {
+            return Err(Error::invalid_config(OP, "stride must be at least 1"));
+        }
         let check = |w: &[usize], b: Option<&[usize]>| check_weights(w, b).map(drop);
-        self.push_layer(Conv2d { padding }, [input, weight], bias, check)
+        let window = Window { stride, padding };
+        self.push_layer(Conv2d { window }, [input, weight], bias, check)
     }
 }
 
@@ -79,10 +84,10 @@ impl<T: Element> Operation<T> for Conv2d {
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
         let (x, weight, bias) = (pass.input(0), pass.input(1), pass.optional(2));
         let bias_shape = bias.as_ref().map(|b| b.shape());
-        let shape = output_shape(x.shape(), weight.shape(), bias_shape, self.padding)?;
+        let shape = output_shape(x.shape(), weight.shape(), bias_shape, self.window)?;
         let y = dims_mut(OP, pass.output(&shape))?;
         let bias = bias.map(|b| dims(OP, b)).transpose()?;
-        forward(dims(OP, x)?, dims(OP, weight)?, bias, self.padding, y)
+        forward(dims(OP, x)?, dims(OP, weight)?, bias, self.window, y)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
@@ -94,7 +99,7 @@ impl<T: Element> Operation<T> for Conv2d {
         backward(
             x,
             weight,
-            self.padding,
+            self.window,
             dims(OP, dy.view())?,
             dx,
             dweight,
@@ -112,7 +117,7 @@ pub fn output_shape(
     x: &[usize],
     weight: &[usize],
     bias: Option<&[usize]>,
-    padding: usize,
+    window: Window,
 ) -> Result<[usize; 4]> {
     let [batch, c_in, height, width] = check_image(OP, x)?;
     let [c_out, weight_c_in, kernel] = check_weights(weight, bias)?;
@@ -124,15 +129,17 @@ pub fn output_shape(
             format!("{c_in} (input shape {})", shape_text(x)),
         ));
     }
-    let padded = |len: usize| {
-        len.checked_add(padding.saturating_mul(2))
-            .filter(|&l| l >= kernel)
-    };
-    match (padded(height), padded(width)) {
-        (Some(h), Some(w)) => Ok([batch, c_out, h - kernel + 1, w - kernel + 1]),
+    match (
+        window.out_len(height, kernel),
+        window.out_len(width, kernel),
+    ) {
+        (Some(h), Some(w)) => Ok([batch, c_out, h, w]),
         _ => Err(Error::invalid_shape(
             OP,
-            format!("a {kernel}×{kernel} kernel does not fit the input padded by {padding}"),
+            format!(
+                "a {kernel}×{kernel} kernel does not fit the input padded by {}",
+                window.padding
+            ),
             x,
         )),
     }
@@ -168,34 +175,33 @@ fn weight_matrix<T: Element>(weight: ArrayView4<'_, T>) -> Result<ArrayView2<'_,
         })
 }
 
-/// The input pixel that entry (row, column) of the column matrix copies, if inside the image.
+/// The input pixel that entry (row, column) of the column matrix copies, if inside the image:
+/// row (c·K + i)·K + j, column h′·W′ + w′ reads x[c, h′·s + i − p, w′·s + j − p].
 fn source(
     row: usize,
     column: usize,
     kernel: usize,
-    padding: usize,
+    window: Window,
     out_width: usize,
     x_shape: (usize, usize),
 ) -> Option<(usize, usize, usize)> {
     let (channel, i, j) = (row / (kernel * kernel), row / kernel % kernel, row % kernel);
-    let (h, w) = (
-        (column / out_width + i).checked_sub(padding)?,
-        (column % out_width + j).checked_sub(padding)?,
-    );
-    (h < x_shape.0 && w < x_shape.1).then_some((channel, h, w))
+    let h = window.source(column / out_width, i, x_shape.0)?;
+    let w = window.source(column % out_width, j, x_shape.1)?;
+    Some((channel, h, w))
 }
 
 /// im2col for one sample: fills `columns` (F·K·K, P′).
 fn im2col<T: Element>(
     x: ArrayView3<T>,
     kernel: usize,
-    padding: usize,
+    window: Window,
     out_width: usize,
     columns: &mut Array2<T>,
 ) {
     let (_, height, width) = x.dim();
     for ((row, column), slot) in columns.indexed_iter_mut() {
-        *slot = match source(row, column, kernel, padding, out_width, (height, width)) {
+        *slot = match source(row, column, kernel, window, out_width, (height, width)) {
             Some(pixel) => x[pixel],
             None => T::zero(),
         };
@@ -206,13 +212,13 @@ fn im2col<T: Element>(
 fn col2im<T: Element>(
     columns: &Array2<T>,
     kernel: usize,
-    padding: usize,
+    window: Window,
     out_width: usize,
     mut dx: ArrayViewMut3<T>,
 ) {
     let (_, height, width) = dx.dim();
     for ((row, column), &g) in columns.indexed_iter() {
-        if let Some(pixel) = source(row, column, kernel, padding, out_width, (height, width)) {
+        if let Some(pixel) = source(row, column, kernel, window, out_width, (height, width)) {
             dx[pixel] += g;
         }
     }
@@ -223,14 +229,14 @@ fn check_forward<T>(
     x: &ArrayView4<T>,
     weight: &ArrayView4<T>,
     bias: &Option<ArrayView1<T>>,
-    padding: usize,
+    window: Window,
     y: &ArrayViewMut4<T>,
 ) -> Result<[usize; 4]> {
     let out = output_shape(
         x.shape(),
         weight.shape(),
         bias.as_ref().map(|b| b.shape()),
-        padding,
+        window,
     )?;
     check_same(OP, "output", &out, y.shape())?;
     Ok(out)
@@ -241,15 +247,15 @@ pub fn forward<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView4<T>,
     bias: Option<ArrayView1<T>>,
-    padding: usize,
+    window: Window,
     mut y: ArrayViewMut4<T>,
 ) -> Result<()> {
-    let [_, c_out, out_height, out_width] = check_forward(&x, &weight, &bias, padding, &y)?;
+    let [_, c_out, out_height, out_width] = check_forward(&x, &weight, &bias, window, &y)?;
     let kernel = weight.shape()[2];
     let weight = weight_matrix(weight)?;
     let mut columns = Array2::zeros((weight.ncols(), out_height * out_width));
     for (x_n, y_block) in x.outer_iter().zip(y.outer_iter_mut()) {
-        im2col(x_n, kernel, padding, out_width, &mut columns);
+        im2col(x_n, kernel, window, out_width, &mut columns);
         let mut y_n = y_block
             .into_shape_with_order((c_out, out_height * out_width))
             .map_err(|_| {
@@ -283,14 +289,14 @@ pub fn forward<T: Element>(
 pub fn backward<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView4<T>,
-    padding: usize,
+    window: Window,
     dy: ArrayView4<T>,
     mut dx: Option<ArrayViewMut4<T>>,
     dweight: Option<ArrayViewMut4<T>>,
     mut dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
     let [_, c_out, out_height, out_width] =
-        check_gradients(&x, &weight, padding, &dy, &dx, &dweight, &dbias)?;
+        check_gradients(&x, &weight, window, &dy, &dx, &dweight, &dbias)?;
     let kernel = weight.shape()[2];
     let weight = weight_matrix(weight)?;
     let mut dweight = match dweight {
@@ -317,7 +323,7 @@ pub fn backward<T: Element>(
                 )
             })?;
         if let Some(dweight) = dweight.as_mut() {
-            im2col(x_n, kernel, padding, out_width, &mut columns);
+            im2col(x_n, kernel, window, out_width, &mut columns);
             // (F1×P′)·(P′×FKK) += into (F1×FKK)
             gemm(
                 T::one(),
@@ -339,7 +345,7 @@ pub fn backward<T: Element>(
             col2im(
                 &dcolumns,
                 kernel,
-                padding,
+                window,
                 out_width,
                 dx.index_axis_mut(Axis(0), n),
             );
@@ -357,13 +363,13 @@ pub fn backward<T: Element>(
 fn check_gradients<T: Element>(
     x: &ArrayView4<T>,
     weight: &ArrayView4<T>,
-    padding: usize,
+    window: Window,
     dy: &ArrayView4<T>,
     dx: &Option<ArrayViewMut4<T>>,
     dweight: &Option<ArrayViewMut4<T>>,
     dbias: &Option<ArrayViewMut1<T>>,
 ) -> Result<[usize; 4]> {
-    let out = output_shape(x.shape(), weight.shape(), None, padding)?;
+    let out = output_shape(x.shape(), weight.shape(), None, window)?;
     let buffers = grad_shapes(dx, dweight, dbias);
     check_layer_gradients(OP, [x.shape(), weight.shape(), &out, dy.shape()], buffers)?;
     Ok(out)
@@ -374,12 +380,13 @@ pub fn forward_reference<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView4<T>,
     bias: Option<ArrayView1<T>>,
-    padding: usize,
+    window: Window,
     mut y: ArrayViewMut4<T>,
 ) -> Result<()> {
-    let [batch, c_out, out_height, out_width] = check_forward(&x, &weight, &bias, padding, &y)?;
+    let [batch, c_out, out_height, out_width] = check_forward(&x, &weight, &bias, window, &y)?;
     let (c_in, height, width, kernel) =
         (x.shape()[1], x.shape()[2], x.shape()[3], weight.shape()[2]);
+    let (stride, padding) = (window.stride, window.padding);
     for n in 0..batch {
         for o in 0..c_out {
             for oh in 0..out_height {
@@ -388,7 +395,7 @@ pub fn forward_reference<T: Element>(
                     for c in 0..c_in {
                         for i in 0..kernel {
                             for j in 0..kernel {
-                                let (h, w) = (oh + i, ow + j);
+                                let (h, w) = (oh * stride + i, ow * stride + j);
                                 if h >= padding
                                     && w >= padding
                                     && h - padding < height
@@ -412,16 +419,17 @@ pub fn forward_reference<T: Element>(
 pub fn backward_reference<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView4<T>,
-    padding: usize,
+    window: Window,
     dy: ArrayView4<T>,
     mut dx: Option<ArrayViewMut4<T>>,
     mut dweight: Option<ArrayViewMut4<T>>,
     mut dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
     let [batch, c_out, out_height, out_width] =
-        check_gradients(&x, &weight, padding, &dy, &dx, &dweight, &dbias)?;
+        check_gradients(&x, &weight, window, &dy, &dx, &dweight, &dbias)?;
     let (c_in, height, width, kernel) =
         (x.shape()[1], x.shape()[2], x.shape()[3], weight.shape()[2]);
+    let (stride, padding) = (window.stride, window.padding);
     for n in 0..batch {
         for o in 0..c_out {
             for oh in 0..out_height {
@@ -433,7 +441,7 @@ pub fn backward_reference<T: Element>(
                     for c in 0..c_in {
                         for i in 0..kernel {
                             for j in 0..kernel {
-                                let (h, w) = (oh + i, ow + j);
+                                let (h, w) = (oh * stride + i, ow * stride + j);
                                 if h < padding
                                     || w < padding
                                     || h - padding >= height

@@ -29,6 +29,7 @@
 //! db: K²/C_out of a full K×K convolution's. No GEMM: every output reads K² inputs, too few
 //! to fill a matrix product, so the work is memory-bound loops.
 
+pub use super::Window;
 use super::{accumulating, check_image, check_ndim, check_same, dims, dims_mut, shape_text};
 use crate::cost::Cost;
 use crate::element::Element;
@@ -38,13 +39,6 @@ use crate::parallel::{in_parts, Along};
 use ndarray::{ArrayView1, ArrayView4, ArrayViewMut1, ArrayViewMut4, Axis};
 
 const OP: &str = "depthwise";
-
-/// Stride and padding of a K×K window sweep.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Window {
-    pub stride: usize,
-    pub padding: usize,
-}
 
 /// The node on the tape: its stride and padding; nothing saved beyond x and the weight.
 #[derive(Clone, Debug)]
@@ -138,17 +132,15 @@ pub fn output_shape(x: &[usize], weight: &[usize], window: Window) -> Result<[us
             shape_text(weight),
         ));
     }
-    let Window { stride, padding } = window;
-    let out = |len: usize| {
-        len.checked_add(padding.checked_mul(2)?)
-            .and_then(|padded| padded.checked_sub(kernel))
-            .map(|room| room / stride.max(1) + 1)
-    };
+    let out = |len: usize| window.out_len(len, kernel);
     match (out(height), out(width)) {
         (Some(out_height), Some(out_width)) => Ok([batch, weight[0], out_height, out_width]),
         _ => Err(Error::invalid_shape(
             OP,
-            format!("a {kernel}×{kernel} kernel does not fit the input padded by {padding}"),
+            format!(
+                "a {kernel}×{kernel} kernel does not fit the input padded by {}",
+                window.padding
+            ),
             x,
         )),
     }
@@ -156,9 +148,7 @@ pub fn output_shape(x: &[usize], weight: &[usize], window: Window) -> Result<[us
 
 /// For output index `i` and kernel offset `a`, the input index i·s + a − p, if inside `len`.
 fn source(i: usize, a: usize, window: Window, len: usize) -> Option<usize> {
-    (i * window.stride + a)
-        .checked_sub(window.padding)
-        .filter(|&h| h < len)
+    window.source(i, a, len)
 }
 
 // ---------------------------------------------------------------- forward and backward

@@ -143,6 +143,36 @@ pub(crate) fn check_same(
     Ok(())
 }
 
+/// Stride and zero padding (on every side) of a K×K convolution window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Window {
+    /// Stride 1, no padding.
+    pub const UNIT: Window = Window {
+        stride: 1,
+        padding: 0,
+    };
+
+    /// Output length ⌊(len + 2p − K)/s⌋ + 1 along one axis, or `None` when the kernel does not
+    /// fit the padded input (or the sizes overflow, or the stride is 0).
+    pub fn out_len(self, len: usize, kernel: usize) -> Option<usize> {
+        let padded = len.checked_add(self.padding.checked_mul(2)?)?;
+        Some(padded.checked_sub(kernel)? / (self.stride > 0).then_some(self.stride)? + 1)
+    }
+
+    /// The input index i·s + a − p that output index `i` reads at kernel offset `a`, or `None`
+    /// where it falls in the padding (outside 0..len).
+    pub fn source(self, i: usize, a: usize, len: usize) -> Option<usize> {
+        (i * self.stride + a)
+            .checked_sub(self.padding)
+            .filter(|&h| h < len)
+    }
+}
+
 /// The output shape (N, C, H′, W′) of a `window`×`window` pooling every `stride` pixels.
 pub(crate) fn pooled_shape(
     op: &'static str,

@@ -7,6 +7,7 @@ use super::{Graph, Node, NodeId, Source};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use ndarray::ArrayViewD;
+use std::time::Instant;
 
 impl<T: Element> Graph<T> {
     /// Back-propagates from a scalar `loss` node (∂L/∂L = 1) into every gradient.
@@ -55,6 +56,7 @@ impl<T: Element> Graph<T> {
             seed_grad.assign(&upstream);
             seed.grad_written = true;
         }
+        let profiling = self.profiling;
         for index in (0..=target.0).rev() {
             let (before, rest) = self.nodes.split_at_mut(index);
             let node = &mut rest[0];
@@ -66,6 +68,7 @@ impl<T: Element> Graph<T> {
                 grad,
                 requires_grad: true,
                 grad_written,
+                time,
                 ..
             } = node
             else {
@@ -78,6 +81,7 @@ impl<T: Element> Graph<T> {
                 *grad_written = true;
                 continue;
             }
+            let started = profiling.then(Instant::now);
             op.backward(Backward {
                 y: cut(value.view(), value_rows),
                 dy: cut(grad.view_mut(), grad_rows),
@@ -87,6 +91,9 @@ impl<T: Element> Graph<T> {
                     chunk,
                 },
             })?;
+            if let Some(started) = started {
+                time[1] += started.elapsed();
+            }
         }
         Ok(())
     }

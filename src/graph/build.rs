@@ -28,6 +28,7 @@ impl<T: Element> Graph<T> {
             has_value,
             batched,
             grad_written: false,
+            time: Default::default(),
         });
         NodeId(self.nodes.len() - 1)
     }

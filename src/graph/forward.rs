@@ -5,12 +5,13 @@ use super::{Graph, Node, NodeId, Source};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use ndarray::ArrayViewD;
+use std::time::Instant;
 
 impl<T: Element> Graph<T> {
     /// Evaluates every node up to and including `target`, in creation order.
     pub fn forward(&mut self, target: NodeId) -> Result<()> {
         self.node(target)?;
-        let training = self.training;
+        let (training, profiling) = (self.training, self.profiling);
         for index in 0..=target.0 {
             let (before, rest) = self.nodes.split_at_mut(index);
             let Node {
@@ -19,6 +20,7 @@ impl<T: Element> Graph<T> {
                 inputs,
                 value,
                 has_value,
+                time,
                 ..
             } = &mut rest[0];
             match source {
@@ -33,11 +35,15 @@ impl<T: Element> Graph<T> {
                         nodes: before,
                         ids: inputs,
                     };
+                    let started = profiling.then(Instant::now);
                     op.forward(Forward {
                         inputs,
                         output: value,
                         training,
                     })?;
+                    if let Some(started) = started {
+                        time[0] += started.elapsed();
+                    }
                     *has_value = true;
                 }
             }

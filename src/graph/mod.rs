@@ -75,6 +75,8 @@ pub(crate) struct Node<T> {
     /// content is stale, and the first contribution either overwrites it (ops that can) or
     /// zeroes it first. Leaves always count as written: they accumulate across passes.
     pub(crate) grad_written: bool,
+    /// Time spent in this node's forward and backward passes while profiling.
+    pub(crate) time: [std::time::Duration; 2],
 }
 
 impl<T> Node<T> {
@@ -106,6 +108,8 @@ pub struct Graph<T> {
     pub(crate) backward_chunk: Option<usize>,
     /// Training mode (the default) or evaluation mode, for ops that differ (batch norm).
     pub(crate) training: bool,
+    /// Whether forward and backward time every op (see [`Graph::set_profiling`]).
+    pub(crate) profiling: bool,
 }
 
 impl<T: Element> Default for Graph<T> {
@@ -136,7 +140,22 @@ impl<T: Element> Graph<T> {
             nodes: Vec::new(),
             backward_chunk: None,
             training: true,
+            profiling: false,
         }
+    }
+
+    /// Times every op's forward and backward pass from now on (`true`) or stops (`false`);
+    /// [`Graph::time`] reads the sums. Off by default: two clock reads per op and pass.
+    pub fn set_profiling(&mut self, profiling: bool) {
+        self.profiling = profiling;
+        for node in &mut self.nodes {
+            node.time = Default::default();
+        }
+    }
+
+    /// The time a node's forward and backward passes took in all, since profiling started.
+    pub fn time(&self, id: NodeId) -> Result<[std::time::Duration; 2]> {
+        Ok(self.node(id)?.time)
     }
 
     /// Training mode (`true`, the default) or evaluation mode: ops that behave differently

@@ -36,7 +36,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
 use crate::parallel::{in_parts, Along};
-use ndarray::{ArrayView1, ArrayView4, ArrayViewMut1, ArrayViewMut4, Axis};
+use ndarray::{s, ArrayView1, ArrayView4, ArrayViewMut1, ArrayViewMut4, Axis, Zip};
 
 const OP: &str = "depthwise";
 
@@ -146,12 +146,12 @@ pub fn output_shape(x: &[usize], weight: &[usize], window: Window) -> Result<[us
     }
 }
 
-/// For output index `i` and kernel offset `a`, the input index i·s + a − p, if inside `len`.
-fn source(i: usize, a: usize, window: Window, len: usize) -> Option<usize> {
-    window.source(i, a, len)
-}
-
 // ---------------------------------------------------------------- forward and backward
+//
+// Each kernel tap (a, b) is one shifted, strided copy of the plane: for the output pixels whose
+// source (i·s + a − p, j·s + b − p) lies inside the image, y[i, j] += W[a, b]·x[source]. So
+// every pass below is K² whole-rectangle updates of a plane (vectorised), not K² bounds checks
+// per output pixel.
 
 /// Forward: y[n,o,i,j] = Σ_{a,b} W[o,0,a,b]·x[n, ⌊o/m⌋, i·s + a − p, j·s + b − p] + b[o];
 /// the samples split between the threads.
@@ -174,22 +174,15 @@ pub fn forward<T: Element>(
     )| {
         for (x_n, mut y_n) in x.outer_iter().zip(y.outer_iter_mut()) {
             for (o, mut plane) in y_n.outer_iter_mut().enumerate() {
-                let (input, filter) = (
-                    x_n.index_axis(Axis(0), o / multiplier),
-                    weight.index_axis(Axis(0), o),
-                );
-                let filter = filter.index_axis(Axis(0), 0);
-                let start = bias.as_ref().map_or(T::zero(), |b| b[o]);
-                for ((i, j), y) in plane.indexed_iter_mut() {
-                    let mut sum = start;
-                    for ((a, b), &w) in filter.indexed_iter() {
-                        let h = source(i, a, window, input.nrows());
-                        let v = source(j, b, window, input.ncols());
-                        if let (Some(h), Some(v)) = (h, v) {
-                            sum += w * input[[h, v]];
-                        }
+                plane.fill(bias.as_ref().map_or(T::zero(), |b| b[o]));
+                let input = x_n.index_axis(Axis(0), o / multiplier);
+                for ((a, b), &w) in weight.slice(s![o, 0, .., ..]).indexed_iter() {
+                    if let Some((outputs, sources)) = tap(plane.dim(), input.dim(), (a, b), window)
+                    {
+                        Zip::from(plane.slice_mut(outputs))
+                            .and(input.slice(sources))
+                            .for_each(|y, &x| *y += w * x);
                     }
-                    *y = sum;
                 }
             }
         }
@@ -216,23 +209,22 @@ pub fn backward<T: Element>(
     if let Some(dbias) = dbias.as_mut() {
         check_same(OP, "bias gradient", &out[1..2], dbias.shape())?;
     }
-    // dW and db sum over samples: one pass, on one thread (they are small).
+    // dW and db sum over the samples: one pass on one thread (a depthwise weight is small).
     for (x_n, dy_n) in x.outer_iter().zip(dy.outer_iter()) {
         for (o, grad) in dy_n.outer_iter().enumerate() {
-            let input = x_n.index_axis(Axis(0), o / multiplier);
             if let Some(dbias) = dbias.as_mut() {
                 dbias[o] += grad.sum();
             }
-            if let Some(dweight) = dweight.as_mut() {
-                let mut dfilter = dweight.index_axis_mut(Axis(0), o);
-                for ((a, b), dw) in dfilter.index_axis_mut(Axis(0), 0).indexed_iter_mut() {
-                    for ((i, j), &g) in grad.indexed_iter() {
-                        let h = source(i, a, window, input.nrows());
-                        let v = source(j, b, window, input.ncols());
-                        if let (Some(h), Some(v)) = (h, v) {
-                            *dw += g * input[[h, v]];
-                        }
-                    }
+            let Some(dweight) = dweight.as_mut() else {
+                continue;
+            };
+            let input = x_n.index_axis(Axis(0), o / multiplier);
+            for ((a, b), dw) in dweight.slice_mut(s![o, 0, .., ..]).indexed_iter_mut() {
+                if let Some((outputs, sources)) = tap(grad.dim(), input.dim(), (a, b), window) {
+                    // dW[o,0,a,b] += Σ_{i,j} dy[i,j]·x[source(i,j)]
+                    Zip::from(grad.slice(outputs))
+                        .and(input.slice(sources))
+                        .for_each(|&g, &x| *dw += g * x);
                 }
             }
         }
@@ -247,22 +239,58 @@ pub fn backward<T: Element>(
         for (dy_n, mut dx_n) in dy.outer_iter().zip(dx.outer_iter_mut()) {
             for (o, grad) in dy_n.outer_iter().enumerate() {
                 let mut target = dx_n.index_axis_mut(Axis(0), o / multiplier);
-                let filter = weight.index_axis(Axis(0), o);
-                let filter = filter.index_axis(Axis(0), 0);
-                let (height, width) = target.dim();
-                for ((i, j), &g) in grad.indexed_iter() {
-                    for ((a, b), &w) in filter.indexed_iter() {
-                        if let (Some(h), Some(v)) =
-                            (source(i, a, window, height), source(j, b, window, width))
-                        {
-                            target[[h, v]] += g * w;
-                        }
+                for ((a, b), &w) in weight.slice(s![o, 0, .., ..]).indexed_iter() {
+                    if let Some((outputs, sources)) = tap(grad.dim(), target.dim(), (a, b), window)
+                    {
+                        // dx[source(i,j)] += W[o,0,a,b]·dy[i,j]
+                        Zip::from(target.slice_mut(sources))
+                            .and(grad.slice(outputs))
+                            .for_each(|dx, &g| *dx += w * g);
                     }
                 }
             }
         }
         Ok(())
     })
+}
+
+/// For kernel tap (a, b): the rectangle of output pixels whose source lies inside the image,
+/// and the (strided) rectangle of those sources, or `None` when no output reads this tap.
+fn tap(
+    (out_height, out_width): (usize, usize),
+    (height, width): (usize, usize),
+    (a, b): (usize, usize),
+    window: Window,
+) -> Option<(SliceInfo2, SliceInfo2)> {
+    let (rows, first_row) = tap_range(out_height, height, a, window)?;
+    let (columns, first_column) = tap_range(out_width, width, b, window)?;
+    let step = window.stride as isize;
+    let last_row = first_row + (rows.len() - 1) * window.stride;
+    let last_column = first_column + (columns.len() - 1) * window.stride;
+    Some((
+        s![rows, columns],
+        s![first_row..=last_row;step, first_column..=last_column;step],
+    ))
+}
+
+type SliceInfo2 = ndarray::SliceInfo<[ndarray::SliceInfoElem; 2], ndarray::Ix2, ndarray::Ix2>;
+
+/// Along one axis: the output indices i whose source i·s + a − p lies in 0..len, and the
+/// first of those sources.
+fn tap_range(
+    out_len: usize,
+    len: usize,
+    a: usize,
+    window: Window,
+) -> Option<(std::ops::Range<usize>, usize)> {
+    let stride = window.stride;
+    // The first i with i·s + a ≥ p, and one past the last with i·s + a − p < len.
+    let first = window.padding.saturating_sub(a).div_ceil(stride);
+    let end = (len + window.padding)
+        .checked_sub(a)
+        .map_or(0, |room| room.div_ceil(stride))
+        .min(out_len);
+    (first < end).then(|| (first..end, first * stride + a - window.padding))
 }
 
 // ---------------------------------------------------------------- reference loops

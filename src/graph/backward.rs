@@ -20,9 +20,8 @@ impl<T: Element> Graph<T> {
     /// tape. Used by [`crate::gradcheck`] with a random upstream gradient.
     pub fn backward_from(&mut self, target: NodeId, upstream: ArrayViewD<T>) -> Result<()> {
         self.node(target)?;
-        crate::ops::check_same(
+        super::same_shape(
             "backward",
-            "upstream gradient",
             self.nodes[target.0].value.shape(),
             upstream.shape(),
         )?;

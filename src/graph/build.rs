@@ -48,6 +48,21 @@ impl<T: Element> Graph<T> {
         Ok(self.push(name, Source::Op(Box::new(op)), inputs.to_vec()))
     }
 
+    /// The shape of parameter `id`, checked to be a parameter playing `role` in `op`.
+    pub(crate) fn param_shape(&self, op: &'static str, role: &str, id: NodeId) -> Result<&[usize]> {
+        let node = self.node(id)?;
+        if !node.is_param() {
+            return Err(Error::invalid_config(
+                op,
+                format!(
+                    "the {role} must be a parameter node, found a {} node",
+                    node.kind()
+                ),
+            ));
+        }
+        Ok(node.value.shape())
+    }
+
     /// A data input that needs no gradient (the common case: a batch of images). Its
     /// gradient can be asked for later with [`Graph::require_grad`].
     pub fn input(&mut self, name: &str) -> NodeId {
@@ -114,12 +129,7 @@ impl<T: Element> Graph<T> {
     pub fn set_param(&mut self, id: NodeId, value: ArrayViewD<T>) -> Result<()> {
         self.param_shape("set_param", "node", id)?;
         let node = &mut self.nodes[id.0];
-        crate::ops::check_same(
-            "set_param",
-            &format!("parameter {:?}", node.name),
-            node.value.shape(),
-            value.shape(),
-        )?;
+        super::same_shape("set_param", node.value.shape(), value.shape())?;
         node.value.assign(&value);
         Ok(())
     }

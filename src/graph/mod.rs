@@ -125,6 +125,19 @@ pub struct ParamMut<'a, T> {
     pub grad: &'a ArrayD<T>,
 }
 
+/// The error for a value (a parameter's, an upstream gradient) of the wrong shape.
+fn same_shape(action: &'static str, expected: &[usize], found: &[usize]) -> Result<()> {
+    if expected == found {
+        return Ok(());
+    }
+    Err(Error::shape_mismatch(
+        action,
+        "shape",
+        format!("{expected:?}"),
+        format!("{found:?}"),
+    ))
+}
+
 /// Reallocates `buffer` only when its shape changes: the reason steady-state steps allocate
 /// nothing. A new buffer starts on a cache line ([`crate::buffer`]).
 pub(crate) fn resize<T: Element>(buffer: &mut ArrayD<T>, shape: &[usize]) {

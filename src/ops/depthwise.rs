@@ -153,7 +153,7 @@ pub fn output_shape(x: &[usize], weight: &[usize], window: Window) -> Result<[us
 // every pass below is K² whole-rectangle updates of a plane (vectorised), not K² bounds checks
 // per output pixel.
 
-/// Forward: y[n,o,i,j] = Σ_{a,b} W[o,0,a,b]·x[n, ⌊o/m⌋, i·s + a − p, j·s + b − p] + b[o];
+/// Forward: `y[n,o,i,j] = Σ_{a,b} W[o,0,a,b]·x[n, ⌊o/m⌋, i·s + a − p, j·s + b − p] + b[o]`;
 /// the samples split between the threads.
 pub fn forward<T: Element>(
     x: ArrayView4<T>,

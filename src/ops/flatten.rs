@@ -73,7 +73,7 @@ pub fn output_shape(x: &[usize]) -> Result<[usize; 2]> {
 
 // ---------------------------------------------------------------- forward and backward
 
-/// Forward: y[n] = the row-major values of x[n].
+/// Forward: `y[n]` = the row-major values of `x[n]`.
 pub fn forward<T: Element>(x: ArrayViewD<T>, y: ArrayViewMutD<T>) -> Result<()> {
     let mut y = rows_mut(y, &output_shape(x.shape())?)?;
     let x = rows(x)?;
@@ -81,7 +81,7 @@ pub fn forward<T: Element>(x: ArrayViewD<T>, y: ArrayViewMutD<T>) -> Result<()> 
     Ok(())
 }
 
-/// Backward: dx[n] += dy[n], seen in dx's shape.
+/// Backward: `dx[n] += dy[n]`, seen in dx's shape.
 pub fn backward<T: Element>(dy: ArrayViewD<T>, dx: ArrayViewMutD<T>) -> Result<()> {
     let mut dx = rows_mut(dx, dy.shape())?;
     Zip::from(&mut dx)

@@ -81,7 +81,7 @@ pub fn output_shape(x: &[usize]) -> Result<[usize; 2]> {
 
 // ---------------------------------------------------------------- forward and backward
 
-/// Forward: y[n,c] = the plane's maximum; `argmax` receives its position h·W + w.
+/// Forward: `y[n,c]` = the plane's maximum; `argmax` receives its position h·W + w.
 pub fn forward<T: Element>(
     x: ArrayView4<T>,
     mut y: ArrayViewMut2<T>,

@@ -219,8 +219,8 @@ fn group_sizes<T>(x: &ArrayView4<T>, weight: &ArrayView2<T>, groups: usize) -> [
 
 // ---------------------------------------------------------------- reference loops
 
-/// The specification: the block-diagonal index form, y[n,o,h,w] = Σ_c W[o,c]·x[n, k·Fg + c, h, w]
-/// + b[o] with k = ⌊o/F1g⌋.
+/// The specification: the block-diagonal index form,
+/// `y[n,o,h,w] = Σ_c W[o,c]·x[n, k·Fg + c, h, w] + b[o]` with k = ⌊o/F1g⌋.
 pub fn forward_reference<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,

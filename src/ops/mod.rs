@@ -258,21 +258,6 @@ impl<T: Element> Graph<T> {
         Ok(())
     }
 
-    /// The shape of parameter `id`, checked to be a parameter playing `role` in `op`.
-    pub(crate) fn param_shape(&self, op: &'static str, role: &str, id: NodeId) -> Result<&[usize]> {
-        let node = self.node(id)?;
-        if !node.is_param() {
-            return Err(Error::invalid_config(
-                op,
-                format!(
-                    "the {role} must be a parameter node, found a {} node",
-                    node.kind()
-                ),
-            ));
-        }
-        Ok(node.value.shape())
-    }
-
     /// Adds a layer: `op` reading `input`, a `weight` and an optional `bias`, both parameters
     /// whose shapes `check_weights` accepts.
     pub(crate) fn push_layer(

@@ -171,7 +171,9 @@ pub mod export;
 pub mod gemm;
 pub mod gradcheck;
 pub mod graph;
+pub mod init;
 mod input;
+pub mod layers;
 pub mod model;
 pub mod ops;
 pub mod optim;
@@ -198,6 +200,7 @@ pub use model::{Architecture, Model};
 /// What most programs use: `use pointwise::prelude::*;`.
 pub mod prelude {
     pub use crate::gradcheck;
+    pub use crate::layers::Layers;
     pub use crate::optim::{Optimizer, OptimizerKind};
     pub use crate::{Architecture, Element, Error, Graph, Model, NodeId, Result};
     pub use ndarray::{Array, ArrayD, ArrayView, ArrayViewD, Axis, IxDyn};

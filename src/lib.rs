@@ -173,6 +173,7 @@ pub mod gradcheck;
 pub mod graph;
 pub mod init;
 mod input;
+mod inspect;
 pub mod layers;
 pub mod model;
 pub mod ops;
@@ -195,6 +196,7 @@ pub use buffer::zeros as aligned_zeros;
 pub use element::Element;
 pub use error::{Error, Result};
 pub use graph::{Graph, NodeId};
+pub use inspect::ParamMut;
 pub use model::{Architecture, Model};
 
 /// What most programs use: `use pointwise::prelude::*;`.

@@ -5,7 +5,7 @@ use super::chunk::{cut, Chunk};
 use super::op::{Backward, Ports};
 use super::{Graph, Node, NodeId, Source};
 use crate::element::Element;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use ndarray::ArrayViewD;
 use std::time::Instant;
 
@@ -95,30 +95,6 @@ impl<T: Element> Graph<T> {
             }
         }
         Ok(())
-    }
-
-    /// The gradient ∂L/∂(node) of a node that requires one (after [`Graph::backward`]).
-    pub fn grad(&self, id: NodeId) -> Result<ArrayViewD<'_, T>> {
-        let node = self.node(id)?;
-        if !node.requires_grad {
-            return Err(Error::graph(format!(
-                "node {:?} does not require a gradient (Graph::require_grad asks for one)",
-                node.name
-            )));
-        }
-        if node.grad.shape() != node.value.shape() {
-            let reason = if node.batched && node.grad.shape().first() < node.value.shape().first() {
-                "is not kept: the backward pass ran in chunks of samples and it holds only the \
-                 last one (set_backward_chunk(None) keeps every gradient)"
-            } else {
-                "is not there yet: run forward and backward first"
-            };
-            return Err(Error::graph(format!(
-                "the gradient of node {:?} {reason}",
-                node.name
-            )));
-        }
-        Ok(node.grad.view())
     }
 
     /// Sets the accumulated gradients of every leaf (parameters, inputs) to zero.

@@ -4,7 +4,6 @@ use super::op::{Forward, Inputs};
 use super::{Graph, Node, NodeId, Source};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use ndarray::ArrayViewD;
 use std::time::Instant;
 
 impl<T: Element> Graph<T> {
@@ -49,23 +48,5 @@ impl<T: Element> Graph<T> {
             }
         }
         Ok(())
-    }
-
-    /// The value of a node (after [`Graph::forward`]).
-    pub fn value(&self, id: NodeId) -> Result<ArrayViewD<'_, T>> {
-        Ok(self.node(id)?.value.view())
-    }
-
-    /// The value of a scalar node such as a loss.
-    pub fn scalar(&self, id: NodeId) -> Result<T> {
-        let value = &self.node(id)?.value;
-        if value.ndim() != 0 {
-            return Err(Error::graph(format!(
-                "node {} is not a scalar: its shape is {:?}",
-                id.0,
-                value.shape()
-            )));
-        }
-        Ok(value.iter().copied().sum())
     }
 }

@@ -32,7 +32,7 @@ pub use op::{Backward, CloneOperation, Forward, GradWrite, Inputs, Operation, Po
 
 use crate::element::Element;
 use crate::error::{Error, Result};
-use ndarray::{ArrayD, ArrayViewMutD, IxDyn};
+use ndarray::{ArrayD, IxDyn};
 
 /// A node of one graph: an index into its tape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,13 +118,6 @@ impl<T: Element> Default for Graph<T> {
     }
 }
 
-/// A parameter seen by an optimizer: its name, its value to update, its gradient.
-pub struct ParamMut<'a, T> {
-    pub name: &'a str,
-    pub value: &'a mut ArrayD<T>,
-    pub grad: &'a ArrayD<T>,
-}
-
 /// The error for a value (a parameter's, an upstream gradient) of the wrong shape.
 fn same_shape(action: &'static str, expected: &[usize], found: &[usize]) -> Result<()> {
     if expected == found {
@@ -166,21 +159,11 @@ impl<T: Element> Graph<T> {
         }
     }
 
-    /// The time a node's forward and backward passes took in all, since profiling started.
-    pub fn time(&self, id: NodeId) -> Result<[std::time::Duration; 2]> {
-        Ok(self.node(id)?.time)
-    }
-
     /// Training mode (`true`, the default) or evaluation mode: ops that behave differently
     /// (batch norm: batch statistics and running averages vs the running averages alone) read
     /// it at every forward pass, as `model.train()` / `model.eval()` set it in PyTorch.
     pub fn set_training(&mut self, training: bool) {
         self.training = training;
-    }
-
-    /// Whether the graph is in training mode.
-    pub fn is_training(&self) -> bool {
-        self.training
     }
 
     pub(crate) fn node(&self, id: NodeId) -> Result<&Node<T>> {
@@ -204,90 +187,5 @@ impl<T: Element> Graph<T> {
             _ => None,
         };
         op.ok_or_else(|| Error::graph(format!("{what}: node {:?} is a {kind}", node.name)))
-    }
-
-    /// The ids of every parameter, in creation order.
-    pub fn params(&self) -> Vec<NodeId> {
-        self.node_ids()
-            .filter(|id| self.nodes[id.0].is_param())
-            .collect()
-    }
-
-    /// Every parameter with its value (to update) and its gradient, in creation order.
-    pub fn params_mut(&mut self) -> impl Iterator<Item = ParamMut<'_, T>> {
-        self.nodes
-            .iter_mut()
-            .filter(|node| node.is_param())
-            .map(|node| ParamMut {
-                name: &node.name,
-                value: &mut node.value,
-                grad: &node.grad,
-            })
-    }
-
-    /// A mutable view of a leaf's value (a parameter or a set input), e.g. to perturb it.
-    pub fn leaf_value_mut(&mut self, id: NodeId) -> Result<ArrayViewMutD<'_, T>> {
-        self.node(id)?;
-        let node = &mut self.nodes[id.0];
-        if !node.is_leaf() || !node.has_value {
-            return Err(Error::graph(format!(
-                "node {:?} is not a leaf with a value",
-                node.name
-            )));
-        }
-        Ok(node.value.view_mut())
-    }
-
-    /// The node's name (`"reduce.weight"`, or `"conv1x1#4"` for an op: kind and position).
-    pub fn name(&self, id: NodeId) -> Result<&str> {
-        Ok(&self.node(id)?.name)
-    }
-
-    /// The kind of node (`"conv1x1"`, `"param"`, `"input"`, ...).
-    pub fn kind(&self, id: NodeId) -> Result<&'static str> {
-        Ok(self.node(id)?.kind())
-    }
-
-    /// The ids a node reads.
-    pub fn inputs(&self, id: NodeId) -> Result<&[NodeId]> {
-        Ok(&self.node(id)?.inputs)
-    }
-
-    /// Every node id, in creation order.
-    pub fn node_ids(&self) -> impl Iterator<Item = NodeId> {
-        (0..self.nodes.len()).map(NodeId)
-    }
-
-    /// The node with this name, if any.
-    pub fn find(&self, name: &str) -> Option<NodeId> {
-        self.nodes
-            .iter()
-            .position(|node| node.name == name)
-            .map(NodeId)
-    }
-
-    /// Number of nodes on the tape.
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    /// True for a graph with no node.
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
-    /// Elements held by all value, gradient and saved buffers: constant across steps of one
-    /// batch size (the memory-steadiness test asserts it).
-    pub fn buffer_elements(&self) -> usize {
-        self.nodes
-            .iter()
-            .map(|node| {
-                let saved = match &node.source {
-                    Source::Op(op) => op.saved_elements(),
-                    _ => 0,
-                };
-                node.value.len() + node.grad.len() + saved
-            })
-            .sum()
     }
 }

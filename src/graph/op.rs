@@ -93,9 +93,11 @@ impl<T> Clone for Box<dyn Operation<T>> {
 
 /// What an op's forward pass may touch: its inputs' values, and its own output buffer.
 pub struct Forward<'a, T> {
-    pub(super) inputs: Inputs<'a, T>,
+    /// The inputs' values (a copy of this handle can be kept while the output is held).
+    pub inputs: Inputs<'a, T>,
+    /// Whether the graph is in training mode ([`crate::Graph::set_training`]).
+    pub training: bool,
     pub(super) output: &'a mut ArrayD<T>,
-    pub(super) training: bool,
 }
 
 /// The values of a node's inputs (in the order the builder passed them).
@@ -123,7 +125,8 @@ impl<'a, T> Inputs<'a, T> {
         self.ids.is_empty()
     }
 
-    /// The value of input `i`.
+    /// The value of input `i` (in the order the builder passed them; the tape built the node
+    /// with its inputs, so an op reads only indices it was given).
     pub fn get(&self, i: usize) -> ArrayViewD<'a, T> {
         let nodes = self.nodes;
         nodes[self.ids[i].0].value.view()
@@ -136,44 +139,12 @@ impl<'a, T> Inputs<'a, T> {
     }
 }
 
-impl<'a, T: Element> Forward<'a, T> {
-    /// How many inputs the node has.
-    pub fn len(&self) -> usize {
-        self.inputs.len()
-    }
-
-    /// True for a node without inputs.
-    pub fn is_empty(&self) -> bool {
-        self.inputs.is_empty()
-    }
-
-    /// Whether the graph is in training mode ([`crate::Graph::set_training`]).
-    pub fn training(&self) -> bool {
-        self.training
-    }
-
-    /// The value of input `i` (in the order the builder passed them). The tape built the
-    /// node with its inputs, so an op reads only indices it was given.
-    pub fn input(&self, i: usize) -> ArrayViewD<'a, T> {
-        self.inputs.get(i)
-    }
-
-    /// The value of input `i`, or `None` when the op was built with fewer (an absent bias).
-    pub fn optional(&self, i: usize) -> Option<ArrayViewD<'a, T>> {
-        self.inputs.optional(i)
-    }
-
+impl<T: Element> Forward<'_, T> {
     /// The output buffer, sized to `shape`: reallocated only when the shape changes, so
     /// steady-state steps allocate nothing. Its old content is stale: the op overwrites it.
     pub fn output(&mut self, shape: &[usize]) -> ArrayViewMutD<'_, T> {
         resize(self.output, shape);
         self.output.view_mut()
-    }
-
-    /// The output buffer as [`Forward::output`] gives it, with the inputs, to read while
-    /// the output is held (an op with any number of inputs).
-    pub fn inputs_and_output(&mut self, shape: &[usize]) -> (Inputs<'a, T>, ArrayViewMutD<'_, T>) {
-        (self.inputs, self.output(shape))
     }
 }
 

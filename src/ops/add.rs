@@ -47,7 +47,7 @@ impl<T: Element> Operation<T> for Add {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let (a, b) = (pass.input(0), pass.input(1));
+        let (a, b) = (pass.inputs.get(0), pass.inputs.get(1));
         let shape = output_shape(a.shape(), b.shape())?;
         forward(a.view(), b.view(), pass.output(shape))
     }

@@ -47,7 +47,7 @@ impl<T: Element> Operation<T> for AvgPool {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let x = dims(OP, pass.input(0))?;
+        let x = dims(OP, pass.inputs.get(0))?;
         let shape = output_shape(x.shape(), self.window, self.stride)?;
         forward(
             x,

@@ -132,10 +132,10 @@ impl<T: Element> Operation<T> for BatchNorm<T> {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let (x, weight, bias) = (pass.input(0), pass.input(1), pass.input(2));
+        let (x, weight, bias) = (pass.inputs.get(0), pass.inputs.get(1), pass.inputs.get(2));
         let x: ArrayView4<T> = dims(OP, x)?;
         let shape = output_shape(x.shape(), weight.shape())?;
-        self.batch_statistics = pass.training();
+        self.batch_statistics = pass.training;
         let eps = T::from_f64(EPS);
         if self.batch_statistics {
             let values = shape[0] * shape[2] * shape[3];

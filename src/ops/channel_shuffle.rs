@@ -50,7 +50,7 @@ impl<T: Element> Operation<T> for ChannelShuffle {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let x = dims(OP, pass.input(0))?;
+        let x = dims(OP, pass.inputs.get(0))?;
         let shape = output_shape(x.shape(), self.groups)?;
         forward(x, self.groups, dims_mut(OP, pass.output(&shape))?)
     }

@@ -53,13 +53,14 @@ impl<T: Element> Operation<T> for Concat {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let first = pass.input(0);
+        let first = pass.inputs.get(0);
         let mut shape = check_image(OP, first.shape())?;
         shape[1] = 0;
-        for k in 0..pass.len() {
-            shape[1] += channels_of(&shape, pass.input(k).shape())?;
+        for k in 0..pass.inputs.len() {
+            shape[1] += channels_of(&shape, pass.inputs.get(k).shape())?;
         }
-        let (inputs, y) = pass.inputs_and_output(&shape);
+        let inputs = pass.inputs;
+        let y = pass.output(&shape);
         let mut y = dims_mut::<T, Ix4>(OP, y)?;
         let mut offset = 0;
         for x in (0..inputs.len()).map(|k| inputs.get(k)) {

@@ -105,7 +105,11 @@ impl<T: Element> Operation<T> for Conv1x1 {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let (x, weight, bias) = (pass.input(0), pass.input(1), pass.optional(2));
+        let (x, weight, bias) = (
+            pass.inputs.get(0),
+            pass.inputs.get(1),
+            pass.inputs.optional(2),
+        );
         let shape = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
         let y = dims_mut(OP, pass.output(&shape))?;
         let bias = bias.map(|b| dims(OP, b)).transpose()?;

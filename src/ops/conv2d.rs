@@ -82,7 +82,11 @@ impl<T: Element> Operation<T> for Conv2d {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let (x, weight, bias) = (pass.input(0), pass.input(1), pass.optional(2));
+        let (x, weight, bias) = (
+            pass.inputs.get(0),
+            pass.inputs.get(1),
+            pass.inputs.optional(2),
+        );
         let bias_shape = bias.as_ref().map(|b| b.shape());
         let shape = output_shape(x.shape(), weight.shape(), bias_shape, self.window)?;
         let y = dims_mut(OP, pass.output(&shape))?;

@@ -47,7 +47,7 @@ impl<T: Element> Operation<T> for GlobalMaxPool {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let x = dims(OP, pass.input(0))?;
+        let x = dims(OP, pass.inputs.get(0))?;
         let shape = output_shape(x.shape())?;
         self.argmax.resize(shape[0] * shape[1], 0);
         forward(x, dims_mut(OP, pass.output(&shape))?, &mut self.argmax)

@@ -71,7 +71,7 @@ pub(crate) fn elementwise_forward<T: Element>(
     mut pass: Forward<'_, T>,
     forward: impl FnOnce(ArrayViewD<T>, ArrayViewMutD<T>) -> Result<()>,
 ) -> Result<()> {
-    let x = pass.input(0);
+    let x = pass.inputs.get(0);
     forward(x.view(), pass.output(x.shape()))
 }
 

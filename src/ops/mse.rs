@@ -49,7 +49,7 @@ impl<T: Element> Operation<T> for MeanSquaredError {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let (prediction, target) = (pass.input(0), pass.input(1));
+        let (prediction, target) = (pass.inputs.get(0), pass.inputs.get(1));
         let loss = forward(prediction.view(), target.view())?;
         self.elements = prediction.len();
         pass.output(&[]).fill(loss);

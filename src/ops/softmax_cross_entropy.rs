@@ -69,7 +69,7 @@ impl<T: Element> Operation<T> for SoftmaxCrossEntropy<T> {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let logits = pass.input(0);
+        let logits = pass.inputs.get(0);
         check_ndim(OP, "logits (N, K)", logits.shape(), 2)?;
         crate::graph::resize(&mut self.probs, logits.shape());
         let probs = dims_mut(OP, self.probs.view_mut())?;

@@ -175,7 +175,8 @@ fn gemm_serial<T: Element>(
         None => general_mat_mul(alpha, &a, &b, beta, &mut c),
     }
     if relu {
-        c.mapv_inplace(|v| if v > T::zero() { v } else { T::zero() });
+        // max(v, 0) that keeps NaN (as PyTorch's ReLU does): a NaN is not ≤ 0.
+        c.mapv_inplace(|v| if v <= T::zero() { T::zero() } else { v });
     }
     Ok(())
 }
@@ -650,7 +651,9 @@ mod avx512 {
                         );
                     }
                     if relu {
-                        result = _mm512_max_ps(result, _mm512_setzero_ps());
+                        // MAXPS returns its second operand when either is NaN: with the
+                        // result second, a NaN stays NaN (max(NaN, 0) = NaN, as in PyTorch).
+                        result = _mm512_max_ps(_mm512_setzero_ps(), result);
                     }
                     _mm512_mask_storeu_ps(target, mask(v), result);
                 }

@@ -271,3 +271,29 @@ fn a_scalar_input_is_checked_for_finiteness_like_a_batch() {
         .set_input(x, aview0(&f64::INFINITY).into_dyn())
         .unwrap_err();
 }
+
+/// An empty batch (N = 0) flows forward and backward through every pooling op and the
+/// channel ops without a panic (chunk sizes of 0 once did).
+#[test]
+fn an_empty_batch_flows_through_pools_forward_and_backward() {
+    use ndarray::{ArrayD, IxDyn};
+    let mut graph = pointwise::Graph::<f64>::new();
+    let x = graph.input_with_grad("x");
+    let outputs = [
+        graph.max_pool(x, 2, 2).unwrap(),
+        graph.avg_pool(x, 2, 2).unwrap(),
+        graph.global_max_pool(x).unwrap(),
+        graph.global_avg_pool(x).unwrap(),
+        graph.channel_shuffle(x, 2).unwrap(),
+        graph.flatten(x).unwrap(),
+        graph.concat(&[x, x]).unwrap(),
+        graph.relu6(x).unwrap(),
+    ];
+    graph.set_input(x, ArrayD::zeros(IxDyn(&[0, 4, 4, 4])).view()).unwrap();
+    for y in outputs {
+        graph.forward(y).unwrap();
+        let upstream = ArrayD::zeros(graph.value(y).unwrap().raw_dim());
+        graph.backward_from(y, upstream.view()).unwrap();
+        assert_eq!(graph.grad(x).unwrap().shape(), &[0, 4, 4, 4]);
+    }
+}

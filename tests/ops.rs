@@ -1065,3 +1065,47 @@ fn grouped_conv1x1_matches_reference_loops() {
     assert!(grouped_conv1x1::output_shape(&[1, 6, 2, 2], &[4, 2], 2).is_err());
     assert!(grouped_conv1x1::output_shape(&[1, 6, 2, 2], &[3, 3], 2).is_err());
 }
+
+/// NaN goes through ReLU (plain, fused into the 1×1 convolution, and ReLU6) as in PyTorch,
+/// so that NaN weights cannot produce a finite loss.
+#[test]
+fn relu_and_fused_relu_propagate_nan() {
+    for fused in [false, true] {
+        let mut graph = pointwise::Graph::<f32>::new();
+        let x = graph.input("x");
+        let mut weight = ndarray::ArrayD::<f32>::from_elem(IxDyn(&[4, 3]), 0.5);
+        weight[[1, 2]] = f32::NAN;
+        let w = graph.param("w", weight).unwrap();
+        let y = if fused {
+            graph.conv1x1_relu(x, w, None).unwrap()
+        } else {
+            let z = graph.conv1x1(x, w, None).unwrap();
+            graph.relu(z).unwrap()
+        };
+        let capped = graph.relu6(y).unwrap();
+        let pooled = graph.global_avg_pool(capped).unwrap();
+        let loss = graph.softmax_cross_entropy(pooled).unwrap();
+        graph
+            .set_input(x, ArrayD::from_elem(IxDyn(&[2, 3, 5, 5]), 1.0).view())
+            .unwrap();
+        graph.set_labels(loss, &[0, 1]).unwrap();
+        graph.forward(loss).unwrap();
+        let y = graph.value(y).unwrap();
+        assert!(
+            y.slice(ndarray::s![.., 1, .., ..])
+                .iter()
+                .all(|v| v.is_nan()),
+            "fused {fused}"
+        );
+        assert!(
+            y.slice(ndarray::s![.., 0, .., ..])
+                .iter()
+                .all(|v| *v == 1.5),
+            "fused {fused}"
+        );
+        assert!(
+            graph.scalar(loss).unwrap().is_nan(),
+            "fused {fused}: the loss must be NaN"
+        );
+    }
+}

@@ -324,8 +324,11 @@ fn scatter<T: Element>(
         &[batch, channels],
         &dy.shape()[..2],
     )?;
+    if batch == 0 {
+        return Ok(()); // an empty batch has no gradient to route
+    }
     let plane_len = height * width;
-    let out_len = dy.len() / (batch * channels).max(1);
+    let out_len = dy.len() / (batch * channels);
     let parts = (
         Along(dy, Axis(0)),
         Along(dx, Axis(0)),

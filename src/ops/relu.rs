@@ -13,7 +13,8 @@
 //! ∂L/∂x[i] = dy[i]·1[x[i] > 0]
 //! ```
 //! At exactly x = 0 the function has a kink and no derivative; we pass **no** gradient there
-//! (the subgradient 0, as PyTorch does). Gradient checks keep inputs away from 0, where a finite
+//! (the subgradient 0, as PyTorch does). A NaN input gives a NaN output, as in PyTorch, so
+//! that a network with NaN inside cannot produce a finite loss. Gradient checks keep inputs away from 0, where a finite
 //! difference would straddle the kink.
 //!
 //! ## Cost
@@ -60,7 +61,7 @@ pub fn forward<T: Element>(x: ArrayViewD<T>, y: ArrayViewMutD<T>) -> Result<()> 
     let relu = |(Along(x, _), Along(mut y, _)): (Along<ArrayViewD<T>>, Along<ArrayViewMutD<T>>)| {
         Zip::from(&mut y)
             .and(&x)
-            .for_each(|y, &x| *y = if x > T::zero() { x } else { T::zero() });
+            .for_each(|y, &x| *y = if x <= T::zero() { T::zero() } else { x });
         Ok(())
     };
     let parts = (Along(x, Axis(0)), Along(y, Axis(0)));
@@ -105,7 +106,7 @@ pub fn backward<T: Element>(
 pub fn forward_reference<T: Element>(x: ArrayViewD<T>, mut y: ArrayViewMutD<T>) -> Result<()> {
     check_same(OP, "output", x.shape(), y.shape())?;
     for (index, &value) in x.indexed_iter() {
-        y[&index] = if value > T::zero() { value } else { T::zero() };
+        y[&index] = if value <= T::zero() { T::zero() } else { value };
     }
     Ok(())
 }

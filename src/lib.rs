@@ -165,6 +165,7 @@ mod buffer;
 pub mod checkpoint;
 pub mod cost;
 pub mod data;
+pub mod describe;
 pub mod element;
 pub mod error;
 pub mod export;

@@ -289,7 +289,9 @@ fn an_empty_batch_flows_through_pools_forward_and_backward() {
         graph.concat(&[x, x]).unwrap(),
         graph.relu6(x).unwrap(),
     ];
-    graph.set_input(x, ArrayD::zeros(IxDyn(&[0, 4, 4, 4])).view()).unwrap();
+    graph
+        .set_input(x, ArrayD::zeros(IxDyn(&[0, 4, 4, 4])).view())
+        .unwrap();
     for y in outputs {
         graph.forward(y).unwrap();
         let upstream = ArrayD::zeros(graph.value(y).unwrap().raw_dim());

@@ -62,6 +62,12 @@ pub trait Operation<T>: Debug + Send + Sync + CloneOperation<T> {
         Cost::default()
     }
 
+    /// The op's settings by name (a window, a stride, a group count): with its kind and its
+    /// inputs they rebuild the node (see `describe.rs`).
+    fn attributes(&self) -> Vec<(&'static str, usize)> {
+        Vec::new()
+    }
+
     /// Elements held in saved state (beyond the node's value and gradient).
     fn saved_elements(&self) -> usize {
         0

@@ -46,6 +46,10 @@ impl<T: Element> Operation<T> for AvgPool {
         OP
     }
 
+    fn attributes(&self) -> Vec<(&'static str, usize)> {
+        vec![("window", self.window), ("stride", self.stride)]
+    }
+
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
         let x = dims(OP, pass.inputs.get(0))?;
         let shape = output_shape(x.shape(), self.window, self.stride)?;

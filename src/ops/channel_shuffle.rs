@@ -49,6 +49,10 @@ impl<T: Element> Operation<T> for ChannelShuffle {
         OP
     }
 
+    fn attributes(&self) -> Vec<(&'static str, usize)> {
+        vec![("groups", self.groups)]
+    }
+
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
         let x = dims(OP, pass.inputs.get(0))?;
         let shape = output_shape(x.shape(), self.groups)?;

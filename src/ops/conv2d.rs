@@ -111,6 +111,13 @@ impl<T: Element> Operation<T> for Conv2d {
         )
     }
 
+    fn attributes(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            ("stride", self.window.stride),
+            ("padding", self.window.padding),
+        ]
+    }
+
     fn cost(&self, inputs: &[&[usize]], output: &[usize], input_grad: bool) -> Cost {
         cost::conv2d(inputs[0], inputs[1], output, inputs.len() > 2, input_grad)
     }

@@ -96,6 +96,13 @@ impl<T: Element> Operation<T> for Depthwise {
         backward(x, weight, self.window, dy, dx, dweight, dbias)
     }
 
+    fn attributes(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            ("stride", self.window.stride),
+            ("padding", self.window.padding),
+        ]
+    }
+
     fn cost(&self, inputs: &[&[usize]], output: &[usize], input_grad: bool) -> Cost {
         let (weight, kernel) = (inputs[1], inputs[1][2] * inputs[1][3]);
         let macs = (output.iter().product::<usize>() * kernel) as u64;

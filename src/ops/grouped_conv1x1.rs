@@ -87,6 +87,10 @@ impl<T: Element> Operation<T> for GroupedConv1x1 {
         gradients(x, weight, dy, dx.transpose()?, dweight, dbias, self.groups)
     }
 
+    fn attributes(&self) -> Vec<(&'static str, usize)> {
+        vec![("groups", self.groups)]
+    }
+
     fn cost(&self, inputs: &[&[usize]], _output: &[usize], input_grad: bool) -> Cost {
         let [batch, c_in, height, width] = [inputs[0][0], inputs[0][1], inputs[0][2], inputs[0][3]];
         let group = [batch, c_in / self.groups, height, width];

@@ -88,6 +88,10 @@ impl<T: Element> Operation<T> for MaxPool {
         scatter(dy, argmax, dims_mut(OP, dx)?, write)
     }
 
+    fn attributes(&self) -> Vec<(&'static str, usize)> {
+        vec![("window", self.window), ("stride", self.stride)]
+    }
+
     fn saved_elements(&self) -> usize {
         self.argmax.capacity()
     }

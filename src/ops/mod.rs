@@ -282,3 +282,58 @@ impl<T: Element> Graph<T> {
         self.push_op(op, &ids)
     }
 }
+
+/// Adds the op of `kind` with `attributes` reading `inputs` to `graph`, through its builder:
+/// how a graph is rebuilt from its description (`describe.rs`). One line per op.
+pub(crate) fn rebuild<T: Element>(
+    graph: &mut Graph<T>,
+    kind: &str,
+    inputs: &[NodeId],
+    attributes: &[(String, usize)],
+) -> Result<NodeId> {
+    let input = |i: usize| inputs.get(i).copied().ok_or_else(|| missing(kind, "input"));
+    let attribute = |name: &str| {
+        let found = attributes.iter().find(|(key, _)| key == name);
+        found
+            .map(|(_, value)| *value)
+            .ok_or_else(|| missing(kind, name))
+    };
+    let bias = inputs.get(2).copied();
+    match kind {
+        "add" => graph.add(input(0)?, input(1)?),
+        "avg_pool" => graph.avg_pool(input(0)?, attribute("window")?, attribute("stride")?),
+        "batch_norm" => graph.batch_norm(input(0)?, input(1)?, input(2)?),
+        "channel_shuffle" => graph.channel_shuffle(input(0)?, attribute("groups")?),
+        "concat" => graph.concat(inputs),
+        "conv1x1" => graph.conv1x1(input(0)?, input(1)?, bias),
+        "conv1x1+relu" => graph.conv1x1_relu(input(0)?, input(1)?, bias),
+        "conv2d" => {
+            let [stride, padding] = [attribute("stride")?, attribute("padding")?];
+            graph.conv2d(input(0)?, input(1)?, bias, stride, padding)
+        }
+        "depthwise" => {
+            let [stride, padding] = [attribute("stride")?, attribute("padding")?];
+            graph.depthwise(input(0)?, input(1)?, bias, stride, padding)
+        }
+        "flatten" => graph.flatten(input(0)?),
+        "global_avg_pool" => graph.global_avg_pool(input(0)?),
+        "global_max_pool" => graph.global_max_pool(input(0)?),
+        "grouped_conv1x1" => {
+            graph.grouped_conv1x1(input(0)?, input(1)?, bias, attribute("groups")?)
+        }
+        "linear" => graph.linear(input(0)?, input(1)?, bias),
+        "max_pool" => graph.max_pool(input(0)?, attribute("window")?, attribute("stride")?),
+        "mse" => graph.mse(input(0)?, input(1)?),
+        "relu" => graph.relu(input(0)?),
+        "relu6" => graph.relu6(input(0)?),
+        "softmax_cross_entropy" => graph.softmax_cross_entropy(input(0)?),
+        other => Err(Error::invalid_config(
+            "describe",
+            format!("unknown op kind {:?}", crate::describe::printable(other)),
+        )),
+    }
+}
+
+fn missing(kind: &str, what: &str) -> Error {
+    Error::invalid_config("describe", format!("a {kind} node needs its {what}"))
+}

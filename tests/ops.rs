@@ -1109,3 +1109,185 @@ fn relu_and_fused_relu_propagate_nan() {
         );
     }
 }
+
+/// Batch norm against PyTorch 2.15 itself (float64): training-mode output and gradients of
+/// Σ r·y, the running statistics after a second training step, the evaluation-mode output.
+/// The values below were printed by this script:
+///
+/// ```python
+/// import torch
+/// torch.set_default_dtype(torch.float64)
+/// N, C, H, W = 2, 3, 2, 2
+/// idx = torch.arange(N * C * H * W, dtype=torch.float64).reshape(N, C, H, W)
+/// x = ((idx * 37) % 23) / 7 - 1.5
+/// r = ((idx * 11) % 13) / 6 - 1
+/// bn = torch.nn.BatchNorm2d(C)
+/// with torch.no_grad():
+///     bn.weight.copy_(torch.tensor([1.5, 0.5, -2.0]))
+///     bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+/// x.requires_grad_(True)
+/// y = bn(x)                      # step 1, training mode
+/// (y * r).sum().backward()
+/// bn(x.detach() * 0.5 + 0.25)    # step 2, training mode
+/// bn.eval()
+/// y_eval = bn(x.detach())
+/// fmt = lambda t: ", ".join(repr(v) for v in t.detach().flatten().tolist())
+/// print("y_train", fmt(y)); print("dx", fmt(x.grad)); print("dweight", fmt(bn.weight.grad)); print("dbias", fmt(bn.bias.grad))
+/// print("running_mean", fmt(bn.running_mean)); print("running_var", fmt(bn.running_var)); print("tracked", int(bn.num_batches_tracked))
+/// print("y_eval", fmt(y_eval))
+/// ```
+#[test]
+fn batch_norm_matches_pytorch() {
+    let index = |n: usize, c: usize, h: usize, w: usize| (((n * 3 + c) * 2 + h) * 2 + w) as f64;
+    let x = ndarray::Array4::from_shape_fn((2, 3, 2, 2), |(n, c, h, w)| {
+        (index(n, c, h, w) * 37.0) % 23.0 / 7.0 - 1.5
+    });
+    let r = ndarray::Array4::from_shape_fn((2, 3, 2, 2), |(n, c, h, w)| {
+        (index(n, c, h, w) * 11.0) % 13.0 / 6.0 - 1.0
+    });
+    let mut graph = pointwise::Graph::<f64>::new();
+    let input = graph.input_with_grad("x");
+    let gamma = graph
+        .param("bn.weight", ndarray::arr1(&[1.5, 0.5, -2.0]).into_dyn())
+        .unwrap();
+    let beta = graph
+        .param("bn.bias", ndarray::arr1(&[0.1, -0.2, 0.3]).into_dyn())
+        .unwrap();
+    let y = graph.batch_norm(input, gamma, beta).unwrap();
+    graph.set_input(input, x.view().into_dyn()).unwrap();
+    graph.forward(y).unwrap();
+    graph.backward_from(y, r.view().into_dyn()).unwrap();
+    let close = |what: &str, got: ndarray::ArrayViewD<f64>, want: &[f64]| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() <= 1e-12 * w.abs().max(1.0),
+                "{what}: {g} vs PyTorch {w}"
+            );
+        }
+    };
+    close(
+        "y (train)",
+        graph.value(y).unwrap(),
+        &[
+            -2.0348565659908355,
+            0.9170438709347642,
+            -0.9806064099459786,
+            1.9712940269796215,
+            -0.3204821375797518,
+            -1.0433749630582627,
+            0.08112498768608754,
+            -0.6417678377924233,
+            -2.5213687075408955,
+            0.017863129245910533,
+            2.5570949660327167,
+            -1.392821224524537,
+            -0.5589063475280357,
+            2.3929940893975643,
+            0.49534380851682125,
+            -1.4023064723639214,
+            0.24176783779242322,
+            -0.4811249876860876,
+            0.6433749630582627,
+            -0.07951786242024815,
+            1.9928212245245374,
+            -1.9570949660327166,
+            0.5821368707540894,
+            3.1213687075408956,
+        ],
+    );
+    close(
+        "dx",
+        graph.grad(input).unwrap(),
+        &[
+            -1.4521034501256311,
+            1.178314889934653,
+            0.7348610226442178,
+            0.1673872227017693,
+            0.013603094330340354,
+            -0.3030387389095751,
+            -0.2894384588163744,
+            0.6121279879167564,
+            -0.4618080380114256,
+            0.01965113270814512,
+            0.5011103034277155,
+            1.4345455264346212,
+            -0.9978652408654557,
+            -1.5653390408079044,
+            1.1890992319043934,
+            0.745645364613958,
+            0.30152822206302826,
+            -0.015113611176887146,
+            -0.0015133310836864628,
+            -0.3181551643236019,
+            -1.4345455264346214,
+            -0.5011103034277157,
+            -0.019651132708144895,
+            0.4618080380114254,
+        ],
+    );
+    close(
+        "dweight",
+        graph.grad(gamma).unwrap(),
+        &[0.20792155855329117, -1.2717558966751583, 0.5642737415081794],
+    );
+    close(
+        "dbias",
+        graph.grad(beta).unwrap(),
+        &[0.16666666666666652, -1.8333333333333333, 2.6666666666666665],
+    );
+    graph
+        .set_input(input, x.mapv(|v| v * 0.5 + 0.25).view().into_dyn())
+        .unwrap();
+    graph.forward(y).unwrap();
+    let (mean, var, tracked) = graph.running_stats(y).unwrap();
+    let (mean, var) = (mean.to_owned().into_dyn(), var.to_owned().into_dyn());
+    close(
+        "running_mean",
+        mean.view(),
+        &[
+            0.017500000000000005,
+            0.04499999999999999,
+            0.014999999999999996,
+        ],
+    );
+    close(
+        "running_var",
+        var.view(),
+        &[0.9457452623906706, 0.9139358600583091, 0.9447813411078718],
+    );
+    assert_eq!(tracked, 2);
+    graph.set_training(false);
+    graph.set_input(input, x.view().into_dyn()).unwrap();
+    graph.forward(y).unwrap();
+    close(
+        "y (eval)",
+        graph.value(y).unwrap(),
+        &[
+            -2.240618188680732,
+            0.8442163268787171,
+            -1.1388915759809288,
+            1.9459429395785206,
+            -0.2608932758289877,
+            -0.9333343586030848,
+            0.11268510348995509,
+            -0.559755979284142,
+            -2.4616000881718274,
+            0.18389227942225955,
+            2.829384647016347,
+            -1.2858257025744553,
+            -0.6982009309010075,
+            2.386633584658442,
+            0.40352568179879567,
+            -1.5795822210608501,
+            0.26211645521753213,
+            -0.41032462755656485,
+            0.635694834536475,
+            -0.036746248237621966,
+            2.2414974542176607,
+            -1.873712895373142,
+            0.7717794722209452,
+            3.4172718398150326,
+        ],
+    );
+}

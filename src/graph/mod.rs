@@ -176,6 +176,14 @@ impl<T: Element> Graph<T> {
         })
     }
 
+    /// The op of node `id` as its own type `O`, to read, if it is one.
+    pub(crate) fn op_ref<O: 'static>(&self, id: NodeId) -> Option<&O> {
+        match &self.nodes.get(id.0)?.source {
+            Source::Op(op) => op.as_any().downcast_ref::<O>(),
+            _ => None,
+        }
+    }
+
     /// The op of node `id` as its own type `O`: how an op's methods reach their node (a loss's
     /// labels, say). The error names `what` the caller expected.
     pub(crate) fn op_mut<O: 'static>(&mut self, id: NodeId, what: &str) -> Result<&mut O> {

@@ -80,6 +80,8 @@ pub trait CloneOperation<T> {
     fn clone_box(&self) -> Box<dyn Operation<T>>;
     /// The op as `Any`, to reach its own methods (e.g. setting a loss's labels).
     fn as_any_mut(&mut self) -> &mut dyn Any;
+    /// The same, to read.
+    fn as_any(&self) -> &dyn Any;
 }
 
 impl<T, O: Operation<T> + Clone + 'static> CloneOperation<T> for O {
@@ -87,6 +89,9 @@ impl<T, O: Operation<T> + Clone + 'static> CloneOperation<T> for O {
         Box::new(self.clone())
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+    fn as_any(&self) -> &dyn Any {
         self
     }
 }

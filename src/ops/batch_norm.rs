@@ -83,11 +83,10 @@ impl<T: Element> Graph<T> {
 
     /// The running mean and variance of a batch-norm node, and the number of training batches
     /// they average (PyTorch's `running_mean`, `running_var`, `num_batches_tracked`).
-    pub fn running_stats(
-        &mut self,
-        id: NodeId,
-    ) -> Result<(ArrayView1<'_, T>, ArrayView1<'_, T>, u64)> {
-        let op = self.op_mut::<BatchNorm<T>>(id, "running statistics exist on batch_norm nodes")?;
+    pub fn running_stats(&self, id: NodeId) -> Result<(ArrayView1<'_, T>, ArrayView1<'_, T>, u64)> {
+        let op = self
+            .op_ref::<BatchNorm<T>>(id)
+            .ok_or_else(|| Error::graph(format!("node {} is not a batch_norm node", id.index())))?;
         Ok((
             op.running_mean.view(),
             op.running_var.view(),

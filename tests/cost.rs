@@ -85,3 +85,31 @@ fn input_gradients_double_the_backward_cost() {
     let before_forward = Graph::<f32>::new().cost(first);
     assert!(before_forward.is_err());
 }
+
+/// The partner layers in the cost model: a depthwise 3×3 costs K² multiply-adds per output,
+/// a grouped 1×1 1/g of the dense one, batch norm counts its γ and β as parameters.
+#[test]
+fn depthwise_grouped_and_batch_norm_costs() {
+    let mut graph = Graph::<f32>::new();
+    let mut nn = pointwise::layers::Layers::new(&mut graph, 0);
+    let x = nn.input("x");
+    let dw = nn.depthwise("dw", x, [8, 1, 3], [1, 1], false).unwrap();
+    let grouped = nn.grouped_conv1x1("g", dw, [8, 16, 4], true).unwrap();
+    let bn = nn.batch_norm("bn", grouped, 16).unwrap();
+    graph
+        .set_input(
+            x,
+            ndarray::ArrayD::zeros(ndarray::IxDyn(&[2, 8, 5, 5])).view(),
+        )
+        .unwrap();
+    graph.forward(bn).unwrap();
+    let dw = graph.cost(dw).unwrap();
+    assert_eq!((dw.params, dw.forward_macs), (8 * 9, 2 * 8 * 25 * 9));
+    let grouped = graph.cost(grouped).unwrap();
+    assert_eq!(
+        (grouped.params, grouped.forward_macs),
+        (16 * 2 + 16, 2 * 16 * 2 * 25)
+    );
+    assert_eq!(graph.cost(bn).unwrap().params, 32);
+    assert!(graph.summary().unwrap().contains("batch_norm"));
+}

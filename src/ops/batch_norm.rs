@@ -38,6 +38,7 @@
 //! operations per value. Backward: two passes (the two sums, then dx). No GEMM.
 
 use super::{accumulating, check_image, check_same, dims, dims_mut};
+use crate::cost::Cost;
 use crate::element::{count, Element};
 use crate::error::{Error, Result};
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
@@ -189,6 +190,14 @@ impl<T: Element> Operation<T> for BatchNorm<T> {
             batch_statistics: self.batch_statistics,
         };
         backward(x, weight, saved, dims(OP, dy.view())?, dx, dweight, dbias)
+    }
+
+    /// γ and β: no multiply-adds of the GEMM kind (about 5 operations per value, O(elements)).
+    fn cost(&self, inputs: &[&[usize]], _output: &[usize], _input_grad: bool) -> Cost {
+        Cost {
+            params: 2 * inputs[1][0],
+            ..Cost::default()
+        }
     }
 
     fn saved_elements(&self) -> usize {

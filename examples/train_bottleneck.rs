@@ -151,6 +151,36 @@ fn run(options: &Options) -> AnyResult<()> {
         std::fs::metadata(&weights_path)?.len()
     );
     println!("reload:  a fresh network loaded from the file gives identical predictions on all {} test images (logits bit-identical)", after.len());
+    // The same weights for other tools: safetensors in PyTorch's layout.
+    let torch_path = out.join("bottleneck.safetensors");
+    let bytes = pointwise::export::graph_to_safetensors(model.graph())?;
+    checkpoint::write_atomically_with(&torch_path, &bytes, |file, bytes| {
+        std::io::Write::write_all(file, bytes)
+    })?;
+    let (c, r, k) = (config.channels, config.channels / 4, config.classes);
+    println!(
+        "safetensors: {} ({} bytes); in PyTorch:",
+        torch_path.display(),
+        bytes.len()
+    );
+    println!("    import torch.nn as nn, safetensors.torch");
+    println!("    class Bottleneck(nn.Module):");
+    println!("        def __init__(self):");
+    println!("            super().__init__()");
+    println!(
+        "            self.reduce, self.expand = nn.Conv2d({c}, {r}, 1), nn.Conv2d({r}, {c}, 1)"
+    );
+    println!("            self.head = nn.Linear({c}, {k})");
+    println!("        def forward(self, x):");
+    println!(
+        "            x = nn.functional.max_pool2d(self.expand(self.reduce(x).relu()).relu(), 2)"
+    );
+    println!("            return self.head(x.mean((2, 3)))");
+    println!("    net = Bottleneck()");
+    println!(
+        "    net.load_state_dict(safetensors.torch.load_file({:?}))",
+        torch_path.display().to_string()
+    );
 
     print_alignment(&model, &data)?;
     let curves = out.join("curves.svg");

@@ -44,8 +44,8 @@
 //! needs no gradient), N·F1·P for db. Memory traffic per sample: read F·P + F1·F, write F1·P.
 
 use super::{
-    accumulating, check_image, check_layer_gradients, check_ndim, check_same, dims, dims_mut,
-    grad_shapes, shape_text,
+    check_image, check_layer_gradients, check_ndim, check_same, dims, dims_mut, grad_shapes,
+    layer_forward, layer_gradients, shape_text, LayerForward,
 };
 use crate::cost::{self, Cost};
 use crate::element::Element;
@@ -105,15 +105,8 @@ impl<T: Element> Operation<T> for Conv1x1 {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let (x, weight, bias) = (
-            pass.inputs.get(0),
-            pass.inputs.get(1),
-            pass.inputs.optional(2),
-        );
-        let shape = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
-        let y = dims_mut(OP, pass.output(&shape))?;
-        let bias = bias.map(|b| dims(OP, b)).transpose()?;
-        forward_epilogue(dims(OP, x)?, dims(OP, weight)?, bias, self.relu, y)
+        let LayerForward { x, weight, bias, y } = layer_forward(OP, &mut pass, output_shape)?;
+        forward_epilogue(x, weight, bias, self.relu, y)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
@@ -333,22 +326,18 @@ pub fn backward_reference<T: Element>(
 /// The tape's backward: the three gradients below, for whichever gradients are wanted, dX
 /// written as the tape says. [`crate::ops::linear`] calls it on (N, F, 1, 1) views.
 pub(crate) fn backward_ports<T: Element>(
-    [x, weight, bias]: [Port<'_, T>; 3],
+    ports: [Port<'_, T>; 3],
     dy: ArrayViewD<'_, T>,
 ) -> Result<()> {
-    let dx = x
-        .grad
-        .map(|(dx, write)| dims_mut(OP, dx).map(|dx| (dx, write)));
-    let dx = dx.transpose()?;
-    let (weight, dweight) = accumulating(OP, weight)?;
-    let (_, dbias) = accumulating(OP, bias)?;
+    let layer = layer_gradients(OP, ports)?;
+    let dy = dims(OP, dy)?;
     gradients(
-        dims(OP, x.value)?,
-        weight,
-        dims(OP, dy)?,
-        dx,
-        dweight,
-        dbias,
+        layer.x,
+        layer.weight,
+        dy,
+        layer.dx,
+        layer.dweight,
+        layer.dbias,
     )
 }
 

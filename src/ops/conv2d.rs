@@ -35,8 +35,8 @@
 //! im2col copies K² times the input: the memory traffic a 1×1 convolution never pays.
 
 use super::{
-    accumulating, check_image, check_layer_gradients, check_ndim, check_same, dims, dims_mut,
-    grad_shapes, shape_text, Window,
+    accumulating_dx, check_image, check_layer_gradients, check_ndim, check_same, dims, grad_shapes,
+    layer_forward, layer_gradients, shape_text, LayerForward, Window,
 };
 use crate::cost::{self, Cost};
 use crate::element::Element;
@@ -82,32 +82,25 @@ impl<T: Element> Operation<T> for Conv2d {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let (x, weight, bias) = (
-            pass.inputs.get(0),
-            pass.inputs.get(1),
-            pass.inputs.optional(2),
-        );
-        let bias_shape = bias.as_ref().map(|b| b.shape());
-        let shape = output_shape(x.shape(), weight.shape(), bias_shape, self.window)?;
-        let y = dims_mut(OP, pass.output(&shape))?;
-        let bias = bias.map(|b| dims(OP, b)).transpose()?;
-        forward(dims(OP, x)?, dims(OP, weight)?, bias, self.window, y)
+        let window = self.window;
+        let shape = |x: &[usize], w: &[usize], b: Option<&[usize]>| output_shape(x, w, b, window);
+        let LayerForward { x, weight, bias, y } = layer_forward(OP, &mut pass, shape)?;
+        forward(x, weight, bias, window, y)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
         let Backward { dy, mut inputs, .. } = pass;
-        let [x, weight, bias] = inputs.ports::<3>()?;
-        let (x, dx) = accumulating(OP, x)?;
-        let (weight, dweight) = accumulating(OP, weight)?;
-        let (_, dbias) = accumulating(OP, bias)?;
+        let layer = layer_gradients(OP, inputs.ports::<3>()?)?;
+        let dx = accumulating_dx(layer.dx)?;
+        let dy = dims(OP, dy.view())?;
         backward(
-            x,
-            weight,
+            layer.x,
+            layer.weight,
             self.window,
-            dims(OP, dy.view())?,
+            dy,
             dx,
-            dweight,
-            dbias,
+            layer.dweight,
+            layer.dbias,
         )
     }
 

@@ -30,7 +30,10 @@
 //! to fill a matrix product, so the work is memory-bound loops.
 
 pub use super::Window;
-use super::{accumulating, check_image, check_ndim, check_same, dims, dims_mut, shape_text};
+use super::{
+    accumulating_dx, check_image, check_ndim, check_same, dims, layer_forward, layer_gradients,
+    shape_text, LayerForward,
+};
 use crate::cost::Cost;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -75,25 +78,26 @@ impl<T: Element> Operation<T> for Depthwise {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let (x, weight, bias) = (
-            pass.inputs.get(0),
-            pass.inputs.get(1),
-            pass.inputs.optional(2),
-        );
-        let shape = output_shape(x.shape(), weight.shape(), self.window)?;
-        let y = dims_mut(OP, pass.output(&shape))?;
-        let bias = bias.map(|b| dims(OP, b)).transpose()?;
-        forward(dims(OP, x)?, dims(OP, weight)?, bias, self.window, y)
+        let window = self.window;
+        let shape = |x: &[usize], w: &[usize], _: Option<&[usize]>| output_shape(x, w, window);
+        let LayerForward { x, weight, bias, y } = layer_forward(OP, &mut pass, shape)?;
+        forward(x, weight, bias, window, y)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
         let Backward { dy, mut inputs, .. } = pass;
-        let [x, weight, bias] = inputs.ports::<3>()?;
-        let (x, dx) = accumulating(OP, x)?;
-        let (weight, dweight) = accumulating(OP, weight)?;
-        let (_, dbias) = accumulating(OP, bias)?;
+        let layer = layer_gradients(OP, inputs.ports::<3>()?)?;
+        let dx = accumulating_dx(layer.dx)?;
         let dy = dims(OP, dy.view())?;
-        backward(x, weight, self.window, dy, dx, dweight, dbias)
+        backward(
+            layer.x,
+            layer.weight,
+            self.window,
+            dy,
+            dx,
+            layer.dweight,
+            layer.dbias,
+        )
     }
 
     fn attributes(&self) -> Vec<(&'static str, usize)> {

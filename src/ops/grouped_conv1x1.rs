@@ -27,7 +27,8 @@
 //! Forward 2·N·F1·(F/g)·P FLOPs: 1/g of the dense 1×1 convolution's; backward twice that.
 
 use super::{
-    accumulating, check_image, check_ndim, check_same, conv1x1, dims, dims_mut, shape_text,
+    check_image, check_ndim, check_same, conv1x1, dims, layer_forward, layer_gradients, shape_text,
+    LayerForward,
 };
 use crate::cost::{self, Cost};
 use crate::element::Element;
@@ -64,27 +65,26 @@ impl<T: Element> Operation<T> for GroupedConv1x1 {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let (x, weight, bias) = (
-            pass.inputs.get(0),
-            pass.inputs.get(1),
-            pass.inputs.optional(2),
-        );
-        let shape = output_shape(x.shape(), weight.shape(), self.groups)?;
-        let y = dims_mut(OP, pass.output(&shape))?;
-        let bias = bias.map(|b| dims(OP, b)).transpose()?;
-        forward(dims(OP, x)?, dims(OP, weight)?, bias, self.groups, y)
+        let groups = self.groups;
+        let shape = |x: &[usize], w: &[usize], _: Option<&[usize]>| output_shape(x, w, groups);
+        let LayerForward { x, weight, bias, y } = layer_forward(OP, &mut pass, shape)?;
+        forward(x, weight, bias, groups, y)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
         let Backward { dy, mut inputs, .. } = pass;
-        let [x, weight, bias] = inputs.ports::<3>()?;
-        let dx = x
-            .grad
-            .map(|(dx, write)| dims_mut(OP, dx).map(|dx| (dx, write)));
-        let (weight, dweight) = accumulating(OP, weight)?;
-        let (_, dbias) = accumulating(OP, bias)?;
-        let (x, dy) = (dims(OP, x.value)?, dims(OP, dy.view())?);
-        gradients(x, weight, dy, dx.transpose()?, dweight, dbias, self.groups)
+        let layer = layer_gradients(OP, inputs.ports::<3>()?)?;
+        let dy = dims(OP, dy.view())?;
+        let (x, weight) = (layer.x, layer.weight);
+        gradients(
+            x,
+            weight,
+            dy,
+            layer.dx,
+            layer.dweight,
+            layer.dbias,
+            self.groups,
+        )
     }
 
     fn attributes(&self) -> Vec<(&'static str, usize)> {

@@ -20,7 +20,7 @@
 //! ## Cost
 //! Forward 2·N·F1·F FLOPs; backward 4·N·F1·F + N·F1.
 
-use super::{check_ndim, conv1x1, dims, dims_mut};
+use super::{check_ndim, conv1x1, layer_forward, LayerForward};
 use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::Result;
@@ -52,15 +52,8 @@ impl<T: Element> Operation<T> for Linear {
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
-        let (x, weight, bias) = (
-            pass.inputs.get(0),
-            pass.inputs.get(1),
-            pass.inputs.optional(2),
-        );
-        let shape = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
-        let y = dims_mut(OP, pass.output(&shape))?;
-        let bias = bias.map(|b| dims(OP, b)).transpose()?;
-        forward(dims(OP, x)?, dims(OP, weight)?, bias, y)
+        let LayerForward { x, weight, bias, y } = layer_forward(OP, &mut pass, output_shape)?;
+        forward(x, weight, bias, y)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {

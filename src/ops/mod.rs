@@ -24,7 +24,9 @@ pub mod relu6;
 pub mod softmax_cross_entropy;
 
 use crate::error::{Error, Result};
-use ndarray::{ArrayView, ArrayViewD, ArrayViewMut, ArrayViewMutD, Dimension};
+use ndarray::{
+    ArrayView, ArrayView1, ArrayViewD, ArrayViewMut, ArrayViewMut1, ArrayViewMutD, Dimension,
+};
 
 use crate::element::Element;
 pub use crate::graph::GradWrite;
@@ -336,4 +338,81 @@ pub(crate) fn rebuild<T: Element>(
 
 fn missing(kind: &str, what: &str) -> Error {
     Error::invalid_config("describe", format!("a {kind} node needs its {what}"))
+}
+
+/// A layer's operands in its forward pass: x, the weight and the optional bias with the
+/// dimensions the op expects, and its output buffer, sized by the op's `output_shape`.
+pub(crate) struct LayerForward<'p, T, DX, DW, DY> {
+    pub(crate) x: ArrayView<'p, T, DX>,
+    pub(crate) weight: ArrayView<'p, T, DW>,
+    pub(crate) bias: Option<ArrayView1<'p, T>>,
+    pub(crate) y: ArrayViewMut<'p, T, DY>,
+}
+
+/// Reads inputs 0, 1 and (if given) 2 of a layer, and sizes its output by `output_shape(x,
+/// weight, bias)`.
+pub(crate) fn layer_forward<
+    'p,
+    T: Element,
+    DX: Dimension,
+    DW: Dimension,
+    DY: Dimension,
+    S: AsRef<[usize]>,
+>(
+    op: &'static str,
+    pass: &'p mut Forward<'_, T>,
+    output_shape: impl FnOnce(&[usize], &[usize], Option<&[usize]>) -> Result<S>,
+) -> Result<LayerForward<'p, T, DX, DW, DY>> {
+    let inputs = pass.inputs;
+    let (x, weight, bias) = (inputs.get(0), inputs.get(1), inputs.optional(2));
+    let shape = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
+    Ok(LayerForward {
+        x: dims(op, x)?,
+        weight: dims(op, weight)?,
+        bias: bias.map(|b| dims(op, b)).transpose()?,
+        y: dims_mut(op, pass.output(shape.as_ref()))?,
+    })
+}
+
+/// A layer's operands in its backward pass: x and its gradient (with how to write it), the
+/// weight and its gradient, the bias's gradient; parameter gradients ready to accumulate into.
+pub(crate) struct LayerGradients<'p, T, DX, DW> {
+    pub(crate) x: ArrayView<'p, T, DX>,
+    pub(crate) dx: Option<(ArrayViewMut<'p, T, DX>, GradWrite)>,
+    pub(crate) weight: ArrayView<'p, T, DW>,
+    pub(crate) dweight: Option<ArrayViewMut<'p, T, DW>>,
+    pub(crate) dbias: Option<ArrayViewMut1<'p, T>>,
+}
+
+/// Opens a layer's input, weight and bias ports.
+pub(crate) fn layer_gradients<'p, T: Element, DX: Dimension, DW: Dimension>(
+    op: &'static str,
+    [x, weight, bias]: [Port<'p, T>; 3],
+) -> Result<LayerGradients<'p, T, DX, DW>> {
+    let dx = x
+        .grad
+        .map(|(dx, write)| dims_mut(op, dx).map(|dx| (dx, write)));
+    let (weight, dweight) = accumulating(op, weight)?;
+    let (_, dbias) = accumulating(op, bias)?;
+    Ok(LayerGradients {
+        x: dims(op, x.value)?,
+        dx: dx.transpose()?,
+        weight,
+        dweight,
+        dbias,
+    })
+}
+
+/// dx ready to accumulate into, for backward passes that only add: zeroed first if this pass
+/// has not written it yet.
+pub(crate) fn accumulating_dx<'p, T: Element, D: Dimension>(
+    dx: Option<(ArrayViewMut<'p, T, D>, GradWrite)>,
+) -> Result<Option<ArrayViewMut<'p, T, D>>> {
+    match dx {
+        Some((mut dx, GradWrite::Overwrite)) => {
+            crate::parallel::fill(dx.view_mut(), T::zero())?;
+            Ok(Some(dx))
+        }
+        other => Ok(other.map(|(dx, _)| dx)),
+    }
 }

@@ -285,7 +285,8 @@ pub fn load(path: &Path, options: LoadOptions) -> Result<Checkpoint> {
     }
     let mut bytes = Vec::with_capacity(size as usize);
     // take(): the file could grow between the size check and the read.
-    file.take(options.max_file_bytes + 1)
+    // One byte past the limit shows a file that grew; saturating, so that any limit works.
+    file.take(options.max_file_bytes.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(io_error("read", path))?;
     if bytes.len() as u64 > options.max_file_bytes {
@@ -455,15 +456,15 @@ fn validate(payload: Payload, options: LoadOptions) -> Result<Checkpoint> {
         .into());
     }
     let expected = architecture.tensor_shapes();
-    let mut seen: Vec<&str> = Vec::new();
+    // A hash set: a file of many distinct names is checked in linear time.
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for record in &payload.tensors {
-        if seen.contains(&record.name.as_str()) {
+        if !seen.insert(&record.name) {
             return Err(CheckpointError::DuplicateTensor {
                 name: record.name.clone(),
             }
             .into());
         }
-        seen.push(&record.name);
     }
     let missing: Vec<String> = expected
         .iter()

@@ -3,7 +3,7 @@
 //! tape (parameters zeroed, to be loaded): it is the architecture a weight file stores.
 
 use crate::element::Element;
-use crate::error::{Error, Result};
+use crate::error::{printable, Error, Result};
 use crate::graph::{Graph, NodeId, Source};
 use serde::{Deserialize, Serialize};
 
@@ -105,13 +105,3 @@ impl<T: Element> Graph<T> {
 /// The most elements one described parameter may have (2³⁰, 4 GiB of f32): a description
 /// from a file cannot make the rebuild allocate without bound.
 pub const MAX_PARAM_ELEMENTS: usize = 1 << 30;
-
-/// Text from a file, for a message: control characters escaped, at most 64 characters.
-pub(crate) fn printable(text: &str) -> String {
-    let escaped: String = text
-        .chars()
-        .flat_map(char::escape_default)
-        .take(64)
-        .collect();
-    escaped
-}

@@ -155,43 +155,75 @@ pub enum CheckpointError {
     LimitExceeded { declared: u64, limit: u64 },
     #[error("checksum mismatch: the file says {stored:08x}, the payload hashes to {computed:08x} (the file is damaged)")]
     Checksum { stored: u32, computed: u32 },
-    #[error("payload does not decode: {reason}")]
+    #[error("payload does not decode: {}", printable(reason))]
     Decode { reason: String },
     #[error("the weights could not be encoded: {reason}")]
     Encode { reason: String },
     #[error("{count} trailing bytes after the payload")]
     TrailingBytes { count: u64 },
-    #[error("tensor {name}: shape {shape:?} has more elements than fit in memory")]
+    #[error("tensor {}: shape {} has more elements than fit in memory", printable(name), printable(&format!("{shape:?}")))]
     ShapeOverflow { name: String, shape: Vec<u64> },
-    #[error("tensor {name}: shape holds {expected} elements but {found} values are stored")]
+    #[error(
+        "tensor {}: shape holds {expected} elements but {found} values are stored",
+        printable(name)
+    )]
     DataLength {
         name: String,
         expected: u64,
         found: u64,
     },
-    #[error("tensor {name}: dtype {found:?}, this build reads \"f32\"")]
+    #[error(
+        "tensor {}: dtype {}, this build reads \"f32\"",
+        printable(name),
+        printable(found)
+    )]
     DType { name: String, found: String },
     #[error(
-        "tensor {name}: shape {found:?} does not fit the architecture, which expects {expected:?}"
+        "tensor {}: shape {} does not fit the architecture, which expects {expected:?}",
+        printable(name),
+        printable(&format!("{found:?}"))
     )]
     ShapeMismatch {
         name: String,
         expected: Vec<usize>,
         found: Vec<u64>,
     },
-    #[error("tensor names do not match the architecture: missing {missing:?}, unexpected {unexpected:?}")]
+    #[error(
+        "tensor names do not match the architecture: missing {}, unexpected {}",
+        printable_list(missing),
+        printable_list(unexpected)
+    )]
     TensorNames {
         missing: Vec<String>,
         unexpected: Vec<String>,
     },
-    #[error("tensor {name} appears twice")]
+    #[error("tensor {} appears twice", printable(name))]
     DuplicateTensor { name: String },
-    #[error("tensor {name}: element {index} is {value}, not finite")]
+    #[error("tensor {}: element {index} is {value}, not finite", printable(name))]
     NonFinite {
         name: String,
         index: usize,
         value: f32,
     },
-    #[error("architecture: {reason}")]
+    #[error("architecture: {}", printable(reason))]
     Architecture { reason: String },
+}
+
+/// Text from a file, for a message: control characters escaped, at most 120 characters.
+pub(crate) fn printable(text: &str) -> String {
+    let escaped: String = text
+        .chars()
+        .flat_map(char::escape_default)
+        .take(120)
+        .collect();
+    escaped
+}
+
+/// A list of names from a file, for a message: each escaped, at most 8 shown, then the count.
+pub(crate) fn printable_list(names: &[String]) -> String {
+    let shown: Vec<String> = names.iter().take(8).map(|n| printable(n)).collect();
+    match names.len() {
+        0..=8 => format!("[{}]", shown.join(", ")),
+        count => format!("[{}, … {} more]", shown.join(", "), count - 8),
+    }
 }

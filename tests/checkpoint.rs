@@ -792,3 +792,54 @@ fn random_edits_and_random_bytes_never_panic() {
     // Most edits are caught; the few that decode are valid files (checked above).
     assert!(decoded < 400, "{decoded} of 4000 edited files decoded");
 }
+
+/// Any size limit works, u64::MAX included (it once overflowed: a panic in debug builds and
+/// "an empty file" for every valid file in release).
+#[test]
+fn the_largest_size_limit_loads_a_valid_file() {
+    let dir = folder("limit");
+    let path = dir.join("w.pw");
+    checkpoint::save(&model(1), &Metadata::new(0, 0), &path).unwrap();
+    let unlimited = LoadOptions {
+        max_file_bytes: u64::MAX,
+        ..LoadOptions::default()
+    };
+    load(&path, unlimited).unwrap();
+}
+
+/// Names from a file reach messages escaped and capped: a newline or an ANSI escape cannot
+/// forge output, a huge name or a list of 10,000 cannot flood it.
+#[test]
+fn hostile_tensor_names_are_escaped_and_capped_in_messages() {
+    let hostile = format!("evil\n\u{1b}[31mred{}", "x".repeat(10_000));
+    let mut crafted = tensors();
+    crafted[0].name = hostile.clone();
+    let mut duplicate = tensors();
+    duplicate[1].name = hostile.clone();
+    duplicate[0].name = hostile;
+    let mut many = tensors();
+    for i in 0..10_000 {
+        many.push(RawTensor {
+            name: format!("extra{i}\u{7}"),
+            dtype: "f32".into(),
+            shape: vec![1],
+            data: vec![0.0],
+        });
+    }
+    for (case, bytes) in [
+        ("renamed", encode(crafted)),
+        ("twice", encode(duplicate)),
+        ("many", encode(many)),
+    ] {
+        let message = checkpoint_error(from_bytes(&bytes, LoadOptions::default())).to_string();
+        assert!(
+            !message.contains('\n') && !message.contains('\u{1b}') && !message.contains('\u{7}'),
+            "{case}: {message:?}"
+        );
+        assert!(
+            message.len() < 2_000,
+            "{case}: a message of {} bytes",
+            message.len()
+        );
+    }
+}

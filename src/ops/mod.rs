@@ -331,7 +331,7 @@ pub(crate) fn rebuild<T: Element>(
         "softmax_cross_entropy" => graph.softmax_cross_entropy(input(0)?),
         other => Err(Error::invalid_config(
             "describe",
-            format!("unknown op kind {:?}", crate::describe::printable(other)),
+            format!("unknown op kind {:?}", crate::error::printable(other)),
         )),
     }
 }

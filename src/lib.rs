@@ -172,6 +172,7 @@ pub mod export;
 pub mod gemm;
 pub mod gradcheck;
 pub mod graph;
+pub mod idx;
 pub mod init;
 mod input;
 mod inspect;

@@ -43,6 +43,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gemm::gemm;
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::parallel::{in_parts, Along};
 use ndarray::{
     Array2, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut3,
     ArrayViewMut4, Axis,
@@ -179,23 +180,35 @@ fn weight_matrix<T: Element>(weight: ArrayView4<'_, T>) -> Result<ArrayView2<'_,
         })
 }
 
-/// The input pixel that entry (row, column) of the column matrix copies, if inside the image:
-/// row (c·K + i)·K + j, column h′·W′ + w′ reads x[c, h′·s + i − p, w′·s + j − p].
-fn source(
-    row: usize,
-    column: usize,
+/// The copies im2col makes, one segment at a time: for row (c·K + i)·K + j of the column
+/// matrix and output row h′, the output columns w′ whose pixel (h′·s + i − p, w′·s + j − p) is
+/// inside the image, as `visit(row, h′, Some((h, w′ range, first w)))`, or `None` when the
+/// whole segment reads padding.
+fn segments(
+    (channels, height, width): (usize, usize, usize),
     kernel: usize,
     window: Window,
-    out_width: usize,
-    x_shape: (usize, usize),
-) -> Option<(usize, usize, usize)> {
-    let (channel, i, j) = (row / (kernel * kernel), row / kernel % kernel, row % kernel);
-    let h = window.source(column / out_width, i, x_shape.0)?;
-    let w = window.source(column % out_width, j, x_shape.1)?;
-    Some((channel, h, w))
+    (out_height, out_width): (usize, usize),
+    mut visit: impl FnMut(usize, usize, usize, Option<(usize, std::ops::Range<usize>, usize)>),
+) {
+    for c in 0..channels {
+        for i in 0..kernel {
+            for j in 0..kernel {
+                let row = (c * kernel + i) * kernel + j;
+                let columns = window.taps(out_width, width, j);
+                for oh in 0..out_height {
+                    let source = window.source(oh, i, height);
+                    let segment = source
+                        .zip(columns.clone())
+                        .map(|(h, (range, w))| (h, range, w));
+                    visit(row, c, oh, segment);
+                }
+            }
+        }
+    }
 }
 
-/// im2col for one sample: fills `columns` (F·K·K, P′).
+/// im2col for one sample: fills `columns` (F·K·K, P′), a row segment at a time.
 fn im2col<T: Element>(
     x: ArrayView3<T>,
     kernel: usize,
@@ -203,16 +216,30 @@ fn im2col<T: Element>(
     out_width: usize,
     columns: &mut Array2<T>,
 ) {
-    let (_, height, width) = x.dim();
-    for ((row, column), slot) in columns.indexed_iter_mut() {
-        *slot = match source(row, column, kernel, window, out_width, (height, width)) {
-            Some(pixel) => x[pixel],
-            None => T::zero(),
-        };
-    }
+    let out_height = columns.ncols() / out_width.max(1);
+    segments(
+        x.dim(),
+        kernel,
+        window,
+        (out_height, out_width),
+        |row, c, oh, segment| {
+            let mut target =
+                columns.slice_mut(ndarray::s![row, oh * out_width..(oh + 1) * out_width]);
+            target.fill(T::zero());
+            if let Some((h, range, w)) = segment {
+                let count = range.len();
+                let step = window.stride as isize;
+                let last = w + (count - 1) * window.stride;
+                target
+                    .slice_mut(ndarray::s![range])
+                    .assign(&x.slice(ndarray::s![c, h, w..=last;step]));
+            }
+        },
+    );
 }
 
-/// col2im for one sample: dx[pixel] += dC[row, column] for every entry that came from a pixel.
+/// col2im for one sample: dx[pixel] += dC[row, column] for every entry that came from a
+/// pixel, a row segment at a time.
 fn col2im<T: Element>(
     columns: &Array2<T>,
     kernel: usize,
@@ -220,12 +247,24 @@ fn col2im<T: Element>(
     out_width: usize,
     mut dx: ArrayViewMut3<T>,
 ) {
-    let (_, height, width) = dx.dim();
-    for ((row, column), &g) in columns.indexed_iter() {
-        if let Some(pixel) = source(row, column, kernel, window, out_width, (height, width)) {
-            dx[pixel] += g;
-        }
-    }
+    let out_height = columns.ncols() / out_width.max(1);
+    segments(
+        dx.dim(),
+        kernel,
+        window,
+        (out_height, out_width),
+        |row, c, oh, segment| {
+            if let Some((h, range, w)) = segment {
+                let start = oh * out_width;
+                let source =
+                    columns.slice(ndarray::s![row, start + range.start..start + range.end]);
+                let step = window.stride as isize;
+                let last = w + (range.len() - 1) * window.stride;
+                let mut target = dx.slice_mut(ndarray::s![c, h, w..=last;step]);
+                target += &source;
+            }
+        },
+    );
 }
 
 /// Checks the operands of a forward pass and the output buffer; returns the output shape.
@@ -252,40 +291,46 @@ pub fn forward<T: Element>(
     weight: ArrayView4<T>,
     bias: Option<ArrayView1<T>>,
     window: Window,
-    mut y: ArrayViewMut4<T>,
+    y: ArrayViewMut4<T>,
 ) -> Result<()> {
     let [_, c_out, out_height, out_width] = check_forward(&x, &weight, &bias, window, &y)?;
     let kernel = weight.shape()[2];
     let weight = weight_matrix(weight)?;
-    let mut columns = Array2::zeros((weight.ncols(), out_height * out_width));
-    for (x_n, y_block) in x.outer_iter().zip(y.outer_iter_mut()) {
-        im2col(x_n, kernel, window, out_width, &mut columns);
-        let mut y_n = y_block
-            .into_shape_with_order((c_out, out_height * out_width))
-            .map_err(|_| {
-                Error::invalid_shape(
-                    OP,
-                    "output must be in standard layout",
-                    &[c_out, out_height, out_width],
-                )
-            })?;
-        let beta = match &bias {
-            Some(bias) => {
-                y_n.assign(&bias.view().insert_axis(Axis(1)));
-                T::one()
-            }
-            None => T::zero(),
-        };
-        // (F1×FKK)·(FKK×P′) → (F1×P′)
-        gemm(
-            T::one(),
-            weight.view(),
-            columns.view(),
-            beta,
-            y_n.view_mut(),
-        )?;
-    }
-    Ok(())
+    // The samples split between the threads, each part with its own column matrix.
+    in_parts((Along(x, Axis(0)), Along(y, Axis(0))), &|(
+        Along(x, _),
+        Along(mut y, _),
+    )| {
+        let mut columns = Array2::zeros((weight.ncols(), out_height * out_width));
+        for (x_n, y_block) in x.outer_iter().zip(y.outer_iter_mut()) {
+            im2col(x_n, kernel, window, out_width, &mut columns);
+            let mut y_n = y_block
+                .into_shape_with_order((c_out, out_height * out_width))
+                .map_err(|_| {
+                    Error::invalid_shape(
+                        OP,
+                        "output must be in standard layout",
+                        &[c_out, out_height, out_width],
+                    )
+                })?;
+            let beta = match &bias {
+                Some(bias) => {
+                    y_n.assign(&bias.view().insert_axis(Axis(1)));
+                    T::one()
+                }
+                None => T::zero(),
+            };
+            // (F1×FKK)·(FKK×P′) → (F1×P′)
+            gemm(
+                T::one(),
+                weight.view(),
+                columns.view(),
+                beta,
+                y_n.view_mut(),
+            )?;
+        }
+        Ok(())
+    })
 }
 
 /// Backward: accumulates dW̃ = Σₙ dYₙ·Cₙᵀ, dXₙ = col2im(W̃ᵀ·dYₙ) and db = Σ dY into the given
@@ -295,7 +340,7 @@ pub fn backward<T: Element>(
     weight: ArrayView4<T>,
     window: Window,
     dy: ArrayView4<T>,
-    mut dx: Option<ArrayViewMut4<T>>,
+    dx: Option<ArrayViewMut4<T>>,
     dweight: Option<ArrayViewMut4<T>>,
     mut dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
@@ -314,18 +359,10 @@ pub fn backward<T: Element>(
         None => None,
     };
     let pixels = out_height * out_width;
+    // dW and db sum over the samples: one pass, the GEMMs split by themselves.
     let mut columns = Array2::zeros((weight.ncols(), pixels));
-    let mut dcolumns = Array2::zeros((weight.ncols(), pixels));
-    for (n, (x_n, dy_block)) in x.outer_iter().zip(dy.outer_iter()).enumerate() {
-        let dy_n = dy_block
-            .into_shape_with_order((c_out, pixels))
-            .map_err(|_| {
-                Error::invalid_shape(
-                    OP,
-                    "output gradient must be in standard layout",
-                    &[c_out, pixels],
-                )
-            })?;
+    for (x_n, dy_block) in x.outer_iter().zip(dy.outer_iter()) {
+        let dy_n = gradient_matrix(dy_block, (c_out, pixels))?;
         if let Some(dweight) = dweight.as_mut() {
             im2col(x_n, kernel, window, out_width, &mut columns);
             // (F1×P′)·(P′×FKK) += into (F1×FKK)
@@ -337,30 +374,43 @@ pub fn backward<T: Element>(
                 dweight.view_mut(),
             )?;
         }
-        if let Some(dx) = dx.as_mut() {
-            // (FKK×F1)·(F1×P′) → (FKK×P′), then scattered back by col2im
-            gemm(
-                T::one(),
-                weight.t(),
-                dy_n.view(),
-                T::zero(),
-                dcolumns.view_mut(),
-            )?;
-            col2im(
-                &dcolumns,
-                kernel,
-                window,
-                out_width,
-                dx.index_axis_mut(Axis(0), n),
-            );
-        }
         if let Some(dbias) = dbias.as_mut() {
             for (db, row) in dbias.iter_mut().zip(dy_n.outer_iter()) {
                 *db += row.sum();
             }
         }
     }
-    Ok(())
+    // dX is per sample: the samples split between the threads.
+    let Some(dx) = dx else { return Ok(()) };
+    in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
+        Along(dy, _),
+        Along(mut dx, _),
+    )| {
+        let mut dcolumns = Array2::zeros((weight.ncols(), pixels));
+        for (dy_block, dx_n) in dy.outer_iter().zip(dx.outer_iter_mut()) {
+            // (FKK×F1)·(F1×P′) → (FKK×P′), then scattered back by col2im
+            gemm(
+                T::one(),
+                weight.t(),
+                gradient_matrix(dy_block, (c_out, pixels))?,
+                T::zero(),
+                dcolumns.view_mut(),
+            )?;
+            col2im(&dcolumns, kernel, window, out_width, dx_n);
+        }
+        Ok(())
+    })
+}
+
+/// Sample n's output gradient (F1, H′, W′) seen as the (F1, P′) matrix.
+fn gradient_matrix<T>(
+    block: ArrayView3<'_, T>,
+    shape: (usize, usize),
+) -> Result<ArrayView2<'_, T>> {
+    block.into_shape_with_order(shape).map_err(|_| {
+        let shape = [shape.0, shape.1];
+        Error::invalid_shape(OP, "output gradient must be in standard layout", &shape)
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -277,8 +277,8 @@ fn tap(
     (a, b): (usize, usize),
     window: Window,
 ) -> Option<(SliceInfo2, SliceInfo2)> {
-    let (rows, first_row) = tap_range(out_height, height, a, window)?;
-    let (columns, first_column) = tap_range(out_width, width, b, window)?;
+    let (rows, first_row) = window.taps(out_height, height, a)?;
+    let (columns, first_column) = window.taps(out_width, width, b)?;
     let step = window.stride as isize;
     let last_row = first_row + (rows.len() - 1) * window.stride;
     let last_column = first_column + (columns.len() - 1) * window.stride;
@@ -289,24 +289,6 @@ fn tap(
 }
 
 type SliceInfo2 = ndarray::SliceInfo<[ndarray::SliceInfoElem; 2], ndarray::Ix2, ndarray::Ix2>;
-
-/// Along one axis: the output indices i whose source i·s + a − p lies in 0..len, and the
-/// first of those sources.
-fn tap_range(
-    out_len: usize,
-    len: usize,
-    a: usize,
-    window: Window,
-) -> Option<(std::ops::Range<usize>, usize)> {
-    let stride = window.stride;
-    // The first i with i·s + a ≥ p, and one past the last with i·s + a − p < len.
-    let first = window.padding.saturating_sub(a).div_ceil(stride);
-    let end = (len + window.padding)
-        .checked_sub(a)
-        .map_or(0, |room| room.div_ceil(stride))
-        .min(out_len);
-    (first < end).then(|| (first..end, first * stride + a - window.padding))
-}
 
 // ---------------------------------------------------------------- reference loops
 

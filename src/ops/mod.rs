@@ -166,6 +166,25 @@ impl Window {
         Some(padded.checked_sub(kernel)? / (self.stride > 0).then_some(self.stride)? + 1)
     }
 
+    /// Along one axis of `len` inputs and `out_len` outputs: the output indices i whose
+    /// source i·s + a − p (for kernel offset `a`) lies inside, and the first of those sources;
+    /// `None` when no output reads offset `a`.
+    pub(crate) fn taps(
+        self,
+        out_len: usize,
+        len: usize,
+        a: usize,
+    ) -> Option<(std::ops::Range<usize>, usize)> {
+        let stride = self.stride.max(1);
+        // The first i with i·s + a ≥ p, and one past the last with i·s + a − p < len.
+        let first = self.padding.saturating_sub(a).div_ceil(stride);
+        let end = (len + self.padding)
+            .checked_sub(a)
+            .map_or(0, |room| room.div_ceil(stride))
+            .min(out_len);
+        (first < end).then(|| (first..end, first * stride + a - self.padding))
+    }
+
     /// The input index i·s + a − p that output index `i` reads at kernel offset `a`, or `None`
     /// where it falls in the padding (outside 0..len).
     pub fn source(self, i: usize, a: usize, len: usize) -> Option<usize> {

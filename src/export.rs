@@ -49,21 +49,54 @@ pub fn to_safetensors(model: &Model) -> Result<Vec<u8>> {
             (name, shape, bytes)
         })
         .collect();
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, shape, bytes)| (name, Dtype::F32, shape, bytes))
+        .collect();
+    serialize(tensors)
+}
+
+/// Checks that the file's `names` are exactly the `expected` ones; otherwise lists every
+/// missing and every unexpected name.
+fn check_names<'a>(
+    expected: impl Iterator<Item = &'a str> + Clone,
+    names: &[String],
+) -> Result<()> {
+    let missing: Vec<String> = expected
+        .clone()
+        .filter(|e| !names.iter().any(|n| n == e))
+        .map(str::to_string)
+        .collect();
+    let mut unexpected: Vec<String> = names
+        .iter()
+        .filter(|n| !expected.clone().any(|e| e == n.as_str()))
+        .cloned()
+        .collect();
+    unexpected.sort();
+    if missing.is_empty() && unexpected.is_empty() {
+        return Ok(());
+    }
+    Err(CheckpointError::TensorNames {
+        missing,
+        unexpected,
+    }
+    .into())
+}
+
+/// The bytes of a safetensors file holding `tensors` (name, dtype, shape, little-endian data).
+fn serialize(tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>) -> Result<Vec<u8>> {
+    let encode = |e: safetensors::SafeTensorError| CheckpointError::Encode {
+        reason: format!("safetensors: {e}"),
+    };
     let views = tensors
         .iter()
-        .map(|(name, shape, bytes)| {
-            TensorView::new(Dtype::F32, shape.clone(), bytes)
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes)
                 .map(|view| (name.as_str(), view))
-                .map_err(|e| CheckpointError::Encode {
-                    reason: format!("safetensors: {e}"),
-                })
+                .map_err(encode)
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok(
-        safetensors::serialize(views, None).map_err(|e| CheckpointError::Encode {
-            reason: format!("safetensors: {e}"),
-        })?,
-    )
+    Ok(safetensors::serialize(views, None).map_err(encode)?)
 }
 
 /// Saves the model as a safetensors file, atomically.
@@ -82,24 +115,7 @@ pub fn from_safetensors(
     })?;
     let expected = architecture.tensor_shapes();
     let names: Vec<String> = file.names().into_iter().map(str::to_string).collect();
-    let missing: Vec<String> = expected
-        .iter()
-        .filter(|(n, _)| !names.contains(n))
-        .map(|(n, _)| n.clone())
-        .collect();
-    let mut unexpected: Vec<String> = names
-        .iter()
-        .filter(|n| !expected.iter().any(|(e, _)| e == *n))
-        .cloned()
-        .collect();
-    unexpected.sort();
-    if !missing.is_empty() || !unexpected.is_empty() {
-        return Err(CheckpointError::TensorNames {
-            missing,
-            unexpected,
-        }
-        .into());
-    }
+    check_names(expected.iter().map(|(n, _)| n.as_str()), &names)?;
     let mut tensors = Vec::with_capacity(expected.len());
     for (name, shape) in expected {
         let view = file.tensor(&name).map_err(|e| CheckpointError::Decode {
@@ -245,21 +261,7 @@ pub fn graph_to_safetensors(graph: &Graph<f32>) -> Result<Vec<u8>> {
             tracked,
         ));
     }
-    let views = tensors
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|view| (name.as_str(), view))
-                .map_err(|e| CheckpointError::Encode {
-                    reason: format!("safetensors: {e}"),
-                })
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok(
-        safetensors::serialize(views, None).map_err(|e| CheckpointError::Encode {
-            reason: format!("safetensors: {e}"),
-        })?,
-    )
+    serialize(tensors)
 }
 
 /// Loads a safetensors file (PyTorch's layout, e.g. written by `safetensors.torch.save_file`
@@ -298,24 +300,7 @@ pub fn graph_from_safetensors(graph: &mut Graph<f32>, bytes: &[u8]) -> Result<()
         ));
     }
     let names: Vec<String> = file.names().into_iter().map(str::to_string).collect();
-    let missing: Vec<String> = expected
-        .iter()
-        .filter(|e| !names.contains(&e.0))
-        .map(|e| e.0.clone())
-        .collect();
-    let mut unexpected: Vec<String> = names
-        .iter()
-        .filter(|n| !expected.iter().any(|e| &e.0 == *n))
-        .cloned()
-        .collect();
-    unexpected.sort();
-    if !missing.is_empty() || !unexpected.is_empty() {
-        return Err(CheckpointError::TensorNames {
-            missing,
-            unexpected,
-        }
-        .into());
-    }
+    check_names(expected.iter().map(|e| e.0.as_str()), &names)?;
     // Check and convert everything first, then change the graph.
     let mut values: Vec<(String, ArrayD<f32>)> = Vec::new();
     let mut tracked: Vec<(String, u64)> = Vec::new();

@@ -11,7 +11,7 @@ use clap::{Parser, ValueEnum};
 use common::{draw_curves, draw_matrices, train, AnyResult, Curve, Run};
 use pointwise::checkpoint::{self, LoadOptions, Metadata};
 use pointwise::data::{self, Synthetic, SyntheticConfig};
-use pointwise::optim::OptimizerKind;
+use pointwise::optim::{OptimizerKind, Schedule};
 use pointwise::train::{predict_all, TrainConfig};
 use pointwise::{Architecture, Model};
 use std::path::PathBuf;
@@ -92,14 +92,19 @@ fn run(options: &Options) -> AnyResult<()> {
         Optimizer::Sgd => (OptimizerKind::sgd(), 0.05),
         Optimizer::Adam => (OptimizerKind::adam(), 0.01),
     };
-    let train_config = TrainConfig {
-        epochs: options.epochs as usize,
-        batch_size: options.batch_size as usize,
-        lr: options.lr.unwrap_or(default_lr),
+    let mut train_config = TrainConfig::new(
+        options.epochs as usize,
+        options.batch_size as usize,
+        options.lr.unwrap_or(default_lr),
         optimizer,
-        cosine: true,
-        seed: options.seed,
-    };
+    );
+    // Cosine decay to 0 at the end, after a linear warm-up of one epoch (at most a tenth of
+    // the run).
+    let steps_per_epoch = train_config.steps_per_epoch(data.train.len());
+    let total_steps = steps_per_epoch * train_config.epochs as u64;
+    train_config.schedule =
+        Schedule::cosine(total_steps).with_warmup(steps_per_epoch.min(total_steps / 10));
+    train_config.seed = options.seed;
     let architecture =
         Architecture::bottleneck(config.channels, config.channels / 4, config.classes);
     let mut model = Model::new(architecture.clone(), options.seed)?;
@@ -138,7 +143,7 @@ fn run(options: &Options) -> AnyResult<()> {
         &weights_path,
     )?;
     let reloaded = checkpoint::load(&weights_path, LoadOptions::default())?;
-    let mut fresh = reloaded.into_model()?;
+    let mut fresh = reloaded.into_model();
     let before = predict_all(&mut model, &data.test, 256)?;
     let after = predict_all(&mut fresh, &data.test, 256)?;
     let logits_equal = model.logits(data.test.images())? == fresh.logits(data.test.images())?;

@@ -12,14 +12,14 @@
 //! (`"0.weight"`, `"1.running_mean"`, …), so the written `.safetensors` loads into it.
 
 use clap::{Parser, ValueEnum};
-use ndarray::{s, Array4, Axis};
-use ndarray_rand::rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use ndarray::Axis;
+use pointwise::data::Dataset;
 use pointwise::layers::Layers;
-use pointwise::optim::{Optimizer, OptimizerKind, Schedule};
-use pointwise::{Graph, NodeId};
+use pointwise::optim::{OptimizerKind, Schedule};
+use pointwise::train::{evaluate, TrainConfig, Trainer};
+use pointwise::{Graph, Model, NodeId};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 /// Train a Network-in-Network or a MobileNet-style network on 10,000 MNIST digits.
 #[derive(Parser, Debug)]
@@ -115,65 +115,33 @@ fn build(arch: Arch, seed: u64) -> pointwise::Result<(Graph<f32>, NodeId, NodeId
     Ok((graph, x, logits))
 }
 
-/// Images (N, 1, 28, 28) normalised as in the recipe, and labels.
-fn load(root: &Path) -> pointwise::Result<(Array4<f32>, Vec<usize>)> {
+/// The recipe's split of the digits, normalised: the first 8,000 train, the last 2,000 test.
+fn load(root: &Path) -> pointwise::Result<(Dataset, Dataset)> {
     let folder = root.join("data/mnist-10k");
     let digits = pointwise::idx::read_digits(
         &folder.join("mnist-10k-images-idx3-ubyte.gz"),
         &folder.join("mnist-10k-labels-idx1-ubyte.gz"),
         CLASSES,
     )?;
+    let images = digits.images.mapv(|p| (p / 255.0 - 0.1307) / 0.3081);
+    let (train, test) = images.view().split_at(Axis(0), 8000);
     Ok((
-        digits.images.mapv(|p| (p / 255.0 - 0.1307) / 0.3081),
-        digits.labels,
+        Dataset::new(train.to_owned(), digits.labels[..8000].to_vec())?,
+        Dataset::new(test.to_owned(), digits.labels[8000..].to_vec())?,
     ))
 }
 
-fn accuracy(
-    graph: &mut Graph<f32>,
-    input: NodeId,
-    logits: NodeId,
-    images: &Array4<f32>,
-    labels: &[usize],
-) -> pointwise::Result<f64> {
-    graph.set_training(false);
-    let mut correct = 0;
-    for (chunk, labels) in images
-        .axis_chunks_iter(Axis(0), 500)
-        .zip(labels.chunks(500))
-    {
-        graph.set_input(input, chunk.into_dyn())?;
-        graph.forward(logits)?;
-        let values = graph.value(logits)?;
-        for (row, &label) in values.outer_iter().zip(labels) {
-            let best = row
-                .iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |b, (k, &v)| if v > b.1 { (k, v) } else { b },
-                );
-            correct += usize::from(best.0 == label);
-        }
-    }
-    graph.set_training(true);
-    Ok(correct as f64 / labels.len() as f64)
-}
-
 fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
-    let (images, labels) = load(Path::new(env!("CARGO_MANIFEST_DIR")))?;
-    let (train_x, test_x) = (
-        images.slice(s![..8000, .., .., ..]).to_owned(),
-        images.slice(s![8000.., .., .., ..]).to_owned(),
-    );
-    let (train_y, test_y) = (&labels[..8000], &labels[8000..]);
-    let (mut graph, input, logits) = build(options.arch, options.seed)?;
-    let loss = graph.softmax_cross_entropy(logits)?;
+    let (train, test) = load(Path::new(env!("CARGO_MANIFEST_DIR")))?;
+    let (graph, input, logits) = build(options.arch, options.seed)?;
+    let mut model = Model::classifier(graph, input, logits)?;
 
     // The summary on one batch: which layers do the work.
-    graph.set_input(input, train_x.slice(s![..BATCH, .., .., ..]).into_dyn())?;
-    graph.set_labels(loss, &train_y[..BATCH])?;
-    graph.forward(loss)?;
+    let first: Vec<usize> = (0..BATCH).collect();
+    let mut labels = Vec::new();
+    train.gather(&first, model.input_mut([BATCH, 1, 28, 28])?, &mut labels)?;
+    model.forward_backward_in_place(&labels)?;
+    let graph = model.graph();
     print!("{}", graph.summary()?);
     let (mut all, mut pointwise_macs) = (0u64, 0u64);
     for id in graph.node_ids() {
@@ -188,64 +156,32 @@ fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
         100.0 * pointwise_macs as f64 / all as f64
     );
 
-    let steps_per_epoch = train_x.shape()[0].div_ceil(BATCH) as u64;
-    let schedule = Schedule::Cosine {
-        warmup_steps: steps_per_epoch,
-        total_steps: options.epochs * steps_per_epoch,
-    };
-    let mut optimizer = Optimizer::new(OptimizerKind::adam())?;
-    let mut rng = StdRng::seed_from_u64(options.seed);
-    let mut order: Vec<usize> = (0..train_x.shape()[0]).collect();
-    let mut batch = Array4::<f32>::zeros((BATCH, 1, 28, 28));
-    let mut batch_labels = Vec::with_capacity(BATCH);
-    let mut step = 0u64;
+    let mut config = TrainConfig::new(options.epochs as usize, BATCH, 3e-3, OptimizerKind::adam());
+    let steps_per_epoch = config.steps_per_epoch(train.len());
+    config.schedule =
+        Schedule::cosine(config.epochs as u64 * steps_per_epoch).with_warmup(steps_per_epoch);
+    config.seed = options.seed;
+    let mut trainer = Trainer::new(config, train.len())?;
     println!(
         "{:>6} {:>10} {:>10} {:>10}",
         "epoch", "loss", "test acc", "images/s"
     );
-    for epoch in 1..=options.epochs {
-        order.shuffle(&mut rng);
-        let started = Instant::now();
-        let mut loss_sum = 0.0;
-        for chunk in order.chunks(BATCH) {
-            if batch.shape()[0] != chunk.len() {
-                batch = Array4::zeros((chunk.len(), 1, 28, 28));
-            }
-            batch_labels.clear();
-            for (mut slot, &index) in batch.outer_iter_mut().zip(chunk) {
-                slot.assign(&train_x.index_axis(Axis(0), index));
-                batch_labels.push(train_y[index]);
-            }
-            graph.set_input(input, batch.view().into_dyn())?;
-            graph.set_labels(loss, &batch_labels)?;
-            graph.zero_grad();
-            graph.forward(loss)?;
-            let value = graph.scalar(loss)?;
-            if !value.is_finite() {
-                return Err(format!("the loss is {value} at step {step} (epoch {epoch})").into());
-            }
-            loss_sum += f64::from(value) * chunk.len() as f64;
-            graph.backward(loss)?;
-            optimizer.step(&mut graph, schedule.rate(3e-3, step))?;
-            step += 1;
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        let test = accuracy(&mut graph, input, logits, &test_x, test_y)?;
+    for _ in 0..options.epochs {
+        let report = trainer.train_epoch(&mut model, &train, |_, _, _| {})?;
+        let evaluation = evaluate(&mut model, &test, 500)?;
         println!(
-            "{epoch:>6} {:>10.4} {:>9.2}% {:>10.0}",
-            loss_sum / order.len() as f64,
-            100.0 * test,
-            order.len() as f64 / seconds
+            "{:>6} {:>10.4} {:>9.2}% {:>10.0}",
+            report.epoch,
+            report.train_loss,
+            100.0 * evaluation.accuracy,
+            report.images_per_second
         );
     }
 
     std::fs::create_dir_all(&options.out)?;
     let name = format!("mnist_{:?}.safetensors", options.arch).to_lowercase();
     let path = options.out.join(name);
-    let bytes = pointwise::export::graph_to_safetensors(&graph)?;
-    pointwise::checkpoint::write_atomically_with(&path, &bytes, |file, bytes| {
-        std::io::Write::write_all(file, bytes)
-    })?;
+    pointwise::export::save_safetensors(&model, &path)?;
     println!(
         "\nweights: {} (loads into the nn.Sequential of mnist_torch.py with load_state_dict)",
         path.display()

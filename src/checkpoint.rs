@@ -3,32 +3,52 @@
 //! ```text
 //! offset  size  field                      (integers little-endian)
 //! 0       8     magic  "PNTWISE\0"
-//! 8       2     format version (u16), currently 1
+//! 8       2     format version (u16): 2 (1 is still read)
 //! 10      8     payload length L (u64)
 //! 18      4     CRC-32 (IEEE) of the payload
 //! 22      L     payload: bincode 2, standard config, of
-//!               { architecture, layers, metadata, tensors: [{ name, dtype, shape, data }] }
+//!               { graph (the description of every node), roles (input, output, loss, target),
+//!                 metadata, tensors: [{ name, dtype, shape, data }], counters: [(name, u64)],
+//!                 training: none, or { config, epoch, step, optimizer moments by parameter } }
 //!               nothing may follow
 //! ```
+//!
+//! The file describes its own network ([`crate::describe`]): [`load`] rebuilds any graph from
+//! the file alone, and [`load_into`] loads into a graph built in code, by name (strictly by
+//! default, as PyTorch's `load_state_dict`). A file saved with [`save_training`] also holds the
+//! optimizer's moments, the schedule's position and the epoch, so a run resumes bit for bit
+//! ([`crate::train::Trainer::resume`]). Format 1 held the bottleneck alone (an `Architecture`);
+//! such files load as the same network.
 //!
 //! A weights file is untrusted input. [`from_bytes`] checks, in this order: the size limit (the
 //! caller checks the file's size before reading it), the magic, the version, that the payload
 //! length equals what remains, the checksum, then decodes with a byte limit no larger than
-//! twice the payload (so a forged length prefix cannot allocate more) and requires every byte
-//! consumed; then each tensor: checked element-count arithmetic, data length = element count,
-//! dtype, shape = the architecture's, all values finite. Missing and unexpected tensors are all
-//! listed in one error. A failed load never touches a model in memory.
+//! eight times the payload (so a forged length prefix cannot allocate more) and requires every
+//! byte consumed; then each tensor: checked element-count arithmetic, data length = element
+//! count, dtype; that the description's parameters hold no more elements than the file stores
+//! (so a description cannot make the rebuild allocate more than the file's size); then the
+//! rebuild, every op checking its sizes; then names (each once, missing and unexpected all
+//! listed in one error), shapes and finite values, through [`Graph::load_state`]. A failed
+//! load never touches a model in memory.
 //!
-//! Saves are atomic: write a temporary file in the same folder, `sync_all`, rename it over the
-//! target, sync the folder. A crash or a full disk leaves the previous file intact.
+//! Saves are atomic: write a temporary file of a unique name in the same folder, `sync_all`,
+//! rename it over the target, sync the folder. A crash or a full disk leaves the previous file
+//! intact; two saves of one path at once leave one of the two files, whole. A save follows a
+//! symbolic link and replaces the file it points to, keeps that file's permissions, and refuses
+//! a target that is not a regular file (a device, a FIFO, a folder).
 //!
 //! bincode is flagged unmaintained (RUSTSEC-2025-0141). It is pinned at 2.0.1 and used only in
 //! this module, behind our own header and checks; the format can move to another encoder by
 //! bumping the version.
 
+use crate::describe::GraphDescription;
 pub use crate::error::CheckpointError;
-use crate::error::{Error, Result};
-use crate::model::{Architecture, Layer, Model};
+use crate::error::{printable, Error, Result};
+use crate::graph::Graph;
+use crate::model::{Architecture, Layer, Model, Roles};
+use crate::optim::OptimizerState;
+use crate::state::{LoadReport, State};
+use crate::train::{TrainConfig, TrainingState};
 use ndarray::{ArrayD, IxDyn};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -36,8 +56,8 @@ use std::path::{Path, PathBuf};
 
 /// The 8 bytes every weights file starts with.
 pub const MAGIC: [u8; 8] = *b"PNTWISE\0";
-/// The newest format version this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this build writes; it reads this one and every earlier one.
+pub const FORMAT_VERSION: u16 = 2;
 /// Bytes before the payload.
 pub const HEADER_LEN: usize = 22;
 /// The largest payload accepted: 256 MiB, about 64 million f32 parameters.
@@ -71,21 +91,45 @@ struct TensorRecord {
     data: Vec<f32>,
 }
 
+/// Format 2.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Payload {
+    graph: GraphDescription,
+    roles: Roles,
+    metadata: Metadata,
+    tensors: Vec<TensorRecord>,
+    counters: Vec<(String, u64)>,
+    training: Option<TrainingRecord>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TrainingRecord {
+    config: TrainConfig,
+    epoch: u64,
+    step: u64,
+    optimizer_steps: u64,
+    /// Per parameter, named as the parameter: SGD's velocity or Adam's first moment.
+    first: Vec<TensorRecord>,
+    /// Adam's second moment.
+    second: Vec<TensorRecord>,
+}
+
+/// Format 1: the bottleneck and its baseline only.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PayloadV1 {
     architecture: Architecture,
     layers: Vec<Layer>,
     metadata: Metadata,
     tensors: Vec<TensorRecord>,
 }
 
-/// A validated weights file: build a model from it with [`Checkpoint::into_model`].
-#[derive(Clone, Debug, PartialEq)]
+/// A validated weights file: the network it holds, rebuilt, with its weights.
+#[derive(Clone, Debug)]
 pub struct Checkpoint {
-    pub architecture: Architecture,
+    pub model: Model,
     pub metadata: Metadata,
-    /// Named tensors in the architecture's order, each of the architecture's shape.
-    pub tensors: Vec<(String, ArrayD<f32>)>,
+    /// Present in a file saved by [`save_training`]: where the run stood.
+    pub training: Option<TrainingState>,
 }
 
 /// Options of a load.
@@ -95,6 +139,9 @@ pub struct LoadOptions {
     pub max_file_bytes: u64,
     /// Accept NaN and ±Inf weights (off by default: such a file is almost always a diverged run).
     pub allow_non_finite: bool,
+    /// [`load_into`]: require exactly the model's tensor names (on by default). Off, the
+    /// missing ones keep their values, the unexpected ones are ignored, and both are reported.
+    pub strict: bool,
 }
 
 impl Default for LoadOptions {
@@ -102,31 +149,37 @@ impl Default for LoadOptions {
         LoadOptions {
             max_file_bytes: HEADER_LEN as u64 + MAX_PAYLOAD,
             allow_non_finite: false,
+            strict: true,
         }
     }
 }
 
 impl Checkpoint {
-    /// A readable description: the architecture, its layers, each tensor's name, shape and
-    /// min/max/mean, and the metadata.
+    /// A readable description: every node, each tensor's name, shape and min/max/mean, and
+    /// the metadata. Names from the file are escaped and long shapes cut.
     pub fn describe(&self) -> String {
-        let mut text = format!(
-            "architecture: {} input channels, {} classes, {}\n",
-            self.architecture.channels,
-            self.architecture.classes,
-            match &self.architecture.bottleneck {
-                Some(spec) => format!("bottleneck {spec:?}"),
-                None => "baseline (global average pool → linear)".to_string(),
+        let graph = self.model.graph();
+        let mut text = format!("graph: {} nodes\n", graph.len());
+        for id in graph.node_ids() {
+            let (Ok(kind), Ok(name), Ok(inputs)) =
+                (graph.kind(id), graph.name(id), graph.inputs(id))
+            else {
+                continue;
+            };
+            if kind == "param" {
+                continue;
             }
-        );
-        for layer in self.architecture.layers() {
+            let inputs: Vec<usize> = inputs.iter().map(|i| i.index()).collect();
             text += &format!(
-                "  layer {:<10} {:<22} {:>5} → {}\n",
-                layer.name, layer.kind, layer.c_in, layer.c_out
+                "  {:>3} {:<24} {:<22} reads {}\n",
+                id.index(),
+                printable(name),
+                kind,
+                printable(&format!("{inputs:?}"))
             );
         }
         text += "tensors:\n";
-        for (name, value) in &self.tensors {
+        for (name, value) in self.model.tensors() {
             let count = value.len().max(1) as f64;
             let (min, max) = value
                 .iter()
@@ -135,53 +188,99 @@ impl Checkpoint {
                 });
             let mean = value.iter().map(|&v| f64::from(v)).sum::<f64>() / count;
             text += &format!(
-                "  {name:<14} {:<12} min {min:>9.4}  max {max:>9.4}  mean {mean:>9.4}\n",
-                format!("{:?}", value.shape())
+                "  {:<24} {:<16} min {min:>9.4}  max {max:>9.4}  mean {mean:>9.4}\n",
+                printable(&name),
+                printable(&format!("{:?}", value.shape()))
+            );
+        }
+        if let Some(training) = &self.training {
+            text += &format!(
+                "training: {} epochs and {} steps done, optimizer {:?}\n",
+                training.epoch, training.step, training.config.optimizer
             );
         }
         text += &format!(
             "metadata: written by pointwise {}, seed {}, {} epochs\n",
-            self.metadata.crate_version, self.metadata.seed, self.metadata.epochs
+            printable(&self.metadata.crate_version),
+            self.metadata.seed,
+            self.metadata.epochs
         );
         text
     }
 
-    /// Builds a fresh model of the stored architecture holding the stored weights.
-    pub fn into_model(self) -> Result<Model> {
-        let mut model = Model::new(self.architecture, 0)?;
-        model.set_tensors(&self.tensors)?;
-        Ok(model)
+    /// The model the file holds.
+    pub fn into_model(self) -> Model {
+        self.model
     }
+}
+
+/// What [`load_into`] read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loaded {
+    pub metadata: Metadata,
+    /// Empty unless the load was not strict.
+    pub report: LoadReport,
 }
 
 // ------------------------------------------------------------------------------- writing
 
-/// Encodes a model and its metadata as the bytes of a weights file. Refuses non-finite weights.
-pub fn to_bytes(model: &Model, metadata: &Metadata) -> Result<Vec<u8>> {
-    let mut tensors = Vec::new();
-    for (name, value) in model.tensors() {
-        if let Some((index, &v)) = value.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(CheckpointError::NonFinite {
-                name,
-                index,
-                value: v,
-            }
-            .into());
-        }
-        tensors.push(TensorRecord {
-            shape: value.shape().iter().map(|&d| d as u64).collect(),
-            // Logical (row-major) order, whatever the memory layout.
-            data: value.iter().copied().collect(),
-            dtype: "f32".to_string(),
+fn record(name: String, value: &ArrayD<f32>) -> Result<TensorRecord> {
+    if let Some((index, &v)) = value.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(CheckpointError::NonFinite {
             name,
-        });
+            index,
+            value: v,
+        }
+        .into());
     }
-    let architecture = model.architecture().clone();
+    Ok(TensorRecord {
+        shape: value.shape().iter().map(|&d| d as u64).collect(),
+        // Logical (row-major) order, whatever the memory layout.
+        data: value.iter().copied().collect(),
+        dtype: "f32".to_string(),
+        name,
+    })
+}
+
+fn encode(model: &Model, metadata: &Metadata, training: Option<&TrainingState>) -> Result<Vec<u8>> {
+    let graph = model.graph();
+    let state = graph.state()?;
+    let tensors = state
+        .tensors
+        .into_iter()
+        .map(|(name, value)| record(name, &value))
+        .collect::<Result<Vec<_>>>()?;
+    let training = training
+        .map(|training| -> Result<TrainingRecord> {
+            let names: Vec<String> = graph
+                .params()
+                .into_iter()
+                .map(|id| graph.name(id).map(str::to_string))
+                .collect::<Result<_>>()?;
+            let moments = |buffers: &[ArrayD<f32>]| {
+                names
+                    .iter()
+                    .zip(buffers)
+                    .map(|(name, value)| record(name.clone(), value))
+                    .collect::<Result<Vec<_>>>()
+            };
+            Ok(TrainingRecord {
+                config: training.config.clone(),
+                epoch: training.epoch,
+                step: training.step,
+                optimizer_steps: training.optimizer.steps,
+                first: moments(&training.optimizer.first)?,
+                second: moments(&training.optimizer.second)?,
+            })
+        })
+        .transpose()?;
     let payload = Payload {
-        layers: architecture.layers(),
-        architecture,
+        graph: graph.describe(),
+        roles: model.roles(),
         metadata: metadata.clone(),
         tensors,
+        counters: state.counters,
+        training,
     };
     let body =
         bincode::serde::encode_to_vec(&payload, bincode::config::standard()).map_err(|e| {
@@ -198,9 +297,35 @@ pub fn to_bytes(model: &Model, metadata: &Metadata) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Encodes a model (its graph, its weights) and its metadata as the bytes of a weights file.
+/// Refuses non-finite weights.
+pub fn to_bytes(model: &Model, metadata: &Metadata) -> Result<Vec<u8>> {
+    encode(model, metadata, None)
+}
+
+/// [`to_bytes`], with where the training run stands (to resume it).
+pub fn to_bytes_with_training(
+    model: &Model,
+    metadata: &Metadata,
+    training: &TrainingState,
+) -> Result<Vec<u8>> {
+    encode(model, metadata, Some(training))
+}
+
 /// Saves a model atomically: the previous file at `path` survives any failure.
 pub fn save(model: &Model, metadata: &Metadata, path: &Path) -> Result<()> {
     let bytes = to_bytes(model, metadata)?;
+    write_atomically_with(path, &bytes, |file, bytes| file.write_all(bytes))
+}
+
+/// Saves a model and its trainer's state atomically (a training checkpoint).
+pub fn save_training(
+    model: &Model,
+    training: &TrainingState,
+    metadata: &Metadata,
+    path: &Path,
+) -> Result<()> {
+    let bytes = to_bytes_with_training(model, metadata, training)?;
     write_atomically_with(path, &bytes, |file, bytes| file.write_all(bytes))
 }
 
@@ -212,35 +337,107 @@ fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Er
     }
 }
 
-/// The temporary file a save of `path` writes first: `.NAME.tmp` in the same folder, so that
-/// the final rename never crosses a file system.
-pub fn temporary_path(path: &Path) -> Result<PathBuf> {
-    let name = path.file_name().ok_or_else(|| Error::Io {
-        action: "save to",
+fn invalid_path(action: &'static str, path: &Path, why: &str) -> Error {
+    Error::Io {
+        action,
         path: path.to_path_buf(),
-        source: std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the path has no file name",
-        ),
-    })?;
-    let mut temporary = std::ffi::OsString::from(".");
-    temporary.push(name);
-    temporary.push(".tmp");
-    Ok(path.with_file_name(temporary))
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string()),
+    }
+}
+
+/// Saves so far by this process: with the process id, what makes temporary names unique.
+static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The longest part of the target's name a temporary name repeats: the whole temporary name
+/// stays under the usual 255-byte limit of a file name.
+const NAME_PART: usize = 200;
+
+/// The prefix of every temporary name of a save of `path`: `.NAME.` (NAME cut to fit).
+fn temporary_prefix(path: &Path) -> Result<String> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| invalid_path("save to", path, "the path has no file name"))?
+        .to_string_lossy();
+    let mut end = name.len().min(NAME_PART);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    Ok(format!(".{}.", &name[..end]))
+}
+
+/// A fresh temporary file name for a save of `path`, in the same folder (so that the final
+/// rename never crosses a file system): `.NAME.PID.COUNT.tmp`, unique among the saves of all
+/// processes at once.
+pub fn temporary_path(path: &Path) -> Result<PathBuf> {
+    let count = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let prefix = temporary_prefix(path)?;
+    Ok(path.with_file_name(format!("{prefix}{}.{count}.tmp", std::process::id())))
+}
+
+/// Removes the temporary files that earlier saves of `path` left when their process died
+/// (Linux: a process is alive when /proc/PID exists). Live writers' files, this process's
+/// included, are left alone. Best effort.
+fn remove_stale_temporaries(path: &Path) -> Result<()> {
+    if !Path::new("/proc/self").exists() {
+        return Ok(());
+    }
+    let prefix = temporary_prefix(path)?;
+    let folder = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(folder) => folder.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    let Ok(entries) = fs::read_dir(&folder) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// The file a save of `path` replaces: `path`, or the file a symbolic link at `path` points
+/// to. Refuses a target that exists and is not a regular file.
+fn save_target(path: &Path) -> Result<(PathBuf, Option<fs::Permissions>)> {
+    let target = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            fs::canonicalize(path).map_err(io_error("follow the link", path))?
+        }
+        _ => path.to_path_buf(),
+    };
+    match fs::metadata(&target) {
+        Ok(meta) if meta.is_file() => Ok((target, Some(meta.permissions()))),
+        Ok(_) => Err(invalid_path(
+            "save to",
+            &target,
+            "it exists and is not a regular file",
+        )),
+        Err(_) => Ok((target, None)),
+    }
 }
 
 /// Writes `bytes` to `path` atomically, through `write` (which tests replace by a writer that
-/// fails after k bytes). A stale temporary file left by an earlier crash is removed first.
+/// fails after k bytes). The temporary files of dead writers are removed first.
 pub fn write_atomically_with(
     path: &Path,
     bytes: &[u8],
     write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
 ) -> Result<()> {
+    let (path, permissions) = save_target(path)?;
+    let path = path.as_path();
+    remove_stale_temporaries(path)?;
     let temporary = temporary_path(path)?;
-    if temporary.exists() {
-        fs::remove_file(&temporary)
-            .map_err(io_error("remove the stale temporary file", &temporary))?;
-    }
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
@@ -248,6 +445,10 @@ pub fn write_atomically_with(
             .open(&temporary)
             .map_err(io_error("create", &temporary))?;
         write(&mut file, bytes).map_err(io_error("write", &temporary))?;
+        if let Some(permissions) = permissions {
+            file.set_permissions(permissions)
+                .map_err(io_error("set the permissions of", &temporary))?;
+        }
         file.sync_all().map_err(io_error("sync", &temporary))?;
         drop(file);
         fs::rename(&temporary, path).map_err(io_error("rename the temporary file over", path))
@@ -267,54 +468,101 @@ pub fn write_atomically_with(
     Ok(())
 }
 
+/// Checks, before a long run, that a save to `path` can succeed later: the folder exists and
+/// takes a new file, and the target, if any, is a regular file.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let (path, _) = save_target(path)?;
+    let probe = temporary_path(&path)?;
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(io_error("create a file beside", &path))?;
+    let _ = fs::remove_file(&probe);
+    Ok(())
+}
+
 // ------------------------------------------------------------------------------- reading
 
-/// Reads and validates a weights file. Nothing is read when the file is over the size limit.
-pub fn load(path: &Path, options: LoadOptions) -> Result<Checkpoint> {
+/// The bytes of the regular file at `path`, refused when over `limit` before it is read. A
+/// device or a FIFO is refused before it is opened (opening a FIFO would block).
+pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let meta = fs::metadata(path).map_err(io_error("read the metadata of", path))?;
+    if !meta.is_file() {
+        return Err(invalid_path("read", path, "it is not a regular file"));
+    }
     let file = File::open(path).map_err(io_error("open", path))?;
     let size = file
         .metadata()
-        .map_err(io_error("read the metadata of", path))?
-        .len();
-    if size > options.max_file_bytes {
+        .map_err(io_error("read the metadata of", path))?;
+    if !size.is_file() {
+        return Err(invalid_path("read", path, "it is not a regular file"));
+    }
+    if size.len() > limit {
         return Err(CheckpointError::TooLarge {
-            size,
-            limit: options.max_file_bytes,
+            size: size.len(),
+            limit,
         }
         .into());
     }
-    let mut bytes = Vec::with_capacity(size as usize);
-    // take(): the file could grow between the size check and the read.
-    // One byte past the limit shows a file that grew; saturating, so that any limit works.
-    file.take(options.max_file_bytes.saturating_add(1))
+    let mut bytes = Vec::with_capacity(size.len() as usize);
+    // take(): the file could grow between the size check and the read. One byte past the
+    // limit shows a file that grew; saturating, so that any limit works.
+    file.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(io_error("read", path))?;
-    if bytes.len() as u64 > options.max_file_bytes {
+    if bytes.len() as u64 > limit {
         return Err(CheckpointError::TooLarge {
             size: bytes.len() as u64,
-            limit: options.max_file_bytes,
+            limit,
         }
         .into());
     }
+    Ok(bytes)
+}
+
+/// Reads and validates a weights file, and rebuilds the network it holds. Nothing is read
+/// when the file is over the size limit.
+pub fn load(path: &Path, options: LoadOptions) -> Result<Checkpoint> {
+    let bytes = read_limited(path, options.max_file_bytes)?;
     from_bytes(&bytes, options)
 }
 
-/// Loads weights into an existing model of the same architecture. The model is unchanged unless
-/// everything checks out.
-pub fn load_into(model: &mut Model, path: &Path, options: LoadOptions) -> Result<Metadata> {
+/// Loads the weights of a file into `model`, by name: strictly (exactly the model's names)
+/// unless `options.strict` is off. Shapes must match either way. The model is unchanged
+/// unless everything checks out.
+pub fn load_into(model: &mut Model, path: &Path, options: LoadOptions) -> Result<Loaded> {
     let checkpoint = load(path, options)?;
-    if &checkpoint.architecture != model.architecture() {
-        return Err(CheckpointError::Architecture {
-            reason: format!(
-                "the file holds {:?}, the model is {:?}",
-                checkpoint.architecture,
-                model.architecture()
-            ),
-        }
-        .into());
-    }
-    model.set_tensors(&checkpoint.tensors)?;
-    Ok(checkpoint.metadata)
+    let state = checkpoint.model.graph().state()?;
+    let report = load_state(model.graph_mut(), &state, options)?;
+    Ok(Loaded {
+        metadata: checkpoint.metadata,
+        report,
+    })
+}
+
+fn load_state(
+    graph: &mut Graph<f32>,
+    state: &State<f32>,
+    options: LoadOptions,
+) -> Result<LoadReport> {
+    graph.load_state_with(state, options.strict, !options.allow_non_finite)
+}
+
+/// Loads a file's tensors into the network the file describes: strictly, whatever the options
+/// say (a file holds its own network's state exactly).
+fn load_own_state(
+    model: &mut Model,
+    tensors: Vec<(String, ArrayD<f32>)>,
+    counters: Vec<(String, u64)>,
+    options: LoadOptions,
+) -> Result<()> {
+    let state = State { tensors, counters };
+    let strict = LoadOptions {
+        strict: true,
+        ..options
+    };
+    load_state(model.graph_mut(), &state, strict).map(|_| ())
 }
 
 /// What a file that is not ours probably is, for the error message.
@@ -347,9 +595,9 @@ fn read_u64(bytes: &[u8], at: usize) -> u64 {
 /// in-memory size of what it decodes (a 1-byte varint claims 8 bytes as a u64), so the budget
 /// is 8× the payload, rounded up to a power of two because the limit is a compile-time constant
 /// (hence the ladder). A forged length prefix is refused before it allocates more than that.
-fn decode_limited(
+fn decode_limited<P: serde::de::DeserializeOwned>(
     payload: &[u8],
-) -> std::result::Result<(Payload, usize), bincode::error::DecodeError> {
+) -> std::result::Result<(P, usize), bincode::error::DecodeError> {
     use bincode::config::standard;
     use bincode::serde::decode_from_slice;
     let budget = payload.len().saturating_mul(8);
@@ -367,7 +615,20 @@ fn decode_limited(
     )
 }
 
-/// Validates the bytes of a weights file and returns its contents.
+fn decode<P: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<P> {
+    let (decoded, used) = decode_limited(payload).map_err(|e| CheckpointError::Decode {
+        reason: e.to_string(),
+    })?;
+    if used != payload.len() {
+        return Err(CheckpointError::TrailingBytes {
+            count: (payload.len() - used) as u64,
+        }
+        .into());
+    }
+    Ok(decoded)
+}
+
+/// Validates the bytes of a weights file and rebuilds the network it holds.
 pub fn from_bytes(bytes: &[u8], options: LoadOptions) -> Result<Checkpoint> {
     let available = bytes.len() as u64;
     if available > options.max_file_bytes {
@@ -394,7 +655,7 @@ pub fn from_bytes(bytes: &[u8], options: LoadOptions) -> Result<Checkpoint> {
         .into());
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-    if version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&version) {
         return Err(CheckpointError::UnsupportedVersion {
             found: version,
             supported: FORMAT_VERSION,
@@ -430,52 +691,105 @@ pub fn from_bytes(bytes: &[u8], options: LoadOptions) -> Result<Checkpoint> {
     if stored != computed {
         return Err(CheckpointError::Checksum { stored, computed }.into());
     }
-    let (decoded, used) = decode_limited(payload).map_err(|e| CheckpointError::Decode {
-        reason: e.to_string(),
-    })?;
-    if used != payload.len() {
-        return Err(CheckpointError::TrailingBytes {
-            count: (payload.len() - used) as u64,
-        }
-        .into());
+    match version {
+        1 => validate_v1(decode(payload)?, options),
+        _ => validate(decode(payload)?, options),
     }
-    validate(decoded, options)
 }
 
-fn validate(payload: Payload, options: LoadOptions) -> Result<Checkpoint> {
-    let architecture = payload.architecture;
-    architecture
-        .validate()
-        .map_err(|e| CheckpointError::Architecture {
-            reason: e.to_string(),
-        })?;
-    if payload.layers != architecture.layers() {
-        return Err(CheckpointError::Architecture {
-            reason: "the stored layer list does not match the stored architecture".to_string(),
+/// The tensors of the records, each checked on its own (dtype, element count, data length),
+/// with their names; no name twice.
+fn tensors_of(records: Vec<TensorRecord>) -> Result<Vec<(String, ArrayD<f32>)>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut tensors = Vec::with_capacity(records.len());
+    for record in records {
+        let TensorRecord {
+            name,
+            dtype,
+            shape,
+            data,
+        } = record;
+        if !seen.insert(name.clone()) {
+            return Err(CheckpointError::DuplicateTensor { name }.into());
         }
-        .into());
-    }
-    let expected = architecture.tensor_shapes();
-    // A hash set: a file of many distinct names is checked in linear time.
-    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
-    for record in &payload.tensors {
-        if !seen.insert(&record.name) {
-            return Err(CheckpointError::DuplicateTensor {
-                name: record.name.clone(),
+        if dtype != "f32" {
+            return Err(CheckpointError::DType { name, found: dtype }.into());
+        }
+        let count = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+        let Some(count) = count.filter(|&c| usize::try_from(c).is_ok()) else {
+            return Err(CheckpointError::ShapeOverflow { name, shape }.into());
+        };
+        if count != data.len() as u64 {
+            return Err(CheckpointError::DataLength {
+                name,
+                expected: count,
+                found: data.len() as u64,
             }
             .into());
         }
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        match ArrayD::from_shape_vec(IxDyn(&dims), data) {
+            Ok(array) => tensors.push((name, array)),
+            Err(_) => return Err(CheckpointError::ShapeOverflow { name, shape }.into()),
+        }
     }
+    Ok(tensors)
+}
+
+fn architecture_error(reason: impl std::fmt::Display) -> Error {
+    CheckpointError::Architecture {
+        reason: reason.to_string(),
+    }
+    .into()
+}
+
+/// Checks the stored tensors against the names and parameter shapes the description implies,
+/// before anything is built: the rebuild then allocates no parameter larger than one stored.
+fn check_against_description(
+    description: &GraphDescription,
+    tensors: &[(String, ArrayD<f32>)],
+    counters: &[(String, u64)],
+) -> Result<()> {
+    use crate::describe::NodeDescription;
+    let mut expected: Vec<(String, Option<&[usize]>)> = Vec::new();
+    let mut expected_counters = Vec::new();
+    for node in &description.nodes {
+        match node {
+            NodeDescription::Param { name, shape } => expected.push((name.clone(), Some(shape))),
+            NodeDescription::Op { kind, inputs, .. } if kind == "batch_norm" => {
+                let weight = inputs.get(1).and_then(|&i| description.nodes.get(i));
+                if let Some(NodeDescription::Param { name, .. }) = weight {
+                    let prefix = crate::state::buffer_prefix(name);
+                    expected.push((format!("{prefix}.running_mean"), None));
+                    expected.push((format!("{prefix}.running_var"), None));
+                    expected_counters.push(format!("{prefix}.num_batches_tracked"));
+                }
+            }
+            _ => {}
+        }
+    }
+    let stored: std::collections::HashMap<&str, &ArrayD<f32>> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let wanted: std::collections::HashSet<&str> =
+        expected.iter().map(|(n, _)| n.as_str()).collect();
     let missing: Vec<String> = expected
         .iter()
-        .filter(|(name, _)| !seen.contains(&name.as_str()))
-        .map(|(n, _)| n.clone())
+        .map(|(n, _)| n)
+        .chain(&expected_counters)
+        .filter(|n| !stored.contains_key(n.as_str()) && !counters.iter().any(|(c, _)| c == *n))
+        .cloned()
         .collect();
-    let unexpected: Vec<String> = payload
-        .tensors
+    let unexpected: Vec<String> = tensors
         .iter()
-        .filter(|r| !expected.iter().any(|(name, _)| name == &r.name))
-        .map(|r| r.name.clone())
+        .map(|(n, _)| n)
+        .filter(|n| !wanted.contains(n.as_str()))
+        .chain(
+            counters
+                .iter()
+                .map(|(n, _)| n)
+                .filter(|n| !expected_counters.contains(n)),
+        )
+        .cloned()
         .collect();
     if !missing.is_empty() || !unexpected.is_empty() {
         return Err(CheckpointError::TensorNames {
@@ -484,70 +798,140 @@ fn validate(payload: Payload, options: LoadOptions) -> Result<Checkpoint> {
         }
         .into());
     }
-    let mut records = payload.tensors;
-    let mut tensors = Vec::with_capacity(expected.len());
-    for (name, shape) in expected {
-        let position = records.iter().position(|r| r.name == name).ok_or_else(|| {
-            CheckpointError::TensorNames {
-                missing: vec![name.clone()],
-                unexpected: vec![],
+    for (name, shape) in &expected {
+        if let (Some(shape), Some(value)) = (shape, stored.get(name.as_str())) {
+            if value.shape() != *shape {
+                return Err(CheckpointError::ShapeMismatch {
+                    name: name.clone(),
+                    expected: shape.to_vec(),
+                    found: value.shape().iter().map(|&d| d as u64).collect(),
+                }
+                .into());
             }
-        })?;
-        let record = records.swap_remove(position);
-        tensors.push((name, validate_tensor(record, &shape, options)?));
+        }
     }
+    Ok(())
+}
+
+fn validate(payload: Payload, options: LoadOptions) -> Result<Checkpoint> {
+    let tensors = tensors_of(payload.tensors)?;
+    check_against_description(&payload.graph, &tensors, &payload.counters)?;
+    let graph = Graph::from_description(&payload.graph).map_err(architecture_error)?;
+    let mut model = Model::from_roles(graph, payload.roles).map_err(architecture_error)?;
+    load_own_state(&mut model, tensors, payload.counters, options)?;
+    let training = payload
+        .training
+        .map(|record| training_state(record, &model))
+        .transpose()?;
     Ok(Checkpoint {
-        architecture,
+        model,
         metadata: payload.metadata,
-        tensors,
+        training,
     })
 }
 
-fn validate_tensor(
-    record: TensorRecord,
-    expected: &[usize],
-    options: LoadOptions,
-) -> Result<ArrayD<f32>> {
-    let TensorRecord {
-        name,
-        dtype,
-        shape,
-        data,
-    } = record;
-    if dtype != "f32" {
-        return Err(CheckpointError::DType { name, found: dtype }.into());
-    }
-    let count = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
-    let Some(count) = count.filter(|&c| usize::try_from(c).is_ok()) else {
-        return Err(CheckpointError::ShapeOverflow { name, shape }.into());
+/// The trainer's state of a record: one moment of each kind per parameter, by name, in the
+/// parameters' order and shapes.
+fn training_state(record: TrainingRecord, model: &Model) -> Result<TrainingState> {
+    let graph = model.graph();
+    let layout: Vec<(String, Vec<usize>)> = graph
+        .params()
+        .into_iter()
+        .map(|id| {
+            Ok((
+                graph.name(id)?.to_string(),
+                graph.value(id)?.shape().to_vec(),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let moments = |records: Vec<TensorRecord>| -> Result<Vec<ArrayD<f32>>> {
+        let tensors = tensors_of(records)?;
+        if tensors.is_empty() {
+            return Ok(Vec::new()); // saved before the first step
+        }
+        let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+        let expected: Vec<String> = layout.iter().map(|(n, _)| n.clone()).collect();
+        if names != expected {
+            return Err(CheckpointError::TensorNames {
+                missing: expected
+                    .into_iter()
+                    .filter(|n| !names.contains(n))
+                    .collect(),
+                unexpected: names
+                    .into_iter()
+                    .filter(|n| !layout.iter().any(|(e, _)| e == n))
+                    .collect(),
+            }
+            .into());
+        }
+        for ((name, value), (_, shape)) in tensors.iter().zip(&layout) {
+            if value.shape() != shape.as_slice() {
+                return Err(CheckpointError::ShapeMismatch {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: value.shape().iter().map(|&d| d as u64).collect(),
+                }
+                .into());
+            }
+            if let Some((index, &v)) = value.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(CheckpointError::NonFinite {
+                    name: name.clone(),
+                    index,
+                    value: v,
+                }
+                .into());
+            }
+        }
+        Ok(tensors.into_iter().map(|(_, t)| t).collect())
     };
-    if count != data.len() as u64 {
-        return Err(CheckpointError::DataLength {
-            name,
-            expected: count,
-            found: data.len() as u64,
-        }
-        .into());
+    let (first, second) = (moments(record.first)?, moments(record.second)?);
+    if first.len() != second.len() {
+        return Err(architecture_error(
+            "the optimizer's first and second moments differ in count",
+        ));
     }
-    if shape.len() != expected.len() || shape.iter().zip(expected).any(|(&a, &b)| a != b as u64) {
-        return Err(CheckpointError::ShapeMismatch {
-            name,
-            expected: expected.to_vec(),
-            found: shape,
-        }
-        .into());
+    Ok(TrainingState {
+        config: record.config,
+        epoch: record.epoch,
+        step: record.step,
+        optimizer: OptimizerState {
+            steps: record.optimizer_steps,
+            first,
+            second,
+        },
+    })
+}
+
+/// Format 1: the stored architecture is rebuilt as the bottleneck network, then the tensors
+/// load into it by name, strictly.
+fn validate_v1(payload: PayloadV1, options: LoadOptions) -> Result<Checkpoint> {
+    let architecture = payload.architecture;
+    architecture.validate().map_err(architecture_error)?;
+    if payload.layers != architecture.layers() {
+        return Err(architecture_error(
+            "the stored layer list does not match the stored architecture",
+        ));
     }
-    if !options.allow_non_finite {
-        if let Some((index, &value)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(CheckpointError::NonFinite { name, index, value }.into());
-        }
+    let tensors = tensors_of(payload.tensors)?;
+    // Building the network allocates its parameters: no more than the file holds.
+    let stored: usize = tensors.iter().map(|(_, t)| t.len()).sum();
+    let described = architecture
+        .tensor_shapes()
+        .iter()
+        .try_fold(0usize, |total, (_, shape)| {
+            let elements = shape.iter().try_fold(1usize, |p, &d| p.checked_mul(d))?;
+            total.checked_add(elements)
+        });
+    if described.is_none_or(|d| d > stored) {
+        return Err(architecture_error(format!(
+            "the architecture's parameters hold more elements than the {stored} stored"
+        )));
     }
-    ArrayD::from_shape_vec(IxDyn(expected), data).map_err(|e| {
-        CheckpointError::DataLength {
-            name: format!("{name} ({e})"),
-            expected: count,
-            found: count,
-        }
-        .into()
+    let mut model = Model::new(architecture, 0)?;
+    load_own_state(&mut model, tensors, Vec::new(), options)?;
+    Ok(Checkpoint {
+        model,
+        metadata: payload.metadata,
+        training: None,
     })
 }

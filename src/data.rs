@@ -11,8 +11,9 @@
 //! blob whatever the sign, and survive the average. This is the Network-in-Network point: a 1×1
 //! conv + ReLU is a per-pixel non-linear detector in the channel direction.
 
+use crate::element::Element;
 use crate::error::{Error, Result};
-use ndarray::{s, Array2, Array4, ArrayView4, ArrayViewMut4, Axis};
+use ndarray::{s, Array2, Array4, ArrayD, ArrayView4, ArrayViewMut4, ArrayViewMutD, Axis, Zip};
 use ndarray_rand::rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use ndarray_rand::rand_distr::{Distribution, StandardNormal};
 
@@ -49,46 +50,121 @@ impl Default for SyntheticConfig {
     }
 }
 
-/// Images (N, C, H, W) and their labels.
+/// Images (N, C, H, W) with a label each (classification) or a target tensor each
+/// (regression: targets of shape (N, ...)).
 #[derive(Clone, Debug)]
 pub struct Dataset {
-    pub images: Array4<f32>,
-    pub labels: Vec<usize>,
+    images: Array4<f32>,
+    labels: Vec<usize>,
+    targets: Option<ArrayD<f32>>,
 }
 
 impl Dataset {
+    /// Images and their labels, one each.
+    pub fn new(images: Array4<f32>, labels: Vec<usize>) -> Result<Self> {
+        crate::ops::check_same(
+            "dataset",
+            "labels",
+            &[images.len_of(Axis(0))],
+            &[labels.len()],
+        )?;
+        Ok(Dataset {
+            images,
+            labels,
+            targets: None,
+        })
+    }
+
+    /// Images and their regression targets: `targets` is (N, ...), one row per image.
+    pub fn regression(images: Array4<f32>, targets: ArrayD<f32>) -> Result<Self> {
+        let count = targets.shape().first().copied().unwrap_or(0);
+        crate::ops::check_same("dataset", "targets", &[images.len_of(Axis(0))], &[count])?;
+        Ok(Dataset {
+            images,
+            labels: Vec::new(),
+            targets: Some(targets),
+        })
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
-        self.labels.len()
+        self.images.len_of(Axis(0))
     }
 
     /// True when there is no image.
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.len() == 0
+    }
+
+    /// The labels (empty for a regression set).
+    pub fn labels(&self) -> &[usize] {
+        &self.labels
+    }
+
+    /// The regression targets (`None` for a classification set).
+    pub fn targets(&self) -> Option<&ArrayD<f32>> {
+        self.targets.as_ref()
     }
 
     /// Copies the images at `indices` into `batch`, which must be (indices.len(), C, H, W) (for
     /// training, the model's own input buffer: [`crate::Model::input_mut`]), and their labels
     /// into `labels`, reusing its buffer.
-    pub fn gather(
+    pub fn gather<T: Element>(
         &self,
         indices: &[usize],
-        mut batch: ArrayViewMut4<f32>,
+        mut batch: ArrayViewMut4<T>,
         labels: &mut Vec<usize>,
     ) -> Result<()> {
         let (_, channels, height, width) = self.images.dim();
         let shape = [indices.len(), channels, height, width];
         crate::ops::check_same("dataset", "batch", &shape, batch.shape())?;
         labels.clear();
-        for (mut slot, &index) in batch.outer_iter_mut().zip(indices) {
-            if index >= self.len() {
-                return Err(Error::invalid_config(
-                    "dataset",
-                    format!("index {index} is out of range for {} images", self.len()),
-                ));
+        for (slot, &index) in batch.outer_iter_mut().zip(indices) {
+            self.check_index(index)?;
+            let image = self.images.index_axis(Axis(0), index);
+            Zip::from(slot)
+                .and(image)
+                .for_each(|to, &from| *to = T::from_f64(f64::from(from)));
+            if let Some(&label) = self.labels.get(index) {
+                labels.push(label);
             }
-            slot.assign(&self.images.index_axis(Axis(0), index));
-            labels.push(self.labels[index]);
+        }
+        Ok(())
+    }
+
+    /// The shape of the targets of `count` images, for [`crate::Model::target_mut`].
+    pub fn target_shape(&self, count: usize) -> Option<Vec<usize>> {
+        let mut shape = self.targets.as_ref()?.shape().to_vec();
+        shape[0] = count;
+        Some(shape)
+    }
+
+    /// Copies the targets at `indices` into `batch` (indices.len(), ...).
+    pub fn gather_targets<T: Element>(
+        &self,
+        indices: &[usize],
+        mut batch: ArrayViewMutD<T>,
+    ) -> Result<()> {
+        let targets = self.targets.as_ref().ok_or_else(|| {
+            Error::invalid_config("dataset", "a classification set has no targets")
+        })?;
+        let expected = self.target_shape(indices.len()).unwrap_or_default();
+        crate::ops::check_same("dataset", "targets", &expected, batch.shape())?;
+        for (slot, &index) in batch.outer_iter_mut().zip(indices) {
+            self.check_index(index)?;
+            Zip::from(slot)
+                .and(targets.index_axis(Axis(0), index))
+                .for_each(|to, &from| *to = T::from_f64(f64::from(from)));
+        }
+        Ok(())
+    }
+
+    fn check_index(&self, index: usize) -> Result<()> {
+        if index >= self.len() {
+            return Err(Error::invalid_config(
+                "dataset",
+                format!("index {index} is out of range for {} images", self.len()),
+            ));
         }
         Ok(())
     }
@@ -203,5 +279,9 @@ fn make_split(
             channels.scaled_add(sign * config.amplitude, &signature);
         }
     }
-    Dataset { images, labels }
+    Dataset {
+        images,
+        labels,
+        targets: None,
+    }
 }

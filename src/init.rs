@@ -100,6 +100,50 @@ pub fn pytorch_bias<T: Element>(weight_shape: &[usize], rng: &mut StdRng) -> Res
     uniform(&weight_shape[..1], 1.0 / (fan_in as f64).sqrt(), rng)
 }
 
+/// LeCun normal: N(0, 1 / fan_in), Kaiming's variance argument without the ReLU's factor 2
+/// (for a layer followed by no ReLU, such as a classifier head).
+pub fn lecun_normal<T: Element>(shape: &[usize], rng: &mut StdRng) -> Result<ArrayD<T>> {
+    let (fan_in, _) = fans(shape)?;
+    normal(shape, (1.0 / fan_in as f64).sqrt(), rng)
+}
+
+/// How [`crate::layers::Layers`] initialises the weight and bias of the layers it creates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightInit {
+    /// PyTorch's defaults: [`pytorch_weight`] and [`pytorch_bias`].
+    #[default]
+    PyTorch,
+    /// [`kaiming_normal`] weights, zero biases (layers followed by a ReLU).
+    KaimingNormal,
+    /// [`lecun_normal`] weights, zero biases.
+    LeCunNormal,
+    /// [`xavier_uniform`] weights, zero biases.
+    XavierUniform,
+}
+
+impl WeightInit {
+    /// A weight of `shape` and, if wanted, its bias.
+    pub fn weight_and_bias<T: Element>(
+        self,
+        shape: &[usize],
+        bias: bool,
+        rng: &mut StdRng,
+    ) -> Result<(ArrayD<T>, Option<ArrayD<T>>)> {
+        let weight = match self {
+            WeightInit::PyTorch => pytorch_weight(shape, rng)?,
+            WeightInit::KaimingNormal => kaiming_normal(shape, rng)?,
+            WeightInit::LeCunNormal => lecun_normal(shape, rng)?,
+            WeightInit::XavierUniform => xavier_uniform(shape, rng)?,
+        };
+        let bias = match (bias, self) {
+            (false, _) => None,
+            (true, WeightInit::PyTorch) => Some(pytorch_bias(shape, rng)?),
+            (true, _) => Some(zeros(&shape[..1])),
+        };
+        Ok((weight, bias))
+    }
+}
+
 /// Zeros of `shape`.
 pub fn zeros<T: Element>(shape: &[usize]) -> ArrayD<T> {
     ArrayD::zeros(IxDyn(shape))

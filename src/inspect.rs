@@ -10,6 +10,8 @@ pub struct ParamMut<'a, T> {
     pub name: &'a str,
     pub value: &'a mut ArrayD<T>,
     pub grad: &'a ArrayD<T>,
+    /// False for a frozen parameter ([`Graph::set_trainable`]): it has no gradient.
+    pub trainable: bool,
 }
 
 impl<T: Element> Graph<T> {
@@ -39,6 +41,7 @@ impl<T: Element> Graph<T> {
                 name: &node.name,
                 value: &mut node.value,
                 grad: &node.grad,
+                trainable: node.requires_grad,
             })
     }
 

@@ -30,7 +30,7 @@
 use crate::element::Element;
 use crate::error::Result;
 use crate::graph::{Graph, NodeId};
-use crate::init;
+use crate::init::{self, WeightInit};
 use ndarray::ArrayD;
 use ndarray_rand::rand::{rngs::StdRng, SeedableRng};
 use std::ops::{Deref, DerefMut};
@@ -40,6 +40,7 @@ pub struct Layers<'g, T> {
     graph: &'g mut Graph<T>,
     rng: RngRef<'g>,
     prefix: String,
+    init: WeightInit,
 }
 
 /// The builder's generator: its own, or its parent's (a scope draws from the same stream).
@@ -65,7 +66,14 @@ impl<'g, T: Element> Layers<'g, T> {
             graph,
             rng,
             prefix: String::new(),
+            init: WeightInit::PyTorch,
         }
+    }
+
+    /// Initialises the weights and biases of the layers created from now on with `init`
+    /// (PyTorch's defaults until then), in this scope and the scopes opened from it.
+    pub fn set_init(&mut self, init: WeightInit) {
+        self.init = init;
     }
 
     /// A builder whose layers are named `name.…` inside this one's scope (PyTorch's submodule).
@@ -74,6 +82,7 @@ impl<'g, T: Element> Layers<'g, T> {
             prefix: self.name(name),
             graph: &mut *self.graph,
             rng: RngRef::Borrowed(self.rng.get()),
+            init: self.init,
         }
     }
 
@@ -92,17 +101,15 @@ impl<'g, T: Element> Layers<'g, T> {
         self.graph.param(&name, value)
     }
 
-    /// A layer's weight of `shape`, PyTorch's default initial values, and its bias if wanted.
+    /// A layer's weight of `shape` and its bias if wanted, initialised as [`Layers::set_init`]
+    /// says.
     fn weight_and_bias(
         &mut self,
         layer: &str,
         shape: &[usize],
         bias: bool,
     ) -> Result<(NodeId, Option<NodeId>)> {
-        let weight = init::pytorch_weight(shape, self.rng.get())?;
-        let bias = bias
-            .then(|| init::pytorch_bias(shape, self.rng.get()))
-            .transpose()?;
+        let (weight, bias) = self.init.weight_and_bias(shape, bias, self.rng.get())?;
         let weight = self.param(&format!("{layer}.weight"), weight)?;
         let bias = bias
             .map(|b| self.param(&format!("{layer}.bias"), b))
@@ -121,6 +128,19 @@ impl<'g, T: Element> Layers<'g, T> {
     ) -> Result<NodeId> {
         let (weight, bias) = self.weight_and_bias(name, &[c_out, c_in], bias)?;
         self.graph.conv1x1(x, weight, bias)
+    }
+
+    /// [`Layers::conv1x1`] then a ReLU, as one fused node ([`Graph::conv1x1_relu`]).
+    pub fn conv1x1_relu(
+        &mut self,
+        name: &str,
+        x: NodeId,
+        c_in: usize,
+        c_out: usize,
+        bias: bool,
+    ) -> Result<NodeId> {
+        let (weight, bias) = self.weight_and_bias(name, &[c_out, c_in], bias)?;
+        self.graph.conv1x1_relu(x, weight, bias)
     }
 
     /// `nn.Conv2d(c_in, c_out, 1, groups=groups, bias=bias)`: weight (c_out, c_in/groups).

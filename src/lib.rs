@@ -181,6 +181,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod parallel;
+pub mod state;
 mod summary;
 pub mod train;
 
@@ -199,13 +200,16 @@ pub use element::Element;
 pub use error::{Error, Result};
 pub use graph::{Graph, NodeId};
 pub use inspect::ParamMut;
-pub use model::{Architecture, Model};
+pub use model::{Architecture, Model, Roles};
+pub use state::{LoadReport, State, StateLayout};
 
 /// What most programs use: `use pointwise::prelude::*;`.
 pub mod prelude {
+    pub use crate::data::Dataset;
     pub use crate::gradcheck;
     pub use crate::layers::Layers;
-    pub use crate::optim::{Optimizer, OptimizerKind};
+    pub use crate::optim::{Optimizer, OptimizerKind, ParamGroup, Schedule};
+    pub use crate::train::{evaluate, TrainConfig, Trainer};
     pub use crate::{Architecture, Element, Error, Graph, Model, NodeId, Result};
     pub use ndarray::{Array, ArrayD, ArrayView, ArrayViewD, Axis, IxDyn};
 }

@@ -1,4 +1,5 @@
-//! The bottleneck network, built from ops on one [`Graph`], and its baseline.
+//! A model: any graph with the nodes a trainer needs (input, output, loss); and the bottleneck
+//! network with its baseline, built with [`Layers`] as a user would build their own.
 //!
 //! ```text
 //! bottleneck:  x (N, C, H, W)
@@ -11,12 +12,12 @@
 //! baseline:    x → global average pool → head → softmax cross-entropy
 //! ```
 
-use crate::error::{Error, Result};
+use crate::element::Element;
+use crate::error::{printable, Error, Result};
 use crate::graph::{Graph, NodeId};
-use ndarray::{Array2, ArrayD, ArrayView4, ArrayViewD, ArrayViewMut4, Axis, Ix2, Ix4};
-use ndarray_rand::rand::{rngs::StdRng, SeedableRng};
-use ndarray_rand::rand_distr::Normal;
-use ndarray_rand::RandomExt;
+use crate::init::WeightInit;
+use crate::layers::Layers;
+use ndarray::{Array2, ArrayView4, ArrayViewD, ArrayViewMut4, Axis, Ix2, Ix4};
 
 /// The settings of the bottleneck block.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -157,148 +158,227 @@ pub const BACKWARD_CHUNK: usize = 4;
 /// images (about 0.4 MB of gradients per batch).
 pub const CHUNK_ABOVE_BYTES: usize = 8 << 20;
 
-/// A network ready to train: its architecture, its graph and the nodes a caller needs.
+/// The nodes of a model's graph that a trainer feeds and reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Roles {
+    /// The input node the images go to.
+    pub input: NodeId,
+    /// The logits of a classifier, the prediction of a regressor.
+    pub output: NodeId,
+    /// The scalar loss: `softmax_cross_entropy(output)`, or `mse(output, target)`.
+    pub loss: NodeId,
+    /// The input node the regression targets go to; `None` for a classifier (labels).
+    pub target: Option<NodeId>,
+}
+
+/// A network ready to train and to save: a graph and its [`Roles`].
 #[derive(Clone, Debug)]
-pub struct Model {
-    architecture: Architecture,
-    graph: Graph<f32>,
-    input: NodeId,
-    logits: NodeId,
-    loss: NodeId,
+pub struct Model<T = f32> {
+    graph: Graph<T>,
+    roles: Roles,
 }
 
-/// He (Kaiming) normal initialisation: N(0, gain/fan_in). gain = 2 keeps the activation
-/// variance constant through a ReLU layer; gain = 1 (LeCun) suits the linear head.
-fn he_normal(shape: &[usize], gain: f64, rng: &mut StdRng) -> Result<ArrayD<f32>> {
-    let fan_in = shape.get(1).copied().unwrap_or(1).max(1);
-    let normal = Normal::new(0.0f32, (gain / fan_in as f64).sqrt() as f32)
-        .map_err(|e| Error::invalid_config("init", e.to_string()))?;
-    Ok(ArrayD::random_using(shape.to_vec(), normal, rng))
-}
-
-impl Model {
-    /// Builds the network with He-initialised weights (zero biases) from `seed`.
+impl Model<f32> {
+    /// The bottleneck network of `architecture` (or its baseline), built with [`Layers`]:
+    /// He-normal weights before each ReLU, LeCun-normal for the head, zero biases, drawn from
+    /// `seed`.
     pub fn new(architecture: Architecture, seed: u64) -> Result<Self> {
         architecture.validate()?;
-        let mut rng = StdRng::seed_from_u64(seed);
+        let (c, k) = (architecture.channels, architecture.classes);
         let mut graph = Graph::new();
-        let mut params = Vec::new();
-        for (name, shape) in architecture.tensor_shapes() {
-            let value = if name.ends_with(".bias") {
-                ArrayD::zeros(shape)
-            } else {
-                let gain = if name.starts_with("head") { 1.0 } else { 2.0 };
-                he_normal(&shape, gain, &mut rng)?
-            };
-            params.push(graph.param(&name, value)?);
-        }
-        let input = graph.input("input");
+        let mut nn = Layers::new(&mut graph, seed);
+        nn.set_init(WeightInit::KaimingNormal);
+        let input = nn.input("input");
         let mut x = input;
-        let mut next = params.into_iter();
-        let mut take = || next.next().ok_or_else(|| Error::graph("missing parameter"));
         if let Some(spec) = &architecture.bottleneck {
-            let (reduce_w, reduce_b, expand_w, expand_b) = (take()?, take()?, take()?, take()?);
             // Each ReLU is fused into the convolution before it (one buffer, one pass); with
             // a residual, the second ReLU comes after the Add instead.
-            let hidden = graph.conv1x1_relu(x, reduce_w, Some(reduce_b))?;
+            let hidden = nn.conv1x1_relu("reduce", x, c, spec.reduced, true)?;
             let features = if spec.residual {
-                let expanded = graph.conv1x1(hidden, expand_w, Some(expand_b))?;
-                let sum = graph.add(expanded, input)?;
-                graph.relu(sum)?
+                let expanded = nn.conv1x1("expand", hidden, spec.reduced, c, true)?;
+                let sum = nn.add(expanded, input)?;
+                nn.relu(sum)?
             } else {
-                graph.conv1x1_relu(hidden, expand_w, Some(expand_b))?
+                nn.conv1x1_relu("expand", hidden, spec.reduced, c, true)?
             };
-            x = graph.max_pool(features, spec.pool_window, spec.pool_stride)?;
+            x = nn.max_pool(features, spec.pool_window, spec.pool_stride)?;
         }
-        let pooled = graph.global_avg_pool(x)?;
-        let (head_w, head_b) = (take()?, take()?);
-        let logits = graph.linear(pooled, head_w, Some(head_b))?;
+        nn.set_init(WeightInit::LeCunNormal);
+        let pooled = nn.global_avg_pool(x)?;
+        let logits = nn.linear("head", pooled, c, k, true)?;
+        Model::classifier(graph, input, logits)
+    }
+}
+
+impl<T: Element> Model<T> {
+    /// A classifier: adds `softmax_cross_entropy(logits)` to `graph`; trained on labels.
+    pub fn classifier(mut graph: Graph<T>, input: NodeId, logits: NodeId) -> Result<Self> {
         let loss = graph.softmax_cross_entropy(logits)?;
-        Ok(Model {
-            architecture,
-            graph,
+        let roles = Roles {
             input,
-            logits,
+            output: logits,
             loss,
-        })
+            target: None,
+        };
+        Model::from_roles(graph, roles)
     }
 
-    pub fn architecture(&self) -> &Architecture {
-        &self.architecture
+    /// A regressor: adds an input `"target"` and `mse(prediction, target)` to `graph`; trained
+    /// on target tensors of the prediction's shape.
+    pub fn regressor(mut graph: Graph<T>, input: NodeId, prediction: NodeId) -> Result<Self> {
+        let target = graph.input("target");
+        let loss = graph.mse(prediction, target)?;
+        let roles = Roles {
+            input,
+            output: prediction,
+            loss,
+            target: Some(target),
+        };
+        Model::from_roles(graph, roles)
+    }
+
+    /// A model from a graph that already holds its loss (a rebuilt weight file). Checks that
+    /// the roles fit the graph, and that every trainable parameter reaches the loss.
+    pub fn from_roles(graph: Graph<T>, roles: Roles) -> Result<Self> {
+        let wrong = |reason: String| Err(Error::invalid_config("model", reason));
+        let kind = |id: NodeId| graph.kind(id);
+        if kind(roles.input)? != "input" {
+            return wrong(format!("node {} is not an input node", roles.input.index()));
+        }
+        let reads = graph.inputs(roles.loss)?;
+        match (kind(roles.loss)?, roles.target) {
+            ("softmax_cross_entropy", None) if reads == [roles.output] => {}
+            ("mse", Some(target)) if reads == [roles.output, target] => {
+                if kind(target)? != "input" {
+                    return wrong(format!(
+                        "the target node {} is not an input",
+                        target.index()
+                    ));
+                }
+            }
+            (found, _) => {
+                return wrong(format!(
+                    "node {} ({found}) is not softmax_cross_entropy of the output, nor mse of \
+                     the output and an input target",
+                    roles.loss.index()
+                ))
+            }
+        }
+        let reached = ancestors(&graph, roles.loss)?;
+        for param in graph.params() {
+            if graph.is_trainable(param)? && !reached[param.index()] {
+                return wrong(format!(
+                    "parameter {} does not reach the loss, so it would never train: freeze it \
+                     (Graph::set_trainable) or connect it",
+                    printable(graph.name(param)?)
+                ));
+            }
+        }
+        Ok(Model { graph, roles })
+    }
+
+    /// The graph's nodes a trainer feeds and reads.
+    pub fn roles(&self) -> Roles {
+        self.roles
     }
 
     /// The underlying tape (for inspection, gradient checks and optimizers).
-    pub fn graph(&self) -> &Graph<f32> {
+    pub fn graph(&self) -> &Graph<T> {
         &self.graph
     }
 
-    pub fn graph_mut(&mut self) -> &mut Graph<f32> {
+    pub fn graph_mut(&mut self) -> &mut Graph<T> {
         &mut self.graph
     }
 
-    /// Forward and backward on one batch: returns the mean loss. Leaf gradients are zeroed
-    /// first. A non-finite input or loss is an error, raised before any gradient is computed.
-    pub fn forward_backward(&mut self, images: ArrayView4<f32>, labels: &[usize]) -> Result<f32> {
-        self.graph.set_input(self.input, images.into_dyn())?;
-        self.step(labels)
+    /// Forward and backward on one batch of a classifier: returns the mean loss. Leaf gradients
+    /// are zeroed first. A non-finite input or loss is an error, raised before any gradient is
+    /// computed.
+    pub fn forward_backward(&mut self, images: ArrayView4<T>, labels: &[usize]) -> Result<T> {
+        self.graph.set_input(self.roles.input, images.into_dyn())?;
+        self.graph.set_labels(self.roles.loss, labels)?;
+        self.step()
     }
 
     /// The model's own input buffer, sized (N, C, H, W), to write a batch into without a copy
     /// (then call [`Model::forward_backward_in_place`]). The training loop gathers its batches
     /// here, so that the batch exists once in memory.
-    pub fn input_mut(&mut self, shape: [usize; 4]) -> Result<ArrayViewMut4<'_, f32>> {
+    pub fn input_mut(&mut self, shape: [usize; 4]) -> Result<ArrayViewMut4<'_, T>> {
         self.graph
-            .input_mut(self.input, &shape)?
+            .input_mut(self.roles.input, &shape)?
             .into_dimensionality::<Ix4>()
             .map_err(|_| Error::graph("the input buffer is not (N, C, H, W)"))
     }
 
-    /// [`Model::forward_backward`] on the batch already written through [`Model::input_mut`];
-    /// a non-finite value in it is an error, raised before any gradient is computed.
-    pub fn forward_backward_in_place(&mut self, labels: &[usize]) -> Result<f32> {
-        self.graph.check_input_finite(self.input)?;
-        self.step(labels)
+    /// A regressor's target buffer, of `shape`, to write the batch's targets into.
+    pub fn target_mut(&mut self, shape: &[usize]) -> Result<ndarray::ArrayViewMutD<'_, T>> {
+        let target = self
+            .roles
+            .target
+            .ok_or_else(|| Error::invalid_config("model", "a classifier takes labels"))?;
+        self.graph.input_mut(target, shape)
     }
 
-    fn step(&mut self, labels: &[usize]) -> Result<f32> {
-        self.graph.set_labels(self.loss, labels)?;
-        self.graph.zero_grad();
-        self.graph.forward(self.loss)?;
-        let loss = self.graph.scalar(self.loss)?;
-        if !loss.is_finite() {
-            return Err(Error::non_finite(format!("loss is {loss}")));
+    /// [`Model::forward_backward`] on the batch already written through [`Model::input_mut`]
+    /// (and [`Model::target_mut`] for a regressor; `labels` are then ignored); a non-finite
+    /// value in it is an error, raised before any gradient is computed.
+    pub fn forward_backward_in_place(&mut self, labels: &[usize]) -> Result<T> {
+        self.graph.check_input_finite(self.roles.input)?;
+        match self.roles.target {
+            Some(target) => self.graph.check_input_finite(target)?,
+            None => self.graph.set_labels(self.roles.loss, labels)?,
         }
-        let large = self.graph.intermediate_gradient_bytes(self.loss)? > CHUNK_ABOVE_BYTES;
+        self.step()
+    }
+
+    fn step(&mut self) -> Result<T> {
+        let loss_node = self.roles.loss;
+        self.graph.zero_grad();
+        self.graph.forward(loss_node)?;
+        let loss = self.graph.scalar(loss_node)?;
+        if !loss.is_finite() {
+            return Err(Error::non_finite(format!("loss is {}", loss.as_f64())));
+        }
+        let large = self.graph.intermediate_gradient_bytes(loss_node)? > CHUNK_ABOVE_BYTES;
         self.graph
             .set_backward_chunk(large.then_some(BACKWARD_CHUNK))?;
-        self.graph.backward(self.loss)?;
+        self.graph.backward(loss_node)?;
         Ok(loss)
     }
 
+    /// The output (logits of a classifier) of the last forward pass.
+    pub fn last_output(&self) -> Result<ArrayViewD<'_, T>> {
+        self.graph.value(self.roles.output)
+    }
+
     /// The logits (N, K) of the last forward pass.
-    pub fn last_logits(&self) -> Result<ndarray::ArrayView2<'_, f32>> {
-        self.graph
-            .value(self.logits)?
+    pub fn last_logits(&self) -> Result<ndarray::ArrayView2<'_, T>> {
+        self.last_output()?
             .into_dimensionality::<Ix2>()
             .map_err(|_| Error::graph("logits are not (N, K)"))
     }
 
+    /// Runs the network up to its output on `images`. Non-finite images are an error.
+    pub fn output(&mut self, images: ArrayView4<T>) -> Result<ArrayViewD<'_, T>> {
+        self.graph.set_input(self.roles.input, images.into_dyn())?;
+        self.graph.forward(self.roles.output)?;
+        self.last_output()
+    }
+
     /// Runs the network up to the logits and returns them (N, K).
-    pub fn logits(&mut self, images: ArrayView4<f32>) -> Result<Array2<f32>> {
-        self.graph.set_input(self.input, images.into_dyn())?;
-        self.graph.forward(self.logits)?;
+    pub fn logits(&mut self, images: ArrayView4<T>) -> Result<Array2<T>> {
+        self.output(images)?;
         Ok(self.last_logits()?.to_owned())
     }
 
     /// The predicted class of every image: the arg-max of its logits (first one on a tie).
-    pub fn predict(&mut self, images: ArrayView4<f32>) -> Result<Vec<usize>> {
-        self.graph.set_input(self.input, images.into_dyn())?;
-        self.graph.forward(self.logits)?;
+    pub fn predict(&mut self, images: ArrayView4<T>) -> Result<Vec<usize>> {
+        self.output(images)?;
         Ok(argmax_rows(self.last_logits()?))
     }
 
-    /// The trained tensors with their stable names, in creation order.
-    pub fn tensors(&self) -> Vec<(String, ArrayViewD<'_, f32>)> {
+    /// The parameters with their names, in creation order.
+    pub fn tensors(&self) -> Vec<(String, ArrayViewD<'_, T>)> {
         self.graph
             .params()
             .into_iter()
@@ -311,54 +391,36 @@ impl Model {
             .collect()
     }
 
-    /// One named tensor.
-    pub fn tensor(&self, name: &str) -> Option<ArrayViewD<'_, f32>> {
+    /// One named parameter.
+    pub fn tensor(&self, name: &str) -> Option<ArrayViewD<'_, T>> {
         self.graph
             .find(name)
             .and_then(|id| self.graph.value(id).ok())
     }
+}
 
-    /// Replaces every trained tensor. All names and shapes are checked before anything is
-    /// written, so on error the model is unchanged.
-    pub fn set_tensors(&mut self, tensors: &[(String, ArrayD<f32>)]) -> Result<()> {
-        let expected = self.architecture.tensor_shapes();
-        if tensors.len() != expected.len() {
-            return Err(Error::shape_mismatch(
-                "set_tensors",
-                "number of tensors",
-                expected.len().to_string(),
-                tensors.len().to_string(),
-            ));
-        }
-        for ((name, value), (expected_name, shape)) in tensors.iter().zip(&expected) {
-            if name != expected_name || value.shape() != shape.as_slice() {
-                return Err(Error::shape_mismatch(
-                    "set_tensors",
-                    format!("tensor {expected_name}"),
-                    format!("{expected_name} {shape:?}"),
-                    format!("{name} {:?}", value.shape()),
-                ));
+/// Which nodes `target` reads, directly or not (itself included), by position.
+fn ancestors<T: Element>(graph: &Graph<T>, target: NodeId) -> Result<Vec<bool>> {
+    let mut reached = vec![false; graph.len()];
+    reached[target.index()] = true;
+    for index in (0..=target.index()).rev() {
+        if reached[index] {
+            for input in graph.inputs(NodeId(index))? {
+                reached[input.index()] = true;
             }
         }
-        for (name, value) in tensors {
-            let id = self
-                .graph
-                .find(name)
-                .ok_or_else(|| Error::graph(format!("no tensor {name}")))?;
-            self.graph.set_param(id, value.view())?;
-        }
-        Ok(())
     }
+    Ok(reached)
 }
 
 /// Index of the largest entry of each row (the first one on a tie).
-pub fn argmax_rows(logits: ndarray::ArrayView2<f32>) -> Vec<usize> {
+pub fn argmax_rows<T: Element>(logits: ndarray::ArrayView2<T>) -> Vec<usize> {
     logits
         .axis_iter(Axis(0))
         .map(|row| {
             row.iter()
                 .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (k, &v)| {
+                .fold((0, T::neg_infinity()), |best, (k, &v)| {
                     if v > best.1 {
                         (k, v)
                     } else {

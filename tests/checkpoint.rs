@@ -7,8 +7,9 @@ use pointwise::checkpoint::{
     LoadOptions, Metadata, FORMAT_VERSION, HEADER_LEN, MAGIC,
 };
 use pointwise::data::{generate, SyntheticConfig};
-use pointwise::export::{from_safetensors, to_safetensors};
-use pointwise::model::{Architecture, BottleneckSpec, Layer};
+use pointwise::describe::GraphDescription;
+use pointwise::export::{graph_from_safetensors, to_safetensors};
+use pointwise::model::{Architecture, BottleneckSpec, Layer, Roles};
 use pointwise::{Error, Model};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Serialize, Serializer};
@@ -50,6 +51,17 @@ fn all_values(model: &Model) -> Vec<u32> {
 
 #[derive(Serialize)]
 struct RawPayload<D: Serialize> {
+    graph: GraphDescription,
+    roles: Roles,
+    metadata: Metadata,
+    tensors: Vec<RawTensor<D>>,
+    counters: Vec<(String, u64)>,
+    training: Option<()>,
+}
+
+/// Format 1's payload: the bottleneck's architecture.
+#[derive(Serialize)]
+struct RawPayloadV1<D: Serialize> {
     architecture: Architecture,
     layers: Vec<Layer>,
     metadata: Metadata,
@@ -74,8 +86,12 @@ impl Serialize for ForgedLength {
 }
 
 fn with_header(payload: &[u8]) -> Vec<u8> {
+    with_version_header(FORMAT_VERSION, payload)
+}
+
+fn with_version_header(version: u16, payload: &[u8]) -> Vec<u8> {
     let mut bytes = MAGIC.to_vec();
-    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&version.to_le_bytes());
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     bytes.extend_from_slice(payload);
@@ -104,13 +120,30 @@ fn tensors() -> Vec<RawTensor<Vec<f32>>> {
 }
 
 fn encode<D: Serialize>(tensors: Vec<RawTensor<D>>) -> Vec<u8> {
+    encode_graph(model(0).graph().describe(), tensors)
+}
+
+fn encode_graph<D: Serialize>(graph: GraphDescription, tensors: Vec<RawTensor<D>>) -> Vec<u8> {
     let payload = RawPayload {
-        layers: architecture().layers(),
-        architecture: architecture(),
+        graph,
+        roles: model(0).roles(),
+        metadata: Metadata::new(0, 0),
+        tensors,
+        counters: Vec::new(),
+        training: None,
+    };
+    with_header(&bincode::serde::encode_to_vec(&payload, bincode::config::standard()).unwrap())
+}
+
+fn encode_v1<D: Serialize>(architecture: Architecture, tensors: Vec<RawTensor<D>>) -> Vec<u8> {
+    let payload = RawPayloadV1 {
+        layers: architecture.layers(),
+        architecture,
         metadata: Metadata::new(0, 0),
         tensors,
     };
-    with_header(&bincode::serde::encode_to_vec(&payload, bincode::config::standard()).unwrap())
+    let bytes = bincode::serde::encode_to_vec(&payload, bincode::config::standard()).unwrap();
+    with_version_header(1, &bytes)
 }
 
 // ---- the fault table
@@ -119,6 +152,11 @@ fn encode<D: Serialize>(tensors: Vec<RawTensor<D>>) -> Vec<u8> {
 fn the_crafted_payload_mirror_is_accepted_when_honest() {
     // Guards the tests below: their payloads differ from a valid one only by the fault.
     from_bytes(&encode(tensors()), LoadOptions::default()).unwrap();
+    from_bytes(
+        &encode_v1(architecture(), tensors()),
+        LoadOptions::default(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -212,12 +250,17 @@ fn a_newer_format_version_names_both_versions() {
             supported: FORMAT_VERSION
         }
     );
-    assert!(
-        error
-            .to_string()
-            .contains("unsupported format version 2, this build reads ≤ 1"),
-        "{error}"
+    let expected = format!(
+        "unsupported format version {}, this build reads ≤ {FORMAT_VERSION}",
+        FORMAT_VERSION + 1
     );
+    assert!(error.to_string().contains(&expected), "{error}");
+    bytes[8..10].copy_from_slice(&0u16.to_le_bytes());
+    let error = checkpoint_error(from_bytes(&bytes, LoadOptions::default()));
+    assert!(matches!(
+        error,
+        CheckpointError::UnsupportedVersion { found: 0, .. }
+    ));
 }
 
 #[test]
@@ -392,29 +435,78 @@ fn nan_and_infinite_weights_are_refused_unless_allowed() {
 
 #[test]
 fn an_invalid_or_inconsistent_architecture_is_refused() {
-    let payload = RawPayload {
+    // Format 1: a layer list that contradicts the architecture.
+    let payload = RawPayloadV1 {
         layers: Architecture::baseline(6, 4).layers(),
         architecture: architecture(),
         metadata: Metadata::new(0, 0),
         tensors: tensors(),
     };
-    let bytes =
-        with_header(&bincode::serde::encode_to_vec(&payload, bincode::config::standard()).unwrap());
+    let bytes = bincode::serde::encode_to_vec(&payload, bincode::config::standard()).unwrap();
     assert!(matches!(
-        checkpoint_error(from_bytes(&bytes, LoadOptions::default())),
+        checkpoint_error(from_bytes(
+            &with_version_header(1, &bytes),
+            LoadOptions::default()
+        )),
         CheckpointError::Architecture { .. }
     ));
-    // A file of another architecture does not go into this model.
+    // Format 1: an architecture whose parameters are larger than the file (3 × 16 GiB).
+    let huge = Architecture::bottleneck(65536, 65536, 65536);
+    let error = checkpoint_error(from_bytes(
+        &encode_v1(huge, tensors()),
+        LoadOptions::default(),
+    ));
+    assert!(
+        matches!(error, CheckpointError::Architecture { .. }),
+        "{error}"
+    );
+    // Format 2: an op that reads a later node, and one with a window larger than its input.
+    let mut graph = model(0).graph().describe();
+    let last = graph.nodes.len() - 1;
+    match &mut graph.nodes[last - 1] {
+        pointwise::describe::NodeDescription::Op { inputs, .. } => inputs[0] = last,
+        other => panic!("the head is not an op: {other:?}"),
+    }
+    let error = checkpoint_error(from_bytes(
+        &encode_graph(graph, tensors()),
+        LoadOptions::default(),
+    ));
+    assert!(
+        matches!(error, CheckpointError::Architecture { .. }),
+        "{error}"
+    );
+    // Format 2: a described parameter far larger than the one stored.
+    let mut graph = model(0).graph().describe();
+    for node in &mut graph.nodes {
+        if let pointwise::describe::NodeDescription::Param { name, shape } = node {
+            if name == "head.weight" {
+                *shape = vec![1 << 20, 1 << 20];
+            }
+        }
+    }
+    let error = checkpoint_error(from_bytes(
+        &encode_graph(graph, tensors()),
+        LoadOptions::default(),
+    ));
+    assert!(
+        matches!(&error, CheckpointError::ShapeMismatch { name, .. } if name == "head.weight"),
+        "{error}"
+    );
+    // A file of another architecture does not go into this model: same names, other shapes.
     let dir = folder("architecture");
     let path = dir.join("other.pw");
     let other = Model::new(Architecture::bottleneck(6, 2, 4), 0).unwrap();
     checkpoint::save(&other, &Metadata::new(0, 0), &path).unwrap();
     let mut live = model(3);
     let before = all_values(&live);
-    assert!(matches!(
-        load_into(&mut live, &path, LoadOptions::default()),
-        Err(Error::Checkpoint(CheckpointError::Architecture { .. }))
-    ));
+    let result = load_into(&mut live, &path, LoadOptions::default());
+    assert!(
+        matches!(
+            result,
+            Err(Error::Checkpoint(CheckpointError::ShapeMismatch { .. }))
+        ),
+        "{result:?}"
+    );
     assert_eq!(all_values(&live), before);
 }
 
@@ -433,7 +525,7 @@ fn a_file_over_the_size_limit_is_refused_before_it_is_read() {
     ));
     assert!(matches!(
         load(&dir.join("absent.pw"), LoadOptions::default()),
-        Err(Error::Io { action: "open", .. })
+        Err(Error::Io { .. })
     ));
 }
 
@@ -474,24 +566,41 @@ fn an_interrupted_save_leaves_the_previous_file_loading_bit_identically() {
             good,
             "after a failure at byte {k}"
         );
-        let reloaded = load(&path, LoadOptions::default())
-            .unwrap()
-            .into_model()
-            .unwrap();
+        let reloaded = load(&path, LoadOptions::default()).unwrap().into_model();
         assert_eq!(all_values(&reloaded), all_values(&original));
-        assert!(!checkpoint::temporary_path(&path).unwrap().exists());
+        let leftovers = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(
+            leftovers, 1,
+            "a temporary file was left after a failure at {k}"
+        );
     }
 }
 
 #[test]
-fn a_stale_temporary_file_is_cleaned_up_by_the_next_save() {
+fn a_stale_temporary_file_of_a_dead_writer_is_cleaned_up_by_the_next_save() {
     let dir = folder("stale");
     let path = dir.join("w.pw");
-    let temporary = checkpoint::temporary_path(&path).unwrap();
-    std::fs::write(&temporary, b"left by a crash").unwrap();
+    // A process id that no process has (beyond Linux's largest pid, 2²²), and one that is
+    // alive (this process): only the dead writer's file goes.
+    let dead = dir.join(".w.pw.4194304999.0.tmp");
+    std::fs::write(&dead, b"left by a crash").unwrap();
+    let live = dir.join(format!(".w.pw.{}.999999.tmp", std::process::id()));
+    std::fs::write(&live, b"a save in progress").unwrap();
     checkpoint::save(&model(1), &Metadata::new(0, 0), &path).unwrap();
-    assert!(!temporary.exists());
+    if std::path::Path::new("/proc/self").exists() {
+        assert!(!dead.exists());
+    }
+    assert!(live.exists());
     load(&path, LoadOptions::default()).unwrap();
+    // Temporary names are unique, and fit in a 255-byte file name whatever the target's.
+    let (a, b) = (
+        checkpoint::temporary_path(&path).unwrap(),
+        checkpoint::temporary_path(&path).unwrap(),
+    );
+    assert_ne!(a, b);
+    let long = dir.join("n".repeat(255));
+    checkpoint::save(&model(1), &Metadata::new(0, 0), &long).unwrap();
+    load(&long, LoadOptions::default()).unwrap();
 }
 
 #[test]
@@ -550,31 +659,34 @@ fn round_trips_over_random_architectures_are_bit_identical() {
                 )
             })
             .collect();
-        original.set_tensors(&tensors).unwrap();
+        let state = pointwise::State {
+            tensors: tensors.clone(),
+            counters: Vec::new(),
+        };
+        original.graph_mut().load_state(&state, true).unwrap();
         let path = dir.join(format!("case{case}.pw"));
         checkpoint::save(&original, &Metadata::new(case, 1), &path).unwrap();
         let loaded = load(&path, LoadOptions::default()).unwrap();
-        assert_eq!(loaded.architecture, architecture);
+        assert_eq!(loaded.model.graph().describe(), original.graph().describe());
         assert_eq!(loaded.metadata.seed, case);
-        let mut reloaded = loaded.into_model().unwrap();
+        let mut reloaded = loaded.into_model();
         assert_eq!(all_values(&reloaded), all_values(&original), "case {case}");
-        let via_safetensors =
-            from_safetensors(&to_safetensors(&original).unwrap(), &architecture).unwrap();
-        assert_eq!(via_safetensors, tensors, "case {case}: safetensors");
+        let mut via_safetensors = Model::new(architecture.clone(), 0).unwrap();
+        let bytes = to_safetensors(&original).unwrap();
+        graph_from_safetensors(via_safetensors.graph_mut(), &bytes).unwrap();
+        assert_eq!(
+            all_values(&via_safetensors),
+            all_values(&original),
+            "case {case}: safetensors"
+        );
 
         // Identical forward outputs on a random batch (finite weights only: reset the huge ones).
         let small = Model::new(architecture.clone(), case + 100).unwrap();
         let mut twin = Model::new(architecture.clone(), 0).unwrap();
-        let small_tensors: Vec<(String, ArrayD<f32>)> = small
-            .tensors()
-            .iter()
-            .map(|(n, t)| (n.clone(), t.to_owned()))
-            .collect();
-        twin.set_tensors(
-            &from_safetensors(&to_safetensors(&small).unwrap(), &architecture).unwrap(),
-        )
-        .unwrap();
-        reloaded.set_tensors(&small_tensors).unwrap();
+        let bytes = to_safetensors(&small).unwrap();
+        graph_from_safetensors(twin.graph_mut(), &bytes).unwrap();
+        let small_state = small.graph().state().unwrap();
+        reloaded.graph_mut().load_state(&small_state, true).unwrap();
         let height = 2 + case as usize % 3;
         let images = ndarray::Array4::from_shape_fn(
             (2, architecture.channels, height, 3),
@@ -583,12 +695,10 @@ fn round_trips_over_random_architectures_are_bit_identical() {
         let mut small = small;
         let expected = small.logits(images.view()).unwrap();
         assert_eq!(twin.logits(images.view()).unwrap(), expected);
+        assert_eq!(reloaded.logits(images.view()).unwrap(), expected);
         let path = dir.join(format!("small{case}.pw"));
         checkpoint::save(&small, &Metadata::new(0, 0), &path).unwrap();
-        let mut from_file = load(&path, LoadOptions::default())
-            .unwrap()
-            .into_model()
-            .unwrap();
+        let mut from_file = load(&path, LoadOptions::default()).unwrap().into_model();
         assert_eq!(from_file.logits(images.view()).unwrap(), expected);
     }
 }
@@ -603,7 +713,8 @@ fn safetensors_uses_pytorch_layout_and_is_validated_on_import() {
     assert_eq!(file.tensor("head.weight").unwrap().shape(), &[4, 6]);
     assert_eq!(file.tensor("head.bias").unwrap().shape(), &[4]);
     // Imported into another architecture: refused with the expected shape named.
-    let error = from_safetensors(&bytes, &Architecture::bottleneck(6, 2, 4)).unwrap_err();
+    let mut other = Model::new(Architecture::bottleneck(6, 2, 4), 0).unwrap();
+    let error = graph_from_safetensors(other.graph_mut(), &bytes).unwrap_err();
     assert!(
         matches!(
             error,
@@ -611,7 +722,8 @@ fn safetensors_uses_pytorch_layout_and_is_validated_on_import() {
         ),
         "{error}"
     );
-    let error = from_safetensors(&bytes, &Architecture::baseline(6, 4)).unwrap_err();
+    let mut baseline = Model::new(Architecture::baseline(6, 4), 0).unwrap();
+    let error = graph_from_safetensors(baseline.graph_mut(), &bytes).unwrap_err();
     assert!(
         matches!(
             error,
@@ -619,7 +731,7 @@ fn safetensors_uses_pytorch_layout_and_is_validated_on_import() {
         ),
         "{error}"
     );
-    assert!(from_safetensors(b"garbage", &architecture()).is_err());
+    assert!(graph_from_safetensors(baseline.graph_mut(), b"garbage").is_err());
 }
 
 /// The compatibility promise: a file written by format version 1 loads forever, with the
@@ -628,15 +740,19 @@ fn safetensors_uses_pytorch_layout_and_is_validated_on_import() {
 fn the_format_v1_fixture_still_loads_and_predicts_as_recorded() {
     let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data");
     let checkpoint = load(&fixture.join("bottleneck_v1.pw"), LoadOptions::default()).unwrap();
-    assert_eq!(checkpoint.architecture, Architecture::bottleneck(32, 8, 4));
+    let expected = Model::new(Architecture::bottleneck(32, 8, 4), 0).unwrap();
+    assert_eq!(
+        checkpoint.model.graph().describe(),
+        expected.graph().describe()
+    );
     assert_eq!(
         (checkpoint.metadata.seed, checkpoint.metadata.epochs),
         (7, 3)
     );
-    let mut model = checkpoint.into_model().unwrap();
+    let mut model = checkpoint.into_model();
     let data = generate(&SyntheticConfig::default(), 7).unwrap();
     let logits = model
-        .logits(data.test.images.slice(ndarray::s![0..8, .., .., ..]))
+        .logits(data.test.images().slice(ndarray::s![0..8, .., .., ..]))
         .unwrap();
     let recorded = std::fs::read_to_string(fixture.join("bottleneck_v1.logits.txt")).unwrap();
     let rows: Vec<Vec<f32>> = recorded
@@ -781,9 +897,10 @@ fn random_edits_and_random_bytes_never_panic() {
         }
         if let Ok(checkpoint) = from_bytes(&bytes, LoadOptions::default()) {
             decoded += 1;
-            let expected = checkpoint.architecture.tensor_shapes();
-            for ((name, tensor), (expected_name, shape)) in checkpoint.tensors.iter().zip(&expected)
-            {
+            let expected = architecture().tensor_shapes();
+            let tensors = checkpoint.model.tensors();
+            assert_eq!(tensors.len(), expected.len());
+            for ((name, tensor), (expected_name, shape)) in tensors.iter().zip(&expected) {
                 assert_eq!((name, tensor.shape()), (expected_name, shape.as_slice()));
                 assert!(tensor.iter().all(|v| v.is_finite()));
             }

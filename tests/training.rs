@@ -17,14 +17,11 @@ fn small_data() -> pointwise::data::Synthetic {
 }
 
 fn config(optimizer: OptimizerKind, lr: f64) -> TrainConfig {
-    TrainConfig {
-        epochs: 4,
-        batch_size: 16,
-        lr,
-        optimizer,
-        cosine: true,
-        seed: 11,
-    }
+    let mut config = TrainConfig::new(4, 16, lr, optimizer);
+    // 64 steps an epoch: cosine over the 256 steps after a 25-step warm-up.
+    config.schedule = Schedule::cosine(256).with_warmup(25);
+    config.seed = 11;
+    config
 }
 
 /// Trains for 4 epochs × 64 batches = 256 steps; returns (per-epoch losses, test accuracy).
@@ -140,7 +137,7 @@ fn a_non_finite_input_is_refused_before_any_update() {
         .collect();
     let mut images = data
         .train
-        .images
+        .images()
         .slice(ndarray::s![0..4, .., .., ..])
         .to_owned();
     images[[1, 2, 3, 4]] = f32::NAN;
@@ -159,7 +156,10 @@ fn a_non_finite_input_is_refused_before_any_update() {
 #[test]
 fn a_batch_written_in_place_trains_exactly_like_a_copied_one() {
     let data = small_data();
-    let images = data.train.images.slice(ndarray::s![0..6, .., .., ..]);
+    let images = data
+        .train
+        .images()
+        .slice_move(ndarray::s![0..6, .., .., ..]);
     let labels = [0, 1, 2, 3, 0, 1];
     let mut copied = Model::new(Architecture::bottleneck(32, 8, 4), 5).unwrap();
     let mut in_place = copied.clone();
@@ -244,22 +244,24 @@ fn sgd_and_adam_follow_their_update_formulas() {
 
 #[test]
 fn schedules_give_the_documented_rates() {
-    let cosine = Schedule::Cosine {
-        warmup_steps: 10,
-        total_steps: 110,
-    };
+    let cosine = Schedule::cosine(110).with_warmup(10);
     approx::assert_abs_diff_eq!(cosine.rate(1.0, 0), 0.1, epsilon = 1e-12);
     approx::assert_abs_diff_eq!(cosine.rate(1.0, 10), 1.0, epsilon = 1e-12);
     approx::assert_abs_diff_eq!(cosine.rate(1.0, 60), 0.5, epsilon = 1e-12);
     approx::assert_abs_diff_eq!(cosine.rate(1.0, 110), 0.0, epsilon = 1e-12);
-    let step = Schedule::Step {
-        every: 5,
-        factor: 0.5,
-    };
+    let step = Schedule::step(5, 0.5);
     assert_eq!(
         (step.rate(1.0, 4), step.rate(1.0, 5), step.rate(1.0, 10)),
         (1.0, 0.5, 0.25)
     );
+    // Warm-up, then the step decay counted from the end of the warm-up.
+    let warm_step = Schedule::step(5, 0.5).with_warmup(4);
+    let rates: Vec<f64> = [0, 3, 4, 8, 9, 14].map(|t| warm_step.rate(1.0, t)).to_vec();
+    assert_eq!(rates, [0.25, 1.0, 1.0, 1.0, 0.5, 0.25]);
+    let constant = Schedule::constant().with_warmup(2);
+    assert_eq!((constant.rate(2.0, 0), constant.rate(2.0, 7)), (1.0, 2.0));
+    assert!(Schedule::step(0, 0.5).validate().is_err());
+    assert!(Schedule::step(3, f64::NAN).validate().is_err());
 }
 
 #[test]
@@ -269,15 +271,15 @@ fn bad_training_settings_are_invalid_configs() {
         ..config(OptimizerKind::sgd(), 0.1)
     };
     assert!(matches!(
-        Trainer::new(zero_epochs, 10),
+        Trainer::<f32>::new(zero_epochs, 10),
         Err(Error::InvalidConfig { .. })
     ));
     assert!(matches!(
-        Trainer::new(config(OptimizerKind::sgd(), f64::NAN), 10),
+        Trainer::<f32>::new(config(OptimizerKind::sgd(), f64::NAN), 10),
         Err(Error::InvalidConfig { .. })
     ));
     assert!(matches!(
-        Trainer::new(config(OptimizerKind::sgd(), 0.1), 0),
+        Trainer::<f32>::new(config(OptimizerKind::sgd(), 0.1), 0),
         Err(Error::EmptyBatch { .. })
     ));
     let bad_momentum = OptimizerKind::Sgd {

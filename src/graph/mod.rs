@@ -35,7 +35,9 @@ use crate::error::{Error, Result};
 use ndarray::{ArrayD, IxDyn};
 
 /// A node of one graph: an index into its tape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct NodeId(pub(crate) usize);
 
 impl NodeId {

@@ -1,5 +1,6 @@
-//! Prints what a weights file holds: the architecture, every tensor's name, shape and
-//! min/max/mean, and the metadata.
+//! Prints what a weights file holds: its graph node by node, every tensor's name, shape and
+//! min/max/mean, where a training run stood (for a training checkpoint), and the metadata.
+//! Files of format 1 (the bottleneck alone) are read too.
 //!
 //! ```sh
 //! cargo run --example inspect_weights -- target/train_bottleneck/bottleneck.pw
@@ -11,19 +12,21 @@ use std::path::Path;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // args_os: a path need not be UTF-8.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let [path] = args.as_slice() else {
         eprintln!("usage: cargo run --example inspect_weights -- <weights file>");
         return ExitCode::from(2);
     };
-    match checkpoint::load(Path::new(path), LoadOptions::default()) {
+    let path = Path::new(path);
+    match checkpoint::load(path, LoadOptions::default()) {
         Ok(checkpoint) => {
-            println!("{path}");
+            println!("{}", path.display());
             print!("{}", checkpoint.describe());
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("{path}: {error}");
+            eprintln!("{}: {error}", path.display());
             ExitCode::FAILURE
         }
     }

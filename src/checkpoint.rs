@@ -755,7 +755,9 @@ fn check_against_description(
     let mut expected_counters = Vec::new();
     for node in &description.nodes {
         match node {
-            NodeDescription::Param { name, shape } => expected.push((name.clone(), Some(shape))),
+            NodeDescription::Param { name, shape, .. } => {
+                expected.push((name.clone(), Some(shape)))
+            }
             NodeDescription::Op { kind, inputs, .. } if kind == "batch_norm" => {
                 let weight = inputs.get(1).and_then(|&i| description.nodes.get(i));
                 if let Some(NodeDescription::Param { name, .. }) = weight {

@@ -12,8 +12,12 @@ use serde::{Deserialize, Serialize};
 pub enum NodeDescription {
     /// Data set from outside; `gradient` if its gradient is computed.
     Input { name: String, gradient: bool },
-    /// A trained tensor.
-    Param { name: String, shape: Vec<usize> },
+    /// A parameter; `trainable` is false when it is frozen.
+    Param {
+        name: String,
+        shape: Vec<usize>,
+        trainable: bool,
+    },
     /// An op: its kind (`"conv1x1"`), its settings by name, and the positions of its inputs.
     Op {
         kind: String,
@@ -39,6 +43,7 @@ impl<T: Element> Graph<T> {
             Source::Param => NodeDescription::Param {
                 name: node.name.clone(),
                 shape: node.value.shape().to_vec(),
+                trainable: node.requires_grad,
             },
             Source::Op(op) => NodeDescription::Op {
                 kind: op.kind().to_string(),
@@ -68,7 +73,11 @@ impl<T: Element> Graph<T> {
                         graph.require_grad(id)?;
                     }
                 }
-                NodeDescription::Param { name, shape } => {
+                NodeDescription::Param {
+                    name,
+                    shape,
+                    trainable,
+                } => {
                     let elements = shape.iter().try_fold(1usize, |p, &d| p.checked_mul(d));
                     if elements.is_none_or(|e| e > MAX_PARAM_ELEMENTS) {
                         return Err(Error::invalid_shape(
@@ -80,7 +89,10 @@ impl<T: Element> Graph<T> {
                             shape,
                         ));
                     }
-                    graph.param(name, ndarray::ArrayD::zeros(shape.as_slice()))?;
+                    let id = graph.param(name, ndarray::ArrayD::zeros(shape.as_slice()))?;
+                    if !trainable {
+                        graph.set_trainable(id, false)?;
+                    }
                 }
                 NodeDescription::Op {
                     kind,

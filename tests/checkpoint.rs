@@ -478,7 +478,7 @@ fn an_invalid_or_inconsistent_architecture_is_refused() {
     // Format 2: a described parameter far larger than the one stored.
     let mut graph = model(0).graph().describe();
     for node in &mut graph.nodes {
-        if let pointwise::describe::NodeDescription::Param { name, shape } = node {
+        if let pointwise::describe::NodeDescription::Param { name, shape, .. } = node {
             if name == "head.weight" {
                 *shape = vec![1 << 20, 1 << 20];
             }

@@ -114,6 +114,7 @@ fn a_hostile_description_is_an_error_not_a_panic() {
     let param = |name: &str, shape: &[usize]| NodeDescription::Param {
         name: name.into(),
         shape: shape.to_vec(),
+        trainable: true,
     };
     let op = |kind: &str, inputs: &[usize], attributes: &[(&str, usize)]| NodeDescription::Op {
         kind: kind.into(),

@@ -20,7 +20,7 @@
 
 use crate::checkpoint::{read_limited, write_atomically_with};
 use crate::error::CheckpointError;
-use crate::error::{Error, Result};
+use crate::error::{printable, Error, Result};
 use crate::graph::{Graph, NodeId};
 use crate::model::Model;
 use crate::state::{LoadReport, State};
@@ -146,6 +146,7 @@ pub fn graph_from_safetensors_with(
     let decode = |e: safetensors::SafeTensorError| CheckpointError::Decode {
         reason: format!("safetensors: {e}"),
     };
+    check_header(bytes)?;
     let file = SafeTensors::deserialize(bytes).map_err(decode)?;
     let shapes = torch_shapes(graph)?;
     let layout = graph.state_layout()?.tensors;
@@ -210,4 +211,117 @@ pub fn graph_from_safetensors_with(
         state.tensors.push((name, array));
     }
     graph.load_state(&state, strict)
+}
+
+/// The largest safetensors header read: 100 MB, the safetensors format's own limit.
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Checks a safetensors file's header before the safetensors crate reads it: an 8-byte length,
+/// a JSON object with no key twice, and for every tensor a known dtype, a shape whose element
+/// count and byte size fit (checked arithmetic) and equal its data offsets' span, inside the
+/// data. A hostile header is a typed error in every build profile.
+fn check_header(bytes: &[u8]) -> Result<()> {
+    let fail = |reason: String| -> Result<()> {
+        Err(CheckpointError::Decode {
+            reason: format!("safetensors: {reason}"),
+        }
+        .into())
+    };
+    let Some(length) = bytes.get(..8) else {
+        return fail("the file is shorter than its 8-byte header length".into());
+    };
+    let length = u64::from_le_bytes(length.try_into().unwrap_or([0; 8]));
+    let available = bytes.len() as u64 - 8;
+    if length > available.min(MAX_HEADER) {
+        return fail(format!(
+            "a header of {length} bytes in a file of {}",
+            bytes.len()
+        ));
+    }
+    let header = &bytes[8..8 + length as usize];
+    let entries: Entries = match serde_json::from_slice(header) {
+        Ok(entries) => entries,
+        Err(error) => return fail(format!("the header is not valid: {error}")),
+    };
+    let data = available - length;
+    for (name, entry) in entries.0 {
+        if name == "__metadata__" {
+            continue;
+        }
+        let Ok(entry) = serde_json::from_value::<Entry>(entry) else {
+            return fail(format!(
+                "tensor {:?} is not described properly",
+                printable(&name)
+            ));
+        };
+        let size = match entry.dtype.as_str() {
+            "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1u64,
+            "I16" | "U16" | "F16" | "BF16" => 2,
+            "I32" | "U32" | "F32" => 4,
+            "I64" | "U64" | "F64" => 8,
+            other => {
+                return fail(format!(
+                    "tensor {:?} has dtype {:?}",
+                    printable(&name),
+                    printable(other)
+                ))
+            }
+        };
+        let bytes_needed = entry
+            .shape
+            .iter()
+            .try_fold(size, |total, &d| total.checked_mul(d));
+        let [begin, end] = entry.data_offsets;
+        if begin > end || end > data || bytes_needed != Some(end - begin) {
+            return fail(format!(
+                "tensor {:?}: shape {:?} and data offsets [{begin}, {end}] do not fit {data} bytes of data",
+                printable(&name),
+                entry.shape
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One tensor's entry in a safetensors header.
+#[derive(serde::Deserialize)]
+struct Entry {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+/// A header's entries in order; a key given twice is an error (JSON would keep the last).
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> std::result::Result<Entries, M::Error> {
+                let mut entries: Vec<(String, serde_json::Value)> = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                while let Some((key, value)) = map.next_entry::<String, serde_json::Value>()? {
+                    if !seen.insert(key.clone()) {
+                        let key = printable(&key);
+                        return Err(serde::de::Error::custom(format!(
+                            "the key {key:?} appears twice"
+                        )));
+                    }
+                    entries.push((key, value));
+                }
+                Ok(Entries(entries))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
 }

@@ -177,3 +177,61 @@ fn any_graph_exports_in_pytorch_layout_and_reads_back() {
         );
     }
 }
+
+/// A safetensors file with this JSON header and these data bytes.
+fn raw_file(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+/// Hostile headers are typed errors, never a panic inside the safetensors crate (whose size
+/// arithmetic overflows in debug builds on shapes like these) nor a silent choice.
+#[test]
+fn hostile_safetensors_headers_are_errors() {
+    let (mut graph, _, _) = net();
+    let before = graph_to_safetensors(&graph).unwrap();
+    let huge = 1u64 << 62;
+    let cases = [
+        // Element counts whose byte sizes overflow, alone and summed.
+        format!(r#"{{"a":{{"dtype":"F32","shape":[{huge},4],"data_offsets":[0,0]}}}}"#),
+        format!(
+            r#"{{"a":{{"dtype":"F32","shape":[{huge}],"data_offsets":[0,16]}},"b":{{"dtype":"F32","shape":[{huge}],"data_offsets":[16,32]}}}}"#
+        ),
+        // A consistent tensor whose end offset plus the header's length overflows.
+        r#"{"a":{"dtype":"U8","shape":[18446744073709551600],"data_offsets":[0,18446744073709551600]}}"#.to_string(),
+        // Offsets past the data, reversed, or not the shape's size.
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,800]}}"#.to_string(),
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#.to_string(),
+        r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#.to_string(),
+        // A key given twice (JSON parsers keep the last one silently).
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#.to_string(),
+        // Not an object, an unknown dtype, a missing field.
+        "[1, 2]".to_string(),
+        r#"{"a":{"dtype":"F31","shape":[2],"data_offsets":[0,8]}}"#.to_string(),
+        r#"{"a":{"dtype":"F32","shape":[2]}}"#.to_string(),
+    ];
+    for header in &cases {
+        let error = graph_from_safetensors(&mut graph, &raw_file(header, &[0; 16])).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("safetensors") && !message.contains('\n'),
+            "{header}: {message}"
+        );
+    }
+    // A valid file with its first entry given twice: the safetensors crate alone keeps the
+    // last one and loads it.
+    let length = u64::from_le_bytes(before[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&before[8..8 + length]).unwrap();
+    let first = &header[1..=header.find("},").unwrap()];
+    let doubled = format!("{{{first},{}", &header[1..]);
+    let error = graph_from_safetensors(&mut graph, &raw_file(&doubled, &before[8 + length..]));
+    assert!(error.unwrap_err().to_string().contains("twice"));
+    // A header length beyond the file, and a file shorter than the length field.
+    let mut long = raw_file("{}", &[]);
+    long[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(graph_from_safetensors(&mut graph, &long).is_err());
+    assert!(graph_from_safetensors(&mut graph, &[1, 2, 3]).is_err());
+    assert_eq!(graph_to_safetensors(&graph).unwrap(), before);
+}

@@ -960,3 +960,133 @@ fn hostile_tensor_names_are_escaped_and_capped_in_messages() {
         );
     }
 }
+
+// ---- concurrent saves and special files
+
+const SAVE_TO: &str = "POINTWISE_SAVE_TO";
+
+/// A second process saving to the same path, for the test below: this test binary run again on
+/// this test alone, with the path in `POINTWISE_SAVE_TO`. Does nothing in a normal run.
+#[test]
+fn concurrent_saver_child() {
+    let Some(path) = std::env::var_os(SAVE_TO) else {
+        return;
+    };
+    let seed: u64 = std::env::var("POINTWISE_SAVE_SEED")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let path = PathBuf::from(path);
+    for _ in 0..100 {
+        checkpoint::save(&model(seed), &Metadata::new(seed, 0), &path).unwrap();
+    }
+}
+
+/// 8 threads and 2 processes save different models to one path, 100 rounds: every save
+/// succeeds, and after every round the file loads whole and is one of the models.
+#[test]
+fn overlapping_saves_never_leave_a_torn_or_missing_file() {
+    let dir = folder("concurrent");
+    let path = dir.join("shared.pw");
+    let models: Vec<Vec<u32>> = (0..10).map(|seed| all_values(&model(seed))).collect();
+    let children: Vec<std::process::Child> = [8u64, 9]
+        .iter()
+        .map(|seed| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["concurrent_saver_child", "--exact", "--test-threads=1"])
+                .env(SAVE_TO, &path)
+                .env("POINTWISE_SAVE_SEED", seed.to_string())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let barrier = std::sync::Barrier::new(9);
+    std::thread::scope(|scope| {
+        for seed in 0..8u64 {
+            let (barrier, path) = (&barrier, &path);
+            scope.spawn(move || {
+                let mine = model(seed);
+                for _ in 0..100 {
+                    checkpoint::save(&mine, &Metadata::new(seed, 0), path).unwrap();
+                    barrier.wait();
+                    barrier.wait();
+                }
+            });
+        }
+        for round in 0..100 {
+            barrier.wait();
+            let loaded = load(&path, LoadOptions::default()).unwrap().into_model();
+            assert!(
+                models.contains(&all_values(&loaded)),
+                "round {round}: the file is none of the models"
+            );
+            barrier.wait();
+        }
+    });
+    for mut child in children {
+        assert!(child.wait().unwrap().success(), "a saving process failed");
+    }
+    let loaded = load(&path, LoadOptions::default()).unwrap().into_model();
+    assert!(models.contains(&all_values(&loaded)));
+    // No temporary file is left behind.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+}
+
+#[test]
+fn special_files_are_refused_and_links_and_permissions_are_kept() {
+    let dir = folder("special");
+    // Loaders read regular files only: a device gives an error at once, a FIFO does not hang.
+    for path in ["/dev/zero", "/dev/null"] {
+        let error = load(std::path::Path::new(path), LoadOptions::default()).unwrap_err();
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+        let mut live = model(1);
+        let error = pointwise::export::load_safetensors_into(
+            &mut live,
+            std::path::Path::new(path),
+            1 << 20,
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+    }
+    let fifo = dir.join("fifo");
+    if std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        assert!(load(&fifo, LoadOptions::default()).is_err());
+        // Saving over it is refused too, and it stays a FIFO.
+        assert!(checkpoint::save(&model(1), &Metadata::new(0, 0), &fifo).is_err());
+        assert!(!std::fs::metadata(&fifo).unwrap().is_file());
+    }
+    // Saving to a device is refused, and the device stays one.
+    assert!(checkpoint::save(
+        &model(1),
+        &Metadata::new(0, 0),
+        std::path::Path::new("/dev/null")
+    )
+    .is_err());
+    assert!(!std::fs::metadata("/dev/null").unwrap().is_file());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // A symbolic link is followed: the link stays, its target holds the new weights.
+        let target = dir.join("target.pw");
+        let link = dir.join("link.pw");
+        checkpoint::save(&model(1), &Metadata::new(0, 0), &target).unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        checkpoint::save(&model(2), &Metadata::new(0, 0), &link).unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        let through_target = load(&target, LoadOptions::default()).unwrap().into_model();
+        assert_eq!(all_values(&through_target), all_values(&model(2)));
+        // The replaced file keeps its permissions.
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).unwrap();
+        checkpoint::save(&model(3), &Metadata::new(0, 0), &target).unwrap();
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+    }
+}

@@ -89,7 +89,7 @@ fn mutate(bytes: &mut Vec<u8>, rng: &mut StdRng) {
 }
 
 /// The `.pw` header (length and checksum) made to agree with whatever payload follows.
-fn reseal(bytes: &mut Vec<u8>) {
+fn reseal(bytes: &mut [u8]) {
     if bytes.len() > HEADER_LEN {
         let payload = bytes[HEADER_LEN..].to_vec();
         bytes[10..18].copy_from_slice(&(payload.len() as u64).to_le_bytes());

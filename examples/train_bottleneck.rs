@@ -70,6 +70,13 @@ fn main() -> ExitCode {
 }
 
 fn run(options: &Options) -> AnyResult<()> {
+    // The output folder is checked before training, not after: a bad --out fails at once,
+    // naming the path.
+    std::fs::create_dir_all(&options.out)
+        .map_err(|e| format!("--out {}: {e}", options.out.display()))?;
+    for file in ["bottleneck.pw", "bottleneck.safetensors"] {
+        checkpoint::check_writable(&options.out.join(file))?;
+    }
     let started = Instant::now();
     let config = SyntheticConfig::default();
     let data = data::generate(&config, options.seed)?;

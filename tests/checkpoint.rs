@@ -1090,3 +1090,19 @@ fn special_files_are_refused_and_links_and_permissions_are_kept() {
         assert_eq!(mode, 0o640);
     }
 }
+
+/// A bad output folder fails before training, naming the path, with exit code 1.
+#[test]
+fn train_bottleneck_checks_its_output_folder_before_training() {
+    let binary = example_binary("train_bottleneck");
+    let started = std::time::Instant::now();
+    let output = std::process::Command::new(binary)
+        .args(["--out", "/proc/no/such/folder"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/proc/no/such/folder"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("epoch"));
+    assert!(started.elapsed().as_secs() < 30);
+}

@@ -315,3 +315,55 @@ fn load_into_is_strict_by_default_and_reports_when_not() {
         trained.tensor("head.weight").unwrap()
     );
 }
+
+/// The trainer is generic over the element type: the same network trains in f64.
+#[test]
+fn a_network_trains_in_f64_too() {
+    let data = data();
+    let mut graph = Graph::<f64>::new();
+    let mut nn = Layers::new(&mut graph, 3);
+    let x = nn.input("x");
+    let h = nn.conv1x1("reduce", x, 8, 4, true).unwrap();
+    let h = nn.relu(h).unwrap();
+    let h = nn.global_avg_pool(h).unwrap();
+    let logits = nn.linear("head", h, 4, 4, true).unwrap();
+    let mut model = Model::<f64>::classifier(graph, x, logits).unwrap();
+    let mut trainer = Trainer::<f64>::new(config(4), data.train.len()).unwrap();
+    let losses: Vec<f64> = (0..4)
+        .map(|_| {
+            trainer
+                .train_epoch(&mut model, &data.train, |_, _, _| {})
+                .unwrap()
+                .train_loss
+        })
+        .collect();
+    assert!(losses[3] < losses[0], "{losses:?}");
+    let evaluation = evaluate(&mut model, &data.test, 16).unwrap();
+    assert!(evaluation.loss.is_finite() && evaluation.predictions.len() == 32);
+}
+
+/// NaN or infinite images are an error for prediction as for training, not class 0.
+#[test]
+fn predicting_on_non_finite_images_is_an_error() {
+    let data = data();
+    let mut model = residual(1);
+    let mut images = data.test.images().to_owned();
+    images[[3, 1, 2, 2]] = f32::NAN;
+    assert!(matches!(
+        model.predict(images.view()),
+        Err(Error::NonFinite { .. })
+    ));
+    images[[3, 1, 2, 2]] = f32::INFINITY;
+    assert!(matches!(
+        model.logits(images.view()),
+        Err(Error::NonFinite { .. })
+    ));
+    let bad = Dataset::new(images, data.test.labels().to_vec()).unwrap();
+    assert!(matches!(
+        evaluate(&mut model, &bad, 8),
+        Err(Error::NonFinite { .. })
+    ));
+    // A hand-made data set with more labels than images is refused when it is made.
+    let images = data.test.images().to_owned();
+    assert!(Dataset::new(images, vec![0; 33]).is_err());
+}

@@ -21,8 +21,9 @@ pub struct Cost {
     pub gemms: Vec<String>,
 }
 
+/// The product, saturating: a cost is a count to print, and a huge one must not wrap.
 fn product(dims: &[usize]) -> u64 {
-    dims.iter().map(|&d| d as u64).product()
+    dims.iter().fold(1u64, |p, &d| p.saturating_mul(d as u64))
 }
 
 /// A convolution seen as GEMMs: per sample (F1×F·K²)·(F·K²×P′), with P′ output pixels.
@@ -43,25 +44,37 @@ pub(crate) fn convolution(
         gemms.push(format!("dX {batch}×({c_in_k2}×{c_out})·({c_out}×{pixels})"));
     }
     Cost {
-        params: c_out * c_in_k2 + if bias { c_out } else { 0 },
+        params: c_out
+            .saturating_mul(c_in_k2)
+            .saturating_add(if bias { c_out } else { 0 }),
         forward_macs: macs,
-        backward_macs: if input_grad { 2 * macs } else { macs },
+        backward_macs: if input_grad {
+            macs.saturating_mul(2)
+        } else {
+            macs
+        },
         gemms,
     }
 }
 
 /// conv1x1: x (N, F, H, W) → (N, F1, H, W), P = H·W.
-pub fn conv1x1(x: &[usize], c_out: usize, bias: bool, input_grad: bool) -> Cost {
+pub(crate) fn conv1x1(x: &[usize], c_out: usize, bias: bool, input_grad: bool) -> Cost {
     convolution(x[0], x[1], c_out, x[2] * x[3], bias, input_grad)
 }
 
 /// linear: x (N, F) → (N, F1), a conv1x1 with P = 1.
-pub fn linear(x: &[usize], c_out: usize, bias: bool, input_grad: bool) -> Cost {
+pub(crate) fn linear(x: &[usize], c_out: usize, bias: bool, input_grad: bool) -> Cost {
     convolution(x[0], x[1], c_out, 1, bias, input_grad)
 }
 
 /// conv2d: x (N, F, H, W), weight (F1, F, K, K) → y (N, F1, H′, W′).
-pub fn conv2d(x: &[usize], weight: &[usize], y: &[usize], bias: bool, input_grad: bool) -> Cost {
+pub(crate) fn conv2d(
+    x: &[usize],
+    weight: &[usize],
+    y: &[usize],
+    bias: bool,
+    input_grad: bool,
+) -> Cost {
     convolution(
         x[0],
         weight[1] * weight[2] * weight[3],

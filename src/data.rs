@@ -218,9 +218,10 @@ impl SyntheticConfig {
         ]
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        match elements {
-            Some(e) if e <= 1 << 30 => Ok(()),
-            _ => fail("the dataset would exceed 2^30 elements".to_string()),
+        let signatures = self.classes.checked_mul(self.channels);
+        match (elements, signatures) {
+            (Some(e), Some(s)) if e <= 1 << 30 && s <= 1 << 30 => Ok(()),
+            _ => fail("the dataset or its class signatures would exceed 2^30 elements".to_string()),
         }
     }
 }

@@ -14,7 +14,7 @@ impl<T: Element> Graph<T> {
     pub fn set_input(&mut self, id: NodeId, value: ArrayViewD<T>) -> Result<()> {
         let node = self.input_node(id)?;
         node.has_value = false;
-        resize(&mut node.value, value.shape());
+        resize(&mut node.value, value.shape())?;
         let copy = |(Along(source, _), Along(mut target, _)): (
             Along<ArrayViewD<T>>,
             Along<ArrayViewMutD<T>>,
@@ -46,7 +46,7 @@ impl<T: Element> Graph<T> {
         shape: &[usize],
     ) -> Result<ArrayViewMutD<'_, T>> {
         let node = self.input_node(id)?;
-        resize(&mut node.value, shape);
+        resize(&mut node.value, shape)?;
         node.has_value = true;
         Ok(node.value.view_mut())
     }

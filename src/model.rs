@@ -89,7 +89,18 @@ impl Architecture {
                 return fail(format!("bottleneck sizes must be non-zero: {spec:?}"));
             }
         }
-        // Bound the parameter count so that a hostile weight file cannot ask for huge buffers.
+        // Bound the parameter count so that a hostile weight file (or a typo) cannot ask for
+        // huge buffers: every tensor and their sum within 2^30 elements.
+        let total = self
+            .tensor_shapes()
+            .iter()
+            .try_fold(0usize, |total, (_, shape)| {
+                let elements = shape.iter().try_fold(1usize, |p, &d| p.checked_mul(d))?;
+                total.checked_add(elements)
+            });
+        if total.is_none_or(|t| t > 1 << 30) {
+            return fail("the parameters would exceed 2^30 elements".to_string());
+        }
         let largest = self
             .channels
             .max(self.classes)

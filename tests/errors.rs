@@ -299,3 +299,61 @@ fn an_empty_batch_flows_through_pools_forward_and_backward() {
         assert_eq!(graph.grad(x).unwrap().shape(), &[0, 4, 4, 4]);
     }
 }
+
+/// Sizes that cannot exist are typed errors before anything is allocated: no abort, no panic
+/// (each of these once aborted on an allocation of terabytes or panicked in ndarray).
+#[test]
+fn impossible_sizes_are_errors_before_allocating() {
+    use pointwise::data::{generate, SyntheticConfig};
+    use pointwise::{Architecture, Model};
+    let mut model = Model::new(Architecture::bottleneck(4, 2, 3), 0).unwrap();
+    for shape in [
+        [1 << 40, 4, 8, 8],
+        [usize::MAX, 2, 1, 1],
+        [1 << 16, 1 << 16, 1 << 16, 1],
+    ] {
+        assert!(
+            matches!(model.input_mut(shape), Err(Error::InvalidShape { .. })),
+            "{shape:?}"
+        );
+    }
+    // A broadcast view of 2^40 elements given as an input.
+    let mut graph = Graph::<f32>::new();
+    let x = graph.input("x");
+    let one = ndarray::ArrayD::<f32>::zeros(vec![1, 1]);
+    let huge = one.broadcast(vec![1 << 20, 1 << 20]).unwrap();
+    assert!(matches!(
+        graph.set_input(x, huge),
+        Err(Error::InvalidShape { .. })
+    ));
+    // Paddings whose outputs cannot exist.
+    for padding in [1 << 20, 1 << 31] {
+        let mut graph = Graph::<f32>::new();
+        let x = graph.input("x");
+        let weight = graph
+            .param("w", ndarray::ArrayD::zeros(vec![4, 2, 3, 3]))
+            .unwrap();
+        let y = graph.conv2d(x, weight, None, 1, padding).unwrap();
+        graph
+            .set_input(x, ndarray::ArrayD::zeros(vec![1, 2, 5, 5]).view())
+            .unwrap();
+        let error = graph.forward(y).unwrap_err();
+        assert!(
+            matches!(error, Error::InvalidShape { .. }),
+            "{padding}: {error}"
+        );
+    }
+    // Class signatures of 2^40 × 32, and an architecture of 3 × 2^32 parameters.
+    let config = SyntheticConfig {
+        classes: 1 << 40,
+        ..SyntheticConfig::default()
+    };
+    assert!(matches!(
+        generate(&config, 0),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        Model::new(Architecture::bottleneck(65536, 65536, 65536), 0),
+        Err(Error::InvalidConfig { .. })
+    ));
+}

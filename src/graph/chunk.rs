@@ -124,7 +124,7 @@ impl<T: Element> Graph<T> {
             if let Some((_, samples)) = plan.filter(|_| node.batched && !node.is_leaf()) {
                 shape.slice_mut()[0] = samples;
             }
-            super::resize(&mut node.grad, shape.slice());
+            super::resize(&mut node.grad, shape.slice())?;
         }
         let Some((batch, samples)) = plan else {
             return sweep(self, None);

@@ -153,9 +153,10 @@ impl<'a, T> Inputs<'a, T> {
 impl<T: Element> Forward<'_, T> {
     /// The output buffer, sized to `shape`: reallocated only when the shape changes, so
     /// steady-state steps allocate nothing. Its old content is stale: the op overwrites it.
-    pub fn output(&mut self, shape: &[usize]) -> ArrayViewMutD<'_, T> {
-        resize(self.output, shape);
-        self.output.view_mut()
+    /// A shape over [`crate::graph::MAX_BUFFER_ELEMENTS`] is an error.
+    pub fn output(&mut self, shape: &[usize]) -> Result<ArrayViewMutD<'_, T>> {
+        resize(self.output, shape)?;
+        Ok(self.output.view_mut())
     }
 }
 

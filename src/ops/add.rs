@@ -49,7 +49,7 @@ impl<T: Element> Operation<T> for Add {
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
         let (a, b) = (pass.inputs.get(0), pass.inputs.get(1));
         let shape = output_shape(a.shape(), b.shape())?;
-        forward(a.view(), b.view(), pass.output(shape))
+        forward(a.view(), b.view(), pass.output(shape)?)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {

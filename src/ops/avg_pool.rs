@@ -57,7 +57,7 @@ impl<T: Element> Operation<T> for AvgPool {
             x,
             self.window,
             self.stride,
-            dims_mut(OP, pass.output(&shape))?,
+            dims_mut(OP, pass.output(&shape)?)?,
         )
     }
 

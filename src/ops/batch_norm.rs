@@ -167,7 +167,7 @@ impl<T: Element> Operation<T> for BatchNorm<T> {
                 .and(&self.running_var)
                 .for_each(|s, &var| *s = T::one() / (var + eps).sqrt());
         }
-        let y = dims_mut(OP, pass.output(&shape))?;
+        let y = dims_mut(OP, pass.output(&shape)?)?;
         forward(
             x,
             dims(OP, weight)?,

@@ -60,7 +60,7 @@ impl<T: Element> Operation<T> for Concat {
             shape[1] += channels_of(&shape, pass.inputs.get(k).shape())?;
         }
         let inputs = pass.inputs;
-        let y = pass.output(&shape);
+        let y = pass.output(&shape)?;
         let mut y = dims_mut::<T, Ix4>(OP, y)?;
         let mut offset = 0;
         for x in (0..inputs.len()).map(|k| inputs.get(k)) {

@@ -296,6 +296,7 @@ pub fn forward<T: Element>(
     let [_, c_out, out_height, out_width] = check_forward(&x, &weight, &bias, window, &y)?;
     let kernel = weight.shape()[2];
     let weight = weight_matrix(weight)?;
+    crate::graph::check_elements(OP, &[weight.ncols(), out_height * out_width])?;
     // The samples split between the threads, each part with its own column matrix.
     in_parts((Along(x, Axis(0)), Along(y, Axis(0))), &|(
         Along(x, _),

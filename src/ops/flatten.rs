@@ -44,7 +44,7 @@ impl<T: Element> Operation<T> for Flatten {
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
         let x = pass.inputs.get(0);
-        forward(x.view(), pass.output(&output_shape(x.shape())?))
+        forward(x.view(), pass.output(&output_shape(x.shape())?)?)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {

@@ -45,7 +45,7 @@ impl<T: Element> Operation<T> for GlobalAvgPool {
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
         let x = dims(OP, pass.inputs.get(0))?;
         let shape = output_shape(x.shape())?;
-        forward(x, dims_mut(OP, pass.output(&shape))?)
+        forward(x, dims_mut(OP, pass.output(&shape)?)?)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {

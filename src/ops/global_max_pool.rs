@@ -50,7 +50,7 @@ impl<T: Element> Operation<T> for GlobalMaxPool {
         let x = dims(OP, pass.inputs.get(0))?;
         let shape = output_shape(x.shape())?;
         self.argmax.resize(shape[0] * shape[1], 0);
-        forward(x, dims_mut(OP, pass.output(&shape))?, &mut self.argmax)
+        forward(x, dims_mut(OP, pass.output(&shape)?)?, &mut self.argmax)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {

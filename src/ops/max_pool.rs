@@ -67,7 +67,7 @@ impl<T: Element> Operation<T> for MaxPool {
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
         let x = dims(OP, pass.inputs.get(0))?;
         let shape = output_shape(x.shape(), self.window, self.stride)?;
-        let y = dims_mut(OP, pass.output(&shape))?;
+        let y = dims_mut(OP, pass.output(&shape)?)?;
         self.argmax.resize(y.len(), 0);
         forward(x, self.window, self.stride, y, &mut self.argmax)
     }

@@ -74,7 +74,7 @@ pub(crate) fn elementwise_forward<T: Element>(
     forward: impl FnOnce(ArrayViewD<T>, ArrayViewMutD<T>) -> Result<()>,
 ) -> Result<()> {
     let x = pass.inputs.get(0);
-    forward(x.view(), pass.output(x.shape()))
+    forward(x.view(), pass.output(x.shape())?)
 }
 
 /// The backward pass of a one-input op that only adds into dx: calls `backward(x, dy, dx)`
@@ -389,7 +389,7 @@ pub(crate) fn layer_forward<
         x: dims(op, x)?,
         weight: dims(op, weight)?,
         bias: bias.map(|b| dims(op, b)).transpose()?,
-        y: dims_mut(op, pass.output(shape.as_ref()))?,
+        y: dims_mut(op, pass.output(shape.as_ref())?)?,
     })
 }
 

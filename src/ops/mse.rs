@@ -52,7 +52,7 @@ impl<T: Element> Operation<T> for MeanSquaredError {
         let (prediction, target) = (pass.inputs.get(0), pass.inputs.get(1));
         let loss = forward(prediction.view(), target.view())?;
         self.elements = prediction.len();
-        pass.output(&[]).fill(loss);
+        pass.output(&[])?.fill(loss);
         Ok(())
     }
 

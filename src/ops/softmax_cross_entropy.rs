@@ -71,10 +71,10 @@ impl<T: Element> Operation<T> for SoftmaxCrossEntropy<T> {
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
         let logits = pass.inputs.get(0);
         check_ndim(OP, "logits (N, K)", logits.shape(), 2)?;
-        crate::graph::resize(&mut self.probs, logits.shape());
+        crate::graph::resize(&mut self.probs, logits.shape())?;
         let probs = dims_mut(OP, self.probs.view_mut())?;
         let loss = forward(dims(OP, logits)?, &self.labels, probs)?;
-        pass.output(&[]).fill(loss);
+        pass.output(&[])?.fill(loss);
         Ok(())
     }
 

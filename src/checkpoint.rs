@@ -97,7 +97,9 @@ struct Payload {
     graph: GraphDescription,
     roles: Roles,
     metadata: Metadata,
+    #[serde(deserialize_with = "crate::bounded::vec")]
     tensors: Vec<TensorRecord>,
+    #[serde(deserialize_with = "crate::bounded::vec")]
     counters: Vec<(String, u64)>,
     training: Option<TrainingRecord>,
 }
@@ -109,8 +111,10 @@ struct TrainingRecord {
     step: u64,
     optimizer_steps: u64,
     /// Per parameter, named as the parameter: SGD's velocity or Adam's first moment.
+    #[serde(deserialize_with = "crate::bounded::vec")]
     first: Vec<TensorRecord>,
     /// Adam's second moment.
+    #[serde(deserialize_with = "crate::bounded::vec")]
     second: Vec<TensorRecord>,
 }
 
@@ -120,6 +124,7 @@ struct PayloadV1 {
     architecture: Architecture,
     layers: Vec<Layer>,
     metadata: Metadata,
+    #[serde(deserialize_with = "crate::bounded::vec")]
     tensors: Vec<TensorRecord>,
 }
 
@@ -616,7 +621,11 @@ fn decode_limited<P: serde::de::DeserializeOwned>(
 }
 
 fn decode<P: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<P> {
-    let (decoded, used) = decode_limited(payload).map_err(|e| CheckpointError::Decode {
+    // The decoded sequences may take 4× the payload and 1 MiB more (a description of many
+    // small nodes); the vectors holding them at most twice that, while they grow.
+    let budget = payload.len().saturating_mul(4).saturating_add(1 << 20);
+    let decoded = crate::bounded::with_budget(budget, || decode_limited(payload));
+    let (decoded, used) = decoded.map_err(|e| CheckpointError::Decode {
         reason: e.to_string(),
     })?;
     if used != payload.len() {

@@ -22,6 +22,7 @@ pub enum NodeDescription {
     Op {
         kind: String,
         inputs: Vec<usize>,
+        #[serde(deserialize_with = "crate::bounded::vec")]
         attributes: Vec<(String, usize)>,
     },
 }
@@ -29,6 +30,7 @@ pub enum NodeDescription {
 /// Every node, in creation order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GraphDescription {
+    #[serde(deserialize_with = "crate::bounded::vec")]
     pub nodes: Vec<NodeDescription>,
 }
 

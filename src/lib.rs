@@ -161,6 +161,7 @@
 //! | dX | gradient of the loss with respect to X | `dx`, `dy`, `dweight`, `dbias` |
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+mod bounded;
 mod buffer;
 pub mod checkpoint;
 pub mod cost;

@@ -107,7 +107,7 @@ impl<T: Element> Graph<T> {
                             format!("node {index} reads node {bad}, which is not an earlier node"),
                         ));
                     }
-                    let ids: Vec<NodeId> = inputs.iter().map(|&i| NodeId(i)).collect();
+                    let ids: Vec<NodeId> = inputs.iter().map(|&i| graph.id(i)).collect();
                     crate::ops::rebuild(&mut graph, kind, &ids, attributes)?;
                 }
             }

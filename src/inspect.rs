@@ -34,6 +34,7 @@ impl<T: Element> Graph<T> {
 
     /// Every parameter with its value (to update) and its gradient, in creation order.
     pub fn params_mut(&mut self) -> impl Iterator<Item = ParamMut<'_, T>> {
+        self.invalidate();
         self.nodes
             .iter_mut()
             .filter(|node| node.is_param())
@@ -48,6 +49,7 @@ impl<T: Element> Graph<T> {
     /// A mutable view of a leaf's value (a parameter or a set input), e.g. to perturb it.
     pub fn leaf_value_mut(&mut self, id: NodeId) -> Result<ArrayViewMutD<'_, T>> {
         self.node(id)?;
+        self.invalidate();
         let node = &mut self.nodes[id.0];
         if !node.is_leaf() || !node.has_value {
             return Err(Error::graph(format!(
@@ -75,7 +77,8 @@ impl<T: Element> Graph<T> {
 
     /// Every node id, in creation order.
     pub fn node_ids(&self) -> impl Iterator<Item = NodeId> {
-        (0..self.nodes.len()).map(NodeId)
+        let tag = self.tag;
+        (0..self.nodes.len()).map(move |index| NodeId(index, tag))
     }
 
     /// The node with this name, if any.
@@ -83,7 +86,7 @@ impl<T: Element> Graph<T> {
         self.nodes
             .iter()
             .position(|node| node.name == name)
-            .map(NodeId)
+            .map(|index| self.id(index))
     }
 
     /// Number of nodes on the tape.
@@ -133,6 +136,12 @@ impl<T: Element> Graph<T> {
         if !node.requires_grad {
             return Err(Error::graph(format!(
                 "node {:?} does not require a gradient (Graph::require_grad asks for one)",
+                node.name
+            )));
+        }
+        if !node.has_value {
+            return Err(Error::graph(format!(
+                "the gradient of node {:?} is not there yet: run forward and backward first",
                 node.name
             )));
         }

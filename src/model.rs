@@ -251,6 +251,13 @@ impl<T: Element> Model<T> {
     /// A model from a graph that already holds its loss (a rebuilt weight file). Checks that
     /// the roles fit the graph, and that every trainable parameter reaches the loss.
     pub fn from_roles(graph: Graph<T>, roles: Roles) -> Result<Self> {
+        // Ids read from a file name positions: bind them to this graph.
+        let roles = Roles {
+            input: graph.bind(roles.input)?,
+            output: graph.bind(roles.output)?,
+            loss: graph.bind(roles.loss)?,
+            target: roles.target.map(|t| graph.bind(t)).transpose()?,
+        };
         let wrong = |reason: String| Err(Error::invalid_config("model", reason));
         let kind = |id: NodeId| graph.kind(id);
         if kind(roles.input)? != "input" {
@@ -416,7 +423,7 @@ fn ancestors<T: Element>(graph: &Graph<T>, target: NodeId) -> Result<Vec<bool>> 
     reached[target.index()] = true;
     for index in (0..=target.index()).rev() {
         if reached[index] {
-            for input in graph.inputs(NodeId(index))? {
+            for input in graph.inputs(graph.id(index))? {
                 reached[input.index()] = true;
             }
         }

@@ -357,3 +357,63 @@ fn impossible_sizes_are_errors_before_allocating() {
         Err(Error::InvalidConfig { .. })
     ));
 }
+
+/// Misuse that once passed silently: an id of another graph of the same shape, a backward pass
+/// over values that no longer match the inputs, parameters or labels, and gradients asked for
+/// before they exist. Each is an error that says what to do.
+#[test]
+fn stale_values_and_foreign_ids_are_refused() {
+    let (mut graph, x, y) = conv_graph(4);
+    let (other, other_x, _) = conv_graph(4);
+    assert_eq!(x.index(), other_x.index());
+    // Same position, other graph: refused, not taken for this graph's node.
+    let error = graph
+        .set_input(other_x, random(&[1, 4, 2, 2], 1).view())
+        .unwrap_err();
+    assert!(error.to_string().contains("another graph"), "{error}");
+    drop(other);
+    // Before any forward pass there is no gradient, not an empty one.
+    let error = graph.grad(y).unwrap_err();
+    assert!(error.to_string().contains("run forward"), "{error}");
+    let loss = graph.global_avg_pool(y).unwrap();
+    let weight = graph.find("weight").unwrap();
+    let error = graph.grad(weight).unwrap_err();
+    assert!(
+        error.to_string().contains("run forward and backward"),
+        "{error}"
+    );
+    // A new input after the forward pass: backward refuses the stale values.
+    graph.set_input(x, random(&[2, 4, 3, 3], 2).view()).unwrap();
+    graph.forward(loss).unwrap();
+    graph.set_input(x, random(&[2, 4, 3, 3], 3).view()).unwrap();
+    let upstream = ndarray::ArrayD::<f64>::ones(vec![2, 3]);
+    let error = graph.backward_from(loss, upstream.view()).unwrap_err();
+    assert!(error.to_string().contains("run forward"), "{error}");
+    // A forward pass that stopped below the target does not count for it.
+    graph.forward(y).unwrap();
+    assert!(graph.backward_from(loss, upstream.view()).is_err());
+    graph.forward(loss).unwrap();
+    graph.backward_from(loss, upstream.view()).unwrap();
+    // A parameter changed (an optimizer step) or the mode switched: forward again first.
+    let value = graph.value(weight).unwrap().to_owned();
+    graph.set_param(weight, value.view()).unwrap();
+    assert!(graph.backward_from(loss, upstream.view()).is_err());
+    graph.forward(loss).unwrap();
+    graph.set_training(false);
+    assert!(graph.backward_from(loss, upstream.view()).is_err());
+}
+
+/// Labels set after the forward pass: the loss's saved probabilities belong to the old ones.
+#[test]
+fn labels_changed_after_the_forward_pass_need_a_new_one() {
+    let mut graph = Graph::<f64>::new();
+    let x = graph.input("x");
+    let loss = graph.softmax_cross_entropy(x).unwrap();
+    graph.set_input(x, random(&[2, 3], 1).view()).unwrap();
+    graph.set_labels(loss, &[0, 1]).unwrap();
+    graph.forward(loss).unwrap();
+    graph.set_labels(loss, &[2, 2]).unwrap();
+    assert!(graph.backward(loss).is_err());
+    graph.forward(loss).unwrap();
+    graph.backward(loss).unwrap();
+}

@@ -215,7 +215,18 @@ fn a_regressor_trains_on_target_tensors_and_round_trips() {
     let rebuilt = checkpoint::from_bytes(&bytes, LoadOptions::default())
         .unwrap()
         .into_model();
-    assert_eq!(rebuilt.roles(), model.roles());
+    let positions = |m: &Model| {
+        let roles = m.roles();
+        let target = roles.target.map(|t| t.index());
+        (
+            roles.input.index(),
+            roles.output.index(),
+            roles.loss.index(),
+            target,
+        )
+    };
+    assert_eq!(positions(&rebuilt), positions(&model));
+    assert!(rebuilt.roles().target.is_some());
     // A classification set is refused by a regressor, with a reason.
     let mut trainer =
         Trainer::new(TrainConfig::new(1, 16, 0.01, OptimizerKind::adam()), 96).unwrap();

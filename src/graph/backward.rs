@@ -20,6 +20,13 @@ impl<T: Element> Graph<T> {
     /// tape. Used by [`crate::gradcheck`] with a random upstream gradient.
     pub fn backward_from(&mut self, target: NodeId, upstream: ArrayViewD<T>) -> Result<()> {
         self.node(target)?;
+        if self.current_to.is_none_or(|c| c < target.0) {
+            return Err(crate::error::Error::graph(format!(
+                "the values below node {} are out of date (an input, a parameter, a label or \
+                 the mode changed since the last forward pass): run forward({0}) first",
+                target.0
+            )));
+        }
         super::same_shape(
             "backward",
             self.nodes[target.0].value.shape(),

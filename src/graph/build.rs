@@ -30,7 +30,7 @@ impl<T: Element> Graph<T> {
             grad_written: false,
             time: Default::default(),
         });
-        NodeId(self.nodes.len() - 1)
+        self.id(self.nodes.len() - 1)
     }
 
     /// Adds an op reading `inputs` (earlier nodes; the same node may appear twice, as in
@@ -97,8 +97,10 @@ impl<T: Element> Graph<T> {
         Ok(id)
     }
 
+    /// The input node `id`, about to change: the values computed from it are out of date.
     pub(crate) fn input_node(&mut self, id: NodeId) -> Result<&mut Node<T>> {
         self.node(id)?;
+        self.invalidate();
         let node = &mut self.nodes[id.0];
         if !matches!(node.source, Source::Input) {
             let reason = format!(
@@ -153,6 +155,7 @@ impl<T: Element> Graph<T> {
     /// Replaces a parameter's value; the new value must have the parameter's shape.
     pub fn set_param(&mut self, id: NodeId, value: ArrayViewD<T>) -> Result<()> {
         self.param_shape("set_param", "node", id)?;
+        self.invalidate();
         let node = &mut self.nodes[id.0];
         super::same_shape("set_param", node.value.shape(), value.shape())?;
         node.value.assign(&value);

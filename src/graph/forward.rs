@@ -10,6 +10,7 @@ impl<T: Element> Graph<T> {
     /// Evaluates every node up to and including `target`, in creation order.
     pub fn forward(&mut self, target: NodeId) -> Result<()> {
         self.node(target)?;
+        let current = self.current_to.take();
         let (training, profiling) = (self.training, self.profiling);
         for index in 0..=target.0 {
             let (before, rest) = self.nodes.split_at_mut(index);
@@ -47,6 +48,7 @@ impl<T: Element> Graph<T> {
                 }
             }
         }
+        self.current_to = Some(current.map_or(target.0, |c| c.max(target.0)));
         Ok(())
     }
 }

@@ -34,16 +34,41 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use ndarray::{ArrayD, IxDyn};
 
-/// A node of one graph: an index into its tape.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-pub struct NodeId(pub(crate) usize);
+/// A node of one graph: its position on the tape, and which graph it belongs to (an id of
+/// another graph is an error, not a node of this one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub(crate) usize, pub(crate) u32);
 
 impl NodeId {
     /// The position of the node on the tape (its creation order).
     pub fn index(self) -> usize {
         self.0
+    }
+}
+
+/// The graph tag of an id read from a file: bound to a graph by [`Graph::bind`].
+const UNBOUND: u32 = 0;
+
+/// Tags for new graphs; 0 is [`UNBOUND`].
+static GRAPHS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// An id is stored as its position alone: a file's ids name nodes of the graph rebuilt from it.
+impl serde::Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_u64(self.0 as u64)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let index = u64::deserialize(deserializer)?;
+        let index = usize::try_from(index).map_err(serde::de::Error::custom)?;
+        Ok(NodeId(index, UNBOUND))
     }
 }
 
@@ -112,6 +137,11 @@ pub struct Graph<T> {
     pub(crate) training: bool,
     /// Whether forward and backward time every op (see [`Graph::set_profiling`]).
     pub(crate) profiling: bool,
+    /// This graph's tag, carried by its ids.
+    pub(crate) tag: u32,
+    /// The nodes up to this position hold the values of the current inputs, parameters and
+    /// settings; `None` once any of them changed since the last forward pass.
+    pub(crate) current_to: Option<usize>,
 }
 
 impl<T: Element> Default for Graph<T> {
@@ -165,11 +195,17 @@ pub(crate) fn resize<T: Element>(buffer: &mut ArrayD<T>, shape: &[usize]) -> Res
 impl<T: Element> Graph<T> {
     /// An empty graph.
     pub fn new() -> Self {
+        let mut tag = GRAPHS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if tag == UNBOUND {
+            tag = GRAPHS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Graph {
             nodes: Vec::new(),
             backward_chunk: None,
             training: true,
             profiling: false,
+            tag,
+            current_to: None,
         }
     }
 
@@ -186,10 +222,38 @@ impl<T: Element> Graph<T> {
     /// (batch norm: batch statistics and running averages vs the running averages alone) read
     /// it at every forward pass, as `model.train()` / `model.eval()` set it in PyTorch.
     pub fn set_training(&mut self, training: bool) {
+        if training != self.training {
+            self.current_to = None;
+        }
         self.training = training;
     }
 
+    /// The id of the node at `index` of this graph.
+    pub(crate) fn id(&self, index: usize) -> NodeId {
+        NodeId(index, self.tag)
+    }
+
+    /// An id read from a file (it holds a position alone) made an id of this graph; an id
+    /// of this graph is returned as it is, and one of another graph is an error.
+    pub fn bind(&self, id: NodeId) -> Result<NodeId> {
+        let bound = if id.1 == UNBOUND { self.id(id.0) } else { id };
+        self.node(bound)?;
+        Ok(bound)
+    }
+
+    /// Marks every value as out of date: an input, a parameter or a setting changed, and
+    /// [`Graph::backward`] refuses to run until [`Graph::forward`] has.
+    pub(crate) fn invalidate(&mut self) {
+        self.current_to = None;
+    }
+
     pub(crate) fn node(&self, id: NodeId) -> Result<&Node<T>> {
+        if id.1 != self.tag {
+            return Err(Error::graph(format!(
+                "node {} is an id of another graph",
+                id.0
+            )));
+        }
         self.nodes.get(id.0).ok_or_else(|| {
             Error::graph(format!(
                 "node {} does not exist (the graph has {} nodes)",
@@ -201,7 +265,7 @@ impl<T: Element> Graph<T> {
 
     /// The op of node `id` as its own type `O`, to read, if it is one.
     pub(crate) fn op_ref<O: 'static>(&self, id: NodeId) -> Option<&O> {
-        match &self.nodes.get(id.0)?.source {
+        match &self.node(id).ok()?.source {
             Source::Op(op) => op.as_any().downcast_ref::<O>(),
             _ => None,
         }
@@ -211,6 +275,7 @@ impl<T: Element> Graph<T> {
     /// labels, say). The error names `what` the caller expected.
     pub(crate) fn op_mut<O: 'static>(&mut self, id: NodeId, what: &str) -> Result<&mut O> {
         self.node(id)?;
+        self.invalidate();
         let node = &mut self.nodes[id.0];
         let kind = node.kind();
         let op = match &mut node.source {

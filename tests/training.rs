@@ -332,3 +332,95 @@ fn the_model_chunks_its_backward_pass_only_for_large_batches() {
         }
     }
 }
+
+/// Hyper-parameters are checked as the element type holds them: ε = 1e-50 is 0 in f32 (0/0 on
+/// a zero gradient), a weight decay of 1e300 is infinite there, a learning rate of 1e39
+/// overflows and one of 1e-300 rounds to 0 (a run that would silently not train).
+#[test]
+fn hyper_parameters_are_checked_in_the_element_type() {
+    let tiny_eps = OptimizerKind::Adam {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-50,
+        weight_decay: 0.0,
+    };
+    assert!(matches!(
+        Optimizer::<f32>::new(tiny_eps),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(Optimizer::<f64>::new(tiny_eps).is_ok());
+    let huge_decay = OptimizerKind::Sgd {
+        momentum: 0.9,
+        weight_decay: 1e300,
+    };
+    assert!(matches!(
+        Optimizer::<f32>::new(huge_decay),
+        Err(Error::InvalidConfig { .. })
+    ));
+    let mut model = Model::new(Architecture::bottleneck(4, 2, 3), 0).unwrap();
+    let images = ndarray::Array4::<f32>::ones((2, 4, 2, 2));
+    model.forward_backward(images.view(), &[0, 1]).unwrap();
+    let mut optimizer = Optimizer::<f32>::new(OptimizerKind::sgd()).unwrap();
+    for lr in [1e39, 1e-300, f64::NAN, -1.0] {
+        assert!(
+            matches!(
+                optimizer.step(model.graph_mut(), lr),
+                Err(Error::InvalidConfig { .. })
+            ),
+            "{lr}"
+        );
+    }
+    assert_eq!(optimizer.steps(), 0);
+}
+
+/// A step whose update of a later parameter overflows changes nothing: not the earlier
+/// parameters, not the optimizer's state or step count.
+#[test]
+fn an_optimizer_step_is_all_or_nothing() {
+    // y = W1·x1 + W2·x2 with x1 ~ 1e-3 and x2 ~ 1e3: at lr 1e36 W1's update is finite and
+    // W2's overflows f32.
+    let mut graph = Graph::<f32>::new();
+    let (x1, x2, target) = (graph.input("x1"), graph.input("x2"), graph.input("t"));
+    let w1 = graph
+        .param("w1", ArrayD::from_elem(IxDyn(&[2, 3]), 0.5))
+        .unwrap();
+    let w2 = graph
+        .param("w2", ArrayD::from_elem(IxDyn(&[2, 3]), 0.5))
+        .unwrap();
+    let (a, b) = (
+        graph.linear(x1, w1, None).unwrap(),
+        graph.linear(x2, w2, None).unwrap(),
+    );
+    let y = graph.add(a, b).unwrap();
+    let loss = graph.mse(y, target).unwrap();
+    graph
+        .set_input(x1, ArrayD::from_elem(IxDyn(&[4, 3]), 1e-3).view())
+        .unwrap();
+    graph
+        .set_input(x2, ArrayD::from_elem(IxDyn(&[4, 3]), 1e3).view())
+        .unwrap();
+    graph
+        .set_input(target, ArrayD::zeros(IxDyn(&[4, 2])).view())
+        .unwrap();
+    graph.forward(loss).unwrap();
+    graph.backward(loss).unwrap();
+    let before: Vec<ArrayD<f32>> = [w1, w2]
+        .map(|p| graph.value(p).unwrap().to_owned())
+        .to_vec();
+    let mut optimizer = Optimizer::<f32>::new(OptimizerKind::adam()).unwrap();
+    let mut sgd = Optimizer::<f32>::new(OptimizerKind::sgd()).unwrap();
+    let error = sgd.step(&mut graph, 1e36).unwrap_err();
+    assert!(
+        matches!(&error, Error::NonFinite { what, .. } if what.contains("w2")),
+        "{error}"
+    );
+    let after: Vec<ArrayD<f32>> = [w1, w2]
+        .map(|p| graph.value(p).unwrap().to_owned())
+        .to_vec();
+    assert_eq!(before, after);
+    assert_eq!(sgd.steps(), 0);
+    // The same gradients at a sane rate update both.
+    optimizer.step(&mut graph, 1e-3).unwrap();
+    assert_ne!(graph.value(w1).unwrap(), before[0]);
+    assert_eq!(optimizer.steps(), 1);
+}

@@ -110,6 +110,7 @@ fn resume_in_a_child(path: &Path, threads: usize) -> (Model, TrainingState) {
 
 #[test]
 fn training_resumed_in_a_new_process_is_bit_identical_to_a_straight_run() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("resume");
     std::fs::create_dir_all(&dir).unwrap();
     let data = data();
@@ -139,4 +140,74 @@ fn training_resumed_in_a_new_process_is_bit_identical_to_a_straight_run() {
             );
         }
     }
+}
+
+/// The tests of this file set the global thread count: they take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// 1×1 conv 96 → 60 on 12×12 maps (H·W > 128), forward and backward: every gradient's bits.
+fn wide_layer_gradients<T: pointwise::Element>() -> Vec<f64> {
+    let mut graph = Graph::<T>::new();
+    let mut nn = Layers::new(&mut graph, 5);
+    let x = nn.input_with_grad("x");
+    let y = nn.conv1x1("layer", x, 96, 60, true).unwrap();
+    let loss = nn.global_avg_pool(y).unwrap();
+    let input = ndarray::ArrayD::from_shape_fn(vec![4, 96, 12, 12], |i| {
+        T::from_f64(((i[0] * 7 + i[1] * 13 + i[2] * 3 + i[3]) % 17) as f64 / 17.0 - 0.5)
+    });
+    graph.set_input(x, input.view()).unwrap();
+    graph.forward(loss).unwrap();
+    let upstream = ndarray::ArrayD::from_shape_fn(vec![4, 60], |i| {
+        T::from_f64(((i[0] * 5 + i[1]) % 11) as f64 / 11.0)
+    });
+    graph.backward_from(loss, upstream.view()).unwrap();
+    let mut bits = Vec::new();
+    for id in graph.node_ids() {
+        if let Ok(grad) = graph.grad(id) {
+            bits.extend(grad.iter().map(|v| v.as_f64()));
+        }
+    }
+    bits
+}
+
+/// Same seed, same bits, whatever the thread count — where the matrix products run on
+/// ndarray's GEMM (always in f64; in f32 on CPUs without AVX-512): the threads split samples,
+/// channels or the columns of dW, and each element is summed in the same order either way.
+/// (On the AVX-512 kernel, dW of a layer with H·W > 128 may round differently between thread
+/// counts; README, "Determinism".)
+#[test]
+fn results_do_not_depend_on_the_thread_count_on_the_ndarray_backend() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let f32_on_ndarray = pointwise::gemm::backend::<f32>() == "ndarray";
+    let (mut wide64, mut wide32, mut runs) = (Vec::new(), Vec::new(), Vec::new());
+    for threads in [1, 2, 3] {
+        pointwise::parallel::set_threads(threads).unwrap();
+        wide64.push(wide_layer_gradients::<f64>());
+        if f32_on_ndarray {
+            wide32.push(wide_layer_gradients::<f32>());
+            let mut model = network();
+            let mut trainer =
+                Trainer::new(config(OptimizerKind::adam()), data().train.len()).unwrap();
+            train(&mut model, &mut trainer, 2);
+            runs.push(bits(&model, &trainer.state()));
+        }
+    }
+    pointwise::parallel::set_threads(1).unwrap();
+    assert!(
+        wide64.windows(2).all(|w| w[0] == w[1]),
+        "f64 gradients differ"
+    );
+    assert!(
+        wide32.windows(2).all(|w| w[0] == w[1]),
+        "f32 gradients differ"
+    );
+    assert!(runs.windows(2).all(|w| w[0] == w[1]), "training differs");
+    println!(
+        "thread-count independence checked in f64{}",
+        if f32_on_ndarray {
+            " and f32 (training too)"
+        } else {
+            ""
+        }
+    );
 }

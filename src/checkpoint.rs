@@ -779,15 +779,22 @@ fn check_against_description(
             _ => {}
         }
     }
-    let stored: std::collections::HashMap<&str, &ArrayD<f32>> =
+    // Hash sets throughout: a file of many names is checked in linear time.
+    use std::collections::{HashMap, HashSet};
+    let stored: HashMap<&str, &ArrayD<f32>> =
         tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let wanted: std::collections::HashSet<&str> =
-        expected.iter().map(|(n, _)| n.as_str()).collect();
+    let stored_counters: HashSet<&str> = counters.iter().map(|(n, _)| n.as_str()).collect();
+    let wanted: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let wanted_counters: HashSet<&str> = expected_counters.iter().map(String::as_str).collect();
     let missing: Vec<String> = expected
         .iter()
         .map(|(n, _)| n)
-        .chain(&expected_counters)
-        .filter(|n| !stored.contains_key(n.as_str()) && !counters.iter().any(|(c, _)| c == *n))
+        .filter(|n| !stored.contains_key(n.as_str()))
+        .chain(
+            expected_counters
+                .iter()
+                .filter(|n| !stored_counters.contains(n.as_str())),
+        )
         .cloned()
         .collect();
     let unexpected: Vec<String> = tensors
@@ -798,7 +805,7 @@ fn check_against_description(
             counters
                 .iter()
                 .map(|(n, _)| n)
-                .filter(|n| !expected_counters.contains(n)),
+                .filter(|n| !wanted_counters.contains(n.as_str())),
         )
         .cloned()
         .collect();

@@ -40,6 +40,9 @@ use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 #[cfg(target_arch = "x86_64")]
 use std::any::TypeId;
 
+/// The most multiply-adds one product may take: 2⁵⁰, over an hour at this machine's peak.
+pub const MAX_MACS: u64 = 1 << 50;
+
 /// C (M×N) ← α·A (M×K)·B (K×N) + β·C. With β = 0, C's old values are ignored (even NaN).
 /// A and B may be transposed or strided views; C must not overlap them.
 pub fn gemm<T: Element>(
@@ -112,6 +115,18 @@ fn product<T: Element>(
     }
     if m == 0 || n == 0 {
         return Ok(());
+    }
+    // Operands can be broadcast views of any size: a product that could not finish in hours
+    // is refused rather than run.
+    let macs = (m as u64)
+        .checked_mul(n as u64)
+        .and_then(|mn| mn.checked_mul(k as u64));
+    if macs.is_none_or(|macs| macs > MAX_MACS) {
+        return Err(Error::invalid_shape(
+            "gemm",
+            format!("a product of more than {MAX_MACS} multiply-adds"),
+            &[m, k, n],
+        ));
     }
     // A large product called from outside the ops' own parallel parts (which already use
     // every thread) splits C's columns between the threads.

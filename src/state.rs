@@ -144,8 +144,10 @@ impl<T: Element> Graph<T> {
                 report.unexpected.push(name.clone());
             }
         }
+        let counter_set: std::collections::HashSet<&str> =
+            counter_names.iter().map(String::as_str).collect();
         for (name, _) in &state.counters {
-            if !counter_names.contains(name) {
+            if !counter_set.contains(name.as_str()) {
                 report.unexpected.push(name.clone());
             }
         }

@@ -417,3 +417,18 @@ fn labels_changed_after_the_forward_pass_need_a_new_one() {
     graph.forward(loss).unwrap();
     graph.backward(loss).unwrap();
 }
+
+/// A product of broadcast views whose multiply-adds overflow (or would take hours) is refused,
+/// not run (it once hung in release builds).
+#[test]
+fn a_gemm_of_impossible_size_is_refused() {
+    let one = ndarray::Array2::<f32>::ones((1, 1));
+    let a = one.broadcast((4, 1 << 60)).unwrap();
+    let b = one.broadcast((1 << 60, 4)).unwrap();
+    let mut c = ndarray::Array2::<f32>::zeros((4, 4));
+    let result = pointwise::gemm::gemm(1.0, a, b, 0.0, c.view_mut());
+    assert!(
+        matches!(result, Err(Error::InvalidShape { .. })),
+        "{result:?}"
+    );
+}

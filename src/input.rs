@@ -1,7 +1,7 @@
 //! Feeding data to the tape: an input's values, copied and checked for finiteness as they go.
 
 use crate::element::Element;
-use crate::error::{Error, Result};
+use crate::error::{printable, Error, Result};
 use crate::graph::{resize, Graph, NodeId};
 use crate::parallel::Along;
 use ndarray::{ArrayViewD, ArrayViewMutD, Axis, Zip};
@@ -56,7 +56,10 @@ impl<T: Element> Graph<T> {
     pub(crate) fn check_input_finite(&mut self, id: NodeId) -> Result<()> {
         let node = self.input_node(id)?;
         if !node.has_value {
-            return Err(Error::graph(format!("input {:?} was not set", node.name)));
+            return Err(Error::graph(format!(
+                "input \"{}\" was not set",
+                printable(&node.name)
+            )));
         }
         let check = |Along(part, _): Along<ArrayViewD<T>>| {
             let finite = part.iter().all(|v| v.is_finite());
@@ -74,5 +77,5 @@ impl<T: Element> Graph<T> {
 /// check has failed: the common, finite case pays for one pass.
 fn non_finite_input<T: Element>(name: &str, values: ArrayViewD<T>) -> Error {
     let index = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
-    Error::non_finite(format!("element {index} of input {name:?}"))
+    Error::non_finite(format!("element {index} of input \"{}\"", printable(name)))
 }

@@ -1,7 +1,7 @@
 //! Reading the tape: nodes by name and kind, values, gradients, parameters, timings.
 
 use crate::element::Element;
-use crate::error::{Error, Result};
+use crate::error::{printable, Error, Result};
 use crate::graph::{Graph, NodeId, Source};
 use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD};
 
@@ -53,8 +53,8 @@ impl<T: Element> Graph<T> {
         let node = &mut self.nodes[id.0];
         if !node.is_leaf() || !node.has_value {
             return Err(Error::graph(format!(
-                "node {:?} is not a leaf with a value",
-                node.name
+                "node \"{}\" is not a leaf with a value",
+                printable(&node.name)
             )));
         }
         Ok(node.value.view_mut())
@@ -135,14 +135,14 @@ impl<T: Element> Graph<T> {
         let node = self.node(id)?;
         if !node.requires_grad {
             return Err(Error::graph(format!(
-                "node {:?} does not require a gradient (Graph::require_grad asks for one)",
-                node.name
+                "node \"{}\" does not require a gradient (Graph::require_grad asks for one)",
+                printable(&node.name)
             )));
         }
         if !node.has_value {
             return Err(Error::graph(format!(
-                "the gradient of node {:?} is not there yet: run forward and backward first",
-                node.name
+                "the gradient of node \"{}\" is not there yet: run forward and backward first",
+                printable(&node.name)
             )));
         }
         if node.grad.shape() != node.value.shape() {
@@ -153,8 +153,8 @@ impl<T: Element> Graph<T> {
                 "is not there yet: run forward and backward first"
             };
             return Err(Error::graph(format!(
-                "the gradient of node {:?} {reason}",
-                node.name
+                "the gradient of node \"{}\" {reason}",
+                printable(&node.name)
             )));
         }
         Ok(node.grad.view())

@@ -1159,3 +1159,45 @@ fn many_distinct_tensor_names_are_refused_quickly() {
     );
     assert!(error.to_string().len() < 2000);
 }
+
+/// Node names come from files too: in every message they are escaped and cut, so a newline
+/// or an ANSI escape cannot forge a line and a 10,000-character name cannot flood the output.
+#[test]
+fn hostile_node_names_are_escaped_and_capped_in_messages() {
+    let hostile = format!("evil\n\u{1b}[31mred{}", "x".repeat(10_000));
+    let mut graph = pointwise::Graph::<f32>::new();
+    let x = graph.input(&hostile);
+    let pooled = graph.global_avg_pool(x).unwrap();
+    let weight_name = format!("{hostile}.weight");
+    let weight = graph
+        .param(&weight_name, ndarray::ArrayD::zeros(vec![2, 3]))
+        .unwrap();
+    let logits = graph.linear(pooled, weight, None).unwrap();
+    let model = Model::classifier(graph, x, logits).unwrap();
+    let bytes = to_bytes(&model, &Metadata::new(0, 0)).unwrap();
+    let mut rebuilt = from_bytes(&bytes, LoadOptions::default()).unwrap();
+    let description = rebuilt.describe();
+    assert!(!description.contains('\u{1b}') && description.lines().all(|l| l.len() < 400));
+    let loss = rebuilt.model.roles().loss;
+    let messages = [
+        rebuilt
+            .model
+            .graph_mut()
+            .forward(loss)
+            .unwrap_err()
+            .to_string(),
+        rebuilt
+            .model
+            .graph_mut()
+            .param(&hostile, ndarray::ArrayD::zeros(vec![1]))
+            .unwrap_err()
+            .to_string(),
+    ];
+    for message in messages {
+        assert!(
+            !message.contains('\n') && !message.contains('\u{1b}'),
+            "{message:?}"
+        );
+        assert!(message.len() < 400, "{} characters", message.len());
+    }
+}

@@ -3,7 +3,7 @@
 
 use super::{Graph, Node, NodeId, Operation, Source};
 use crate::element::Element;
-use crate::error::{Error, Result};
+use crate::error::{printable, Error, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 impl<T: Element> Graph<T> {
@@ -81,13 +81,16 @@ impl<T: Element> Graph<T> {
         if name.is_empty() || self.find(name).is_some() {
             return Err(Error::invalid_config(
                 "param",
-                format!("parameter name {name:?} is empty or already used"),
+                format!(
+                    "parameter name \"{}\" is empty or already used",
+                    printable(name)
+                ),
             ));
         }
         if value.is_empty() {
             return Err(Error::invalid_shape(
                 "param",
-                format!("parameter {name:?} has no elements"),
+                format!("parameter \"{}\" has no elements", printable(name)),
                 value.shape(),
             ));
         }
@@ -104,8 +107,8 @@ impl<T: Element> Graph<T> {
         let node = &mut self.nodes[id.0];
         if !matches!(node.source, Source::Input) {
             let reason = format!(
-                "node {:?} is a {} node, not an input",
-                node.name,
+                "node \"{}\" is a {} node, not an input",
+                printable(&node.name),
                 node.kind()
             );
             return Err(Error::graph(reason));

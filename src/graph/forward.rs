@@ -3,7 +3,7 @@
 use super::op::{Forward, Inputs};
 use super::{Graph, Node, NodeId, Source};
 use crate::element::Element;
-use crate::error::{Error, Result};
+use crate::error::{printable, Error, Result};
 use std::time::Instant;
 
 impl<T: Element> Graph<T> {
@@ -26,7 +26,8 @@ impl<T: Element> Graph<T> {
             match source {
                 Source::Input | Source::Param if !*has_value => {
                     return Err(Error::graph(format!(
-                        "input {name:?} was never set (set_input first)"
+                        "input \"{}\" was never set (set_input first)",
+                        printable(name)
                     )));
                 }
                 Source::Input | Source::Param => {}

@@ -31,7 +31,7 @@ mod op;
 pub use op::{Backward, CloneOperation, Forward, GradWrite, Inputs, Operation, Port, Ports};
 
 use crate::element::Element;
-use crate::error::{Error, Result};
+use crate::error::{printable, Error, Result};
 use ndarray::{ArrayD, IxDyn};
 
 /// A node of one graph: its position on the tape, and which graph it belongs to (an id of
@@ -282,6 +282,11 @@ impl<T: Element> Graph<T> {
             Source::Op(op) => op.as_any_mut().downcast_mut::<O>(),
             _ => None,
         };
-        op.ok_or_else(|| Error::graph(format!("{what}: node {:?} is a {kind}", node.name)))
+        op.ok_or_else(|| {
+            Error::graph(format!(
+                "{what}: node \"{}\" is a {kind}",
+                printable(&node.name)
+            ))
+        })
     }
 }

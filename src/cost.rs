@@ -62,9 +62,20 @@ pub(crate) fn conv1x1(x: &[usize], c_out: usize, bias: bool, input_grad: bool) -
     convolution(x[0], x[1], c_out, x[2] * x[3], bias, input_grad)
 }
 
-/// linear: x (N, F) → (N, F1), a conv1x1 with P = 1.
+/// linear: x (N, F) → (N, F1), a conv1x1 with P = 1, run as one GEMM per product over the
+/// batch.
 pub(crate) fn linear(x: &[usize], c_out: usize, bias: bool, input_grad: bool) -> Cost {
-    convolution(x[0], x[1], c_out, 1, bias, input_grad)
+    let (batch, c_in) = (x[0], x[1]);
+    let mut cost = convolution(batch, c_in, c_out, 1, bias, input_grad);
+    cost.gemms = vec![
+        format!("fwd ({batch}×{c_in})·({c_in}×{c_out})"),
+        format!("dW ({c_out}×{batch})·({batch}×{c_in})"),
+    ];
+    if input_grad {
+        cost.gemms
+            .push(format!("dX ({batch}×{c_out})·({c_out}×{c_in})"));
+    }
+    cost
 }
 
 /// conv2d: x (N, F, H, W), weight (F1, F, K, K) → y (N, F1, H′, W′).

@@ -3,6 +3,8 @@
 //! Each example includes this folder with `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod peak;
+
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 use pointwise::data::Synthetic;

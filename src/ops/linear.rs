@@ -2,30 +2,36 @@
 //!
 //! ## What
 //! `y[n] = W·x[n] + b`. A fully-connected layer on C features is a 1×1 convolution on a 1×1
-//! feature map with C channels (the observation behind fully-convolutional networks), so this
-//! op has no GEMM code of its own: it views (N, C) as (N, C, 1, 1) and calls [`conv1x1`].
-//! `tests/ops.rs` shows the equivalence on numbers.
+//! feature map with C channels (the observation behind fully-convolutional networks):
+//! `tests/ops.rs` shows the equivalence on numbers. Computed as conv1x1 computes it, one GEMM
+//! per sample, each would be a matrix-vector product (P = 1 pixel), which no machine runs
+//! near its peak; so the batch becomes the GEMM's other dimension, and each of the three
+//! products is one GEMM over the whole batch.
 //!
 //! ## Shapes
 //! x (N, F), weight (F1, F), bias (F1), y (N, F1). As a convolution: P = 1 pixel per sample.
 //!
 //! ## Derivation
-//! The conv1x1 derivation with P = 1:
+//! The conv1x1 derivation with P = 1, the samples' columns side by side:
 //! ```text
-//! y[n,o] = Σ_c W[o,c]·x[n,c] + b[o]
-//! dW = Σₙ dy[n]·x[n]ᵀ  (F1×1)·(1×F) → (F1×F)     dx[n] = Wᵀ·dy[n]  (F×F1)·(F1×1) → (F×1)
-//! db = Σₙ dy[n]
+//! y[n,o] = Σ_c W[o,c]·x[n,c] + b[o]       Y = X·Wᵀ + 1·bᵀ    (N×F)·(F×F1) → (N×F1)
+//! dW = Σₙ dy[n]·x[n]ᵀ = dYᵀ·X                                 (F1×N)·(N×F) → (F1×F)
+//! dX = dY·W                                                   (N×F1)·(F1×F) → (N×F)
+//! db = Σₙ dy[n], the column sums of dY
 //! ```
 //!
 //! ## Cost
 //! Forward 2·N·F1·F FLOPs; backward 4·N·F1·F + N·F1.
 
-use super::{check_ndim, conv1x1, layer_forward, LayerForward};
+use super::{
+    check_ndim, conv1x1, dims, layer_forward, layer_gradients, LayerForward, LayerGradients,
+};
 use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::Result;
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation, Port};
-use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+use crate::gemm::gemm;
+use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2};
 
 const OP: &str = "linear";
 
@@ -58,18 +64,14 @@ impl<T: Element> Operation<T> for Linear {
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
         let Backward { dy, mut inputs, .. } = pass;
-        // (N, F) → (N, F, 1, 1) for the input, its gradient and dy; the weight and bias as they are.
-        let [x, weight, bias] = inputs.ports::<3>()?;
-        let x = Port {
-            value: x.value.insert_axis(Axis(2)).insert_axis(Axis(3)),
-            grad: x
-                .grad
-                .map(|(dx, write)| (dx.insert_axis(Axis(2)).insert_axis(Axis(3)), write)),
-        };
-        conv1x1::backward_ports(
-            [x, weight, bias],
-            dy.view().insert_axis(Axis(2)).insert_axis(Axis(3)),
-        )
+        let LayerGradients {
+            x,
+            dx,
+            weight,
+            dweight,
+            dbias,
+        } = layer_gradients(OP, inputs.ports::<3>()?)?;
+        gradients(x, weight, dims(OP, dy.view())?, dx, dweight, dbias)
     }
 
     fn cost(&self, inputs: &[&[usize]], _output: &[usize], input_grad: bool) -> Cost {
@@ -84,22 +86,59 @@ pub fn output_shape(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Re
     Ok([batch, c_out])
 }
 
-/// Forward, as `conv1x1::forward` on (N, F, 1, 1).
+/// Forward: Y = X·Wᵀ + 1·bᵀ, one GEMM over the batch.
 pub fn forward<T: Element>(
     x: ArrayView2<T>,
     weight: ArrayView2<T>,
     bias: Option<ArrayView1<T>>,
-    y: ArrayViewMut2<T>,
+    mut y: ArrayViewMut2<T>,
 ) -> Result<()> {
-    output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
-    check_ndim(OP, "output (N, F1)", y.shape(), 2)?;
-    // (N, F) → (N, F, 1, 1): new axes of length 1, no copy.
-    let x_map = x.insert_axis(Axis(2)).insert_axis(Axis(3));
-    let y_map = y.insert_axis(Axis(2)).insert_axis(Axis(3));
-    conv1x1::forward(x_map, weight, bias, y_map)
+    let shape = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
+    super::check_same(OP, "output", &shape, y.shape())?;
+    gemm(T::one(), x, weight.t(), T::zero(), y.view_mut())?; // (N×F)·(F×F1)
+    if let Some(bias) = bias {
+        for mut row in y.outer_iter_mut() {
+            row += &bias;
+        }
+    }
+    Ok(())
 }
 
-/// Backward, as `conv1x1::backward` on (N, F, 1, 1).
+/// Backward: dW += dYᵀ·X, dX (+)= dY·W, db += column sums of dY; dX is overwritten (β = 0)
+/// when the tape says it holds no contribution yet.
+pub(crate) fn gradients<T: Element>(
+    x: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    dy: ArrayView2<T>,
+    dx: Option<(ArrayViewMut2<T>, GradWrite)>,
+    dweight: Option<ArrayViewMut2<T>>,
+    dbias: Option<ArrayViewMut1<T>>,
+) -> Result<()> {
+    let [batch, c_out] = output_shape(x.shape(), weight.shape(), None)?;
+    super::check_same(OP, "output gradient", &[batch, c_out], dy.shape())?;
+    if let Some(dweight) = dweight {
+        super::check_same(OP, "weight gradient", weight.shape(), dweight.shape())?;
+        gemm(T::one(), dy.t(), x, T::one(), dweight)?; // (F1×N)·(N×F)
+    }
+    if let Some((dx, write)) = dx {
+        super::check_same(OP, "input gradient", x.shape(), dx.shape())?;
+        let beta = if write == GradWrite::Overwrite {
+            T::zero()
+        } else {
+            T::one()
+        };
+        gemm(T::one(), dy, weight, beta, dx)?; // (N×F1)·(F1×F)
+    }
+    if let Some(mut dbias) = dbias {
+        super::check_same(OP, "bias gradient", &[c_out], dbias.shape())?;
+        for row in dy.outer_iter() {
+            dbias += &row;
+        }
+    }
+    Ok(())
+}
+
+/// Backward, accumulating into every given gradient.
 pub fn backward<T: Element>(
     x: ArrayView2<T>,
     weight: ArrayView2<T>,
@@ -108,17 +147,8 @@ pub fn backward<T: Element>(
     dweight: Option<ArrayViewMut2<T>>,
     dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
-    output_shape(x.shape(), weight.shape(), None)?;
-    check_ndim(OP, "output gradient (N, F1)", dy.shape(), 2)?;
-    let dx = dx.map(|d| d.insert_axis(Axis(2)).insert_axis(Axis(3)));
-    conv1x1::backward(
-        x.insert_axis(Axis(2)).insert_axis(Axis(3)),
-        weight,
-        dy.insert_axis(Axis(2)).insert_axis(Axis(3)),
-        dx,
-        dweight,
-        dbias,
-    )
+    let dx = dx.map(|dx| (dx, GradWrite::Accumulate));
+    gradients(x, weight, dy, dx, dweight, dbias)
 }
 
 /// The specification: the textbook fully-connected layer, `y[n,o] = Σ_c W[o,c]·x[n,c] + b[o]`.

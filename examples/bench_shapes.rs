@@ -1,0 +1,212 @@
+//! Speed on the shapes of a real network: the 19 pointwise (1×1) layers of MobileNetV2 and a
+//! linear classifier head, forward + backward (dX, dW, db from dY = ones), as the side-by-side
+//! harness times PyTorch's `F.conv2d` on the same shapes.
+//!
+//! ```sh
+//! cargo run --release --example bench_shapes                       # 1 thread (BENCH_THREADS)
+//! BENCH_THREADS=2 cargo run --release --example bench_shapes
+//! cargo run --release --example bench_shapes -- --shapes FILE      # any list of this format
+//! ```
+//! Prints one `RESULT pointwise <name> <threads> <median ms> <GFLOP/s>` line per shape
+//! (GFLOP = 3 · 2·N·C_in·C_out·H·W: forward, dX and dW), then a table with the share of the
+//! FMA peak measured in the same run. A shape with H = W = 1 runs as a linear layer (N, C_in):
+//! what a fully-connected layer is.
+
+use clap::Parser;
+use ndarray::ArrayD;
+use pointwise::Graph;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod common;
+
+/// MobileNetV2's (224×224, width 1.0) distinct pointwise layers at batch 16, and a linear head:
+/// name N C_in C_out H W.
+const MOBILENET_V2: &str = "
+mnv2_b1_project_112   16   32   16 112 112
+mnv2_b2_expand_112    16   16   96 112 112
+mnv2_b2_project_56    16   96   24  56  56
+mnv2_b3_expand_56     16   24  144  56  56
+mnv2_b3_project_56    16  144   24  56  56
+mnv2_b4_project_28    16  144   32  28  28
+mnv2_b5_expand_28     16   32  192  28  28
+mnv2_b5_project_28    16  192   32  28  28
+mnv2_b7_project_14    16  192   64  14  14
+mnv2_b8_expand_14     16   64  384  14  14
+mnv2_b8_project_14    16  384   64  14  14
+mnv2_b11_project_14   16  384   96  14  14
+mnv2_b12_expand_14    16   96  576  14  14
+mnv2_b12_project_14   16  576   96  14  14
+mnv2_b14_project_7    16  576  160   7   7
+mnv2_b15_expand_7     16  160  960   7   7
+mnv2_b15_project_7    16  960  160   7   7
+mnv2_b17_project_7    16  960  320   7   7
+mnv2_last_7           16  320 1280   7   7
+linear_head          128 1024  512   1   1
+";
+
+/// Times forward + backward of 1×1 convolutions (and linear layers) on a list of shapes.
+#[derive(Parser)]
+struct Options {
+    /// A shapes file: lines `name N C_in C_out H W`, `#` comments (default: MobileNetV2's).
+    #[arg(long, value_name = "FILE")]
+    shapes: Option<PathBuf>,
+}
+
+struct Shape {
+    name: String,
+    dims: [usize; 5],
+}
+
+fn parse(text: &str) -> Result<Vec<Shape>, String> {
+    let mut shapes = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let dims: Vec<usize> = fields[1..].iter().filter_map(|f| f.parse().ok()).collect();
+        let Ok(dims) = <[usize; 5]>::try_from(dims) else {
+            return Err(format!(
+                "line {}: expected `name N C_in C_out H W`",
+                number + 1
+            ));
+        };
+        if dims.contains(&0)
+            || dims
+                .iter()
+                .try_fold(1usize, |p, &d| p.checked_mul(d))
+                .is_none()
+        {
+            return Err(format!(
+                "line {}: sizes must be positive and fit",
+                number + 1
+            ));
+        }
+        shapes.push(Shape {
+            name: fields[0].to_string(),
+            dims,
+        });
+    }
+    Ok(shapes)
+}
+
+/// Deterministic values in [-0.5, 0.5).
+fn fill(shape: &[usize], seed: usize) -> ArrayD<f32> {
+    let mut state = seed.wrapping_mul(2654435761) as u32 | 1;
+    ArrayD::from_shape_simple_fn(shape.to_vec(), || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state as f32 / u32::MAX as f32 - 0.5
+    })
+}
+
+/// Median and minimum ms of one forward + backward on `shape`.
+fn measure(shape: &Shape) -> pointwise::Result<(f64, f64)> {
+    let [n, c_in, c_out, h, w] = shape.dims;
+    let linear = h == 1 && w == 1;
+    let mut graph = Graph::<f32>::new();
+    let x = graph.input_with_grad("x");
+    let weight = graph.param("weight", fill(&[c_out, c_in], 1).mapv(|v| v * 0.1))?;
+    let bias = graph.param("bias", fill(&[c_out], 2).mapv(|v| v * 0.1))?;
+    let (input_shape, output_shape) = if linear {
+        (vec![n, c_in], vec![n, c_out])
+    } else {
+        (vec![n, c_in, h, w], vec![n, c_out, h, w])
+    };
+    let y = if linear {
+        graph.linear(x, weight, Some(bias))?
+    } else {
+        graph.conv1x1(x, weight, Some(bias))?
+    };
+    graph.set_input(x, fill(&input_shape, 3).view())?;
+    let ones = ArrayD::<f32>::ones(output_shape);
+    let mut failure = None;
+    let timing = pointwise::parallel::install(|| {
+        common::time(|| {
+            graph.zero_grad();
+            let step = graph
+                .forward(y)
+                .and_then(|()| graph.backward_from(y, ones.view()));
+            if let Err(error) = step {
+                failure.get_or_insert(error);
+            }
+        })
+    });
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(timing),
+    }
+}
+
+fn main() -> ExitCode {
+    let options = Options::parse();
+    let text = match &options.shapes {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(error) => {
+                eprintln!("error: cannot read {}: {error}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => MOBILENET_V2.to_string(),
+    };
+    let shapes = match parse(&text) {
+        Ok(shapes) => shapes,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let threads = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(1);
+    if let Err(error) = pointwise::parallel::set_threads(threads) {
+        eprintln!("error: {error}");
+        return ExitCode::from(2);
+    }
+    let peak = common::peak::fma_peak(threads);
+    let mut rows = Vec::new();
+    for shape in &shapes {
+        let [n, c_in, c_out, h, w] = shape.dims;
+        let gflop = 3.0 * 2.0 * (n * c_in * c_out * h * w) as f64 * 1e-9;
+        match measure(shape) {
+            Ok((median, min)) => {
+                let rate = gflop / (median * 1e-3);
+                println!(
+                    "RESULT\tpointwise\t{}\t{threads}\t{median:.4}\t{rate:.1}",
+                    shape.name
+                );
+                rows.push((shape, median, min, rate));
+            }
+            Err(error) => {
+                eprintln!("error: {}: {error}", shape.name);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("\n{threads} thread(s), FMA peak {peak:.1} GFLOP/s (measured in this run)");
+    println!(
+        "{:<22} {:>22} {:>10} {:>10} {:>9} {:>6}",
+        "layer", "N×C_in→C_out×H×W", "median ms", "min ms", "GFLOP/s", "%peak"
+    );
+    let mut total = 0.0;
+    for (shape, median, min, rate) in &rows {
+        let [n, c_in, c_out, h, w] = shape.dims;
+        println!(
+            "{:<22} {:>22} {median:>10.3} {min:>10.3} {rate:>9.1} {:>5.0}%",
+            shape.name,
+            format!("{n}×{c_in}→{c_out}×{h}×{w}"),
+            100.0 * rate / peak
+        );
+        if !shape.name.starts_with("linear") {
+            total += median;
+        }
+    }
+    println!("sum of the convolution layers' medians: {total:.2} ms");
+    ExitCode::SUCCESS
+}

@@ -31,7 +31,8 @@ use crate::element::Element;
 use crate::error::Result;
 use crate::gemm::gemm;
 use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation};
-use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2};
+use crate::parallel::{in_parts, Along};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 
 const OP: &str = "linear";
 
@@ -95,13 +96,19 @@ pub fn forward<T: Element>(
 ) -> Result<()> {
     let shape = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
     super::check_same(OP, "output", &shape, y.shape())?;
-    gemm(T::one(), x, weight.t(), T::zero(), y.view_mut())?; // (N×F)·(F×F1)
-    if let Some(bias) = bias {
-        for mut row in y.outer_iter_mut() {
-            row += &bias;
+    // The samples (rows of X and Y) split between the threads.
+    in_parts((Along(x, Axis(0)), Along(y.view_mut(), Axis(0))), &|(
+        Along(x, _),
+        Along(mut y, _),
+    )| {
+        gemm(T::one(), x, weight.t(), T::zero(), y.view_mut())?; // (N×F)·(F×F1)
+        if let Some(bias) = &bias {
+            for mut row in y.outer_iter_mut() {
+                row += bias;
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Backward: dW += dYᵀ·X, dX (+)= dY·W, db += column sums of dY; dX is overwritten (β = 0)
@@ -118,7 +125,11 @@ pub(crate) fn gradients<T: Element>(
     super::check_same(OP, "output gradient", &[batch, c_out], dy.shape())?;
     if let Some(dweight) = dweight {
         super::check_same(OP, "weight gradient", weight.shape(), dweight.shape())?;
-        gemm(T::one(), dy.t(), x, T::one(), dweight)?; // (F1×N)·(N×F)
+        // dW's columns (the features) split between the threads: each sums over the batch.
+        in_parts(
+            (Along(x, Axis(1)), Along(dweight, Axis(1))),
+            &|(Along(x, _), Along(dweight, _))| gemm(T::one(), dy.t(), x, T::one(), dweight), // (F1×N)·(N×F)
+        )?;
     }
     if let Some((dx, write)) = dx {
         super::check_same(OP, "input gradient", x.shape(), dx.shape())?;
@@ -127,7 +138,11 @@ pub(crate) fn gradients<T: Element>(
         } else {
             T::one()
         };
-        gemm(T::one(), dy, weight, beta, dx)?; // (N×F1)·(F1×F)
+        // The samples split between the threads.
+        in_parts(
+            (Along(dy, Axis(0)), Along(dx, Axis(0))),
+            &|(Along(dy, _), Along(dx, _))| gemm(T::one(), dy, weight, beta, dx), // (N×F1)·(F1×F)
+        )?;
     }
     if let Some(mut dbias) = dbias {
         super::check_same(OP, "bias gradient", &[c_out], dbias.shape())?;

@@ -145,19 +145,21 @@ fn training_resumed_in_a_new_process_is_bit_identical_to_a_straight_run() {
 /// The tests of this file set the global thread count: they take turns.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// 1×1 conv 96 → 60 on 12×12 maps (H·W > 128), forward and backward: every gradient's bits.
+/// 1×1 conv 96 → 60 on 12×12 maps (H·W > 128), then a 3×3 conv 60 → 8, forward and
+/// backward: every gradient's bits.
 fn wide_layer_gradients<T: pointwise::Element>() -> Vec<f64> {
     let mut graph = Graph::<T>::new();
     let mut nn = Layers::new(&mut graph, 5);
     let x = nn.input_with_grad("x");
     let y = nn.conv1x1("layer", x, 96, 60, true).unwrap();
+    let y = nn.conv2d("conv", y, [60, 8, 3], [1, 1], true).unwrap();
     let loss = nn.global_avg_pool(y).unwrap();
     let input = ndarray::ArrayD::from_shape_fn(vec![4, 96, 12, 12], |i| {
         T::from_f64(((i[0] * 7 + i[1] * 13 + i[2] * 3 + i[3]) % 17) as f64 / 17.0 - 0.5)
     });
     graph.set_input(x, input.view()).unwrap();
     graph.forward(loss).unwrap();
-    let upstream = ndarray::ArrayD::from_shape_fn(vec![4, 60], |i| {
+    let upstream = ndarray::ArrayD::from_shape_fn(vec![4, 8], |i| {
         T::from_f64(((i[0] * 5 + i[1]) % 11) as f64 / 11.0)
     });
     graph.backward_from(loss, upstream.view()).unwrap();

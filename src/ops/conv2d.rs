@@ -349,33 +349,37 @@ pub fn backward<T: Element>(
         check_gradients(&x, &weight, window, &dy, &dx, &dweight, &dbias)?;
     let kernel = weight.shape()[2];
     let weight = weight_matrix(weight)?;
-    let mut dweight = match dweight {
-        Some(d) => Some(d.into_shape_with_order(weight.dim()).map_err(|_| {
-            Error::invalid_shape(
-                OP,
-                "weight gradient must be in standard layout",
-                &[weight.nrows(), weight.ncols()],
-            )
-        })?),
-        None => None,
-    };
     let pixels = out_height * out_width;
-    // dW and db sum over the samples: one pass, the GEMMs split by themselves.
-    let mut columns = Array2::zeros((weight.ncols(), pixels));
-    for (x_n, dy_block) in x.outer_iter().zip(dy.outer_iter()) {
-        let dy_n = gradient_matrix(dy_block, (c_out, pixels))?;
-        if let Some(dweight) = dweight.as_mut() {
-            im2col(x_n, kernel, window, out_width, &mut columns);
-            // (F1×P′)·(P′×FKK) += into (F1×FKK)
-            gemm(
-                T::one(),
-                dy_n.view(),
-                columns.t(),
-                T::one(),
-                dweight.view_mut(),
-            )?;
-        }
-        if let Some(dbias) = dbias.as_mut() {
+    crate::graph::check_elements(OP, &[weight.ncols(), pixels])?;
+    // dW̃ sums over the samples, so the threads split dW itself, by input channel: the rows
+    // of the column matrix Cₙ that belong to channels c₀..c₁ are the im2col of those channels
+    // alone, so each thread builds only its own rows and runs (F1×P′)·(P′×(c₁−c₀)·K²).
+    if let Some(dweight) = dweight {
+        in_parts((Along(x, Axis(1)), Along(dweight, Axis(1))), &|(
+            Along(x, _),
+            Along(dweight, _),
+        )| {
+            let rows = dweight.shape()[1] * kernel * kernel;
+            // This part of dW̃ is not contiguous in dW: summed here, then added to it.
+            let mut part = Array2::zeros((c_out, rows));
+            let mut columns = Array2::zeros((rows, pixels));
+            for (x_n, dy_block) in x.outer_iter().zip(dy.outer_iter()) {
+                im2col(x_n, kernel, window, out_width, &mut columns);
+                // (F1×P′)·(P′×FKK) += into (F1×FKK)
+                let dy_n = gradient_matrix(dy_block, (c_out, pixels))?;
+                gemm(T::one(), dy_n, columns.t(), T::one(), part.view_mut())?;
+            }
+            let mut dweight = dweight;
+            let part = part
+                .into_shape_with_order(dweight.raw_dim())
+                .map_err(|_| Error::invalid_shape(OP, "weight gradient", dweight.shape()))?;
+            dweight += &part;
+            Ok(())
+        })?;
+    }
+    if let Some(dbias) = dbias.as_mut() {
+        for dy_block in dy.outer_iter() {
+            let dy_n = gradient_matrix(dy_block, (c_out, pixels))?;
             for (db, row) in dbias.iter_mut().zip(dy_n.outer_iter()) {
                 *db += row.sum();
             }

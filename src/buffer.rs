@@ -12,7 +12,8 @@
 //! A clone is a fresh `Vec` and need not be aligned; it is only slower.
 
 use crate::element::Element;
-use ndarray::{s, Array, Array1, Dimension};
+use crate::error::{Error, Result};
+use ndarray::{s, Array, Array1, ArrayD, Dimension, IxDyn};
 
 /// The boundary every buffer starts on, in bytes.
 pub(crate) const ALIGN: usize = 64;
@@ -32,4 +33,33 @@ pub fn zeros<T: Element, D: Dimension>(shape: D) -> Array<T, D> {
     flat.slice_collapse(s![offset..offset + len]);
     flat.into_shape_with_order(shape.clone())
         .unwrap_or_else(|_| Array::zeros(shape))
+}
+
+/// The most elements one buffer of the tape may have: 2³¹ (8 GiB of f32). A larger shape, or
+/// one whose element count overflows, is an error before anything is allocated.
+pub const MAX_BUFFER_ELEMENTS: usize = 1 << 31;
+
+/// The element count of `shape`, if it is within [`MAX_BUFFER_ELEMENTS`].
+pub(crate) fn check_elements(op: &'static str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |product, &d| product.checked_mul(d))
+        .filter(|&count| count <= MAX_BUFFER_ELEMENTS)
+        .ok_or_else(|| {
+            Error::invalid_shape(
+                op,
+                format!("a buffer of this shape would exceed {MAX_BUFFER_ELEMENTS} elements"),
+                shape,
+            )
+        })
+}
+
+/// Reallocates `buffer` only when its shape changes: the reason steady-state steps allocate
+/// nothing. A new buffer starts on a cache line (see [`zeros`]).
+pub(crate) fn resize<T: Element>(buffer: &mut ArrayD<T>, shape: &[usize]) -> Result<()> {
+    if buffer.shape() != shape {
+        check_elements("buffer", shape)?;
+        *buffer = zeros(IxDyn(shape));
+    }
+    Ok(())
 }

@@ -119,3 +119,23 @@ impl<T: Element> Graph<T> {
 /// The most elements one described parameter may have (2³⁰, 4 GiB of f32): a description
 /// from a file cannot make the rebuild allocate without bound.
 pub const MAX_PARAM_ELEMENTS: usize = 1 << 30;
+
+/// An id is stored as its position alone: a file's ids name nodes of the graph rebuilt from it.
+impl serde::Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_u64(self.0 as u64)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let index = u64::deserialize(deserializer)?;
+        let index = usize::try_from(index).map_err(serde::de::Error::custom)?;
+        Ok(NodeId(index, crate::graph::UNBOUND))
+    }
+}

@@ -188,6 +188,7 @@ pub mod parallel;
 pub mod state;
 mod summary;
 pub mod train;
+mod trainable;
 
 /// The README's code blocks, compiled and run as doc tests, so that the README stays true.
 #[cfg(doctest)]

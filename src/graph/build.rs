@@ -116,45 +116,6 @@ impl<T: Element> Graph<T> {
         Ok(node)
     }
 
-    /// Asks for the gradient of an input after the graph is built (saliency on a trained
-    /// network): every op that reads it, directly or not, now passes a gradient back to it.
-    pub fn require_grad(&mut self, id: NodeId) -> Result<()> {
-        self.input_node(id)?.requires_grad = true;
-        self.propagate_requires_grad();
-        Ok(())
-    }
-
-    /// Freezes a parameter (`false`: PyTorch's `requires_grad_(False)`) or makes it trained
-    /// again. A frozen parameter gets no gradient, the optimizers leave it alone, and ops whose
-    /// inputs are all frozen or data skip their backward pass.
-    pub fn set_trainable(&mut self, id: NodeId, trainable: bool) -> Result<()> {
-        self.param_shape("set_trainable", "node", id)?;
-        self.nodes[id.0].requires_grad = trainable;
-        self.propagate_requires_grad();
-        Ok(())
-    }
-
-    /// Whether a parameter is trained (not frozen).
-    pub fn is_trainable(&self, id: NodeId) -> Result<bool> {
-        self.param_shape("is_trainable", "node", id)?;
-        Ok(self.nodes[id.0].requires_grad)
-    }
-
-    /// An op wants a gradient when one of its inputs does: recomputed in creation order after
-    /// a leaf changes its mind.
-    fn propagate_requires_grad(&mut self) {
-        for index in 0..self.nodes.len() {
-            if self.nodes[index].is_leaf() {
-                continue;
-            }
-            let reached = self.nodes[index]
-                .inputs
-                .iter()
-                .any(|input| self.nodes[input.0].requires_grad);
-            self.nodes[index].requires_grad = reached;
-        }
-    }
-
     /// Replaces a parameter's value; the new value must have the parameter's shape.
     pub fn set_param(&mut self, id: NodeId, value: ArrayViewD<T>) -> Result<()> {
         self.param_shape("set_param", "node", id)?;

@@ -28,11 +28,13 @@ mod chunk;
 mod forward;
 mod op;
 
+pub use crate::buffer::MAX_BUFFER_ELEMENTS;
+pub(crate) use crate::buffer::{check_elements, resize};
 pub use op::{Backward, CloneOperation, Forward, GradWrite, Inputs, Operation, Port, Ports};
 
 use crate::element::Element;
 use crate::error::{printable, Error, Result};
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 
 /// A node of one graph: its position on the tape, and which graph it belongs to (an id of
 /// another graph is an error, not a node of this one).
@@ -47,30 +49,10 @@ impl NodeId {
 }
 
 /// The graph tag of an id read from a file: bound to a graph by [`Graph::bind`].
-const UNBOUND: u32 = 0;
+pub(crate) const UNBOUND: u32 = 0;
 
 /// Tags for new graphs; 0 is [`UNBOUND`].
 static GRAPHS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-
-/// An id is stored as its position alone: a file's ids name nodes of the graph rebuilt from it.
-impl serde::Serialize for NodeId {
-    fn serialize<S: serde::Serializer>(
-        &self,
-        serializer: S,
-    ) -> std::result::Result<S::Ok, S::Error> {
-        serializer.serialize_u64(self.0 as u64)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for NodeId {
-    fn deserialize<D: serde::Deserializer<'de>>(
-        deserializer: D,
-    ) -> std::result::Result<Self, D::Error> {
-        let index = u64::deserialize(deserializer)?;
-        let index = usize::try_from(index).map_err(serde::de::Error::custom)?;
-        Ok(NodeId(index, UNBOUND))
-    }
-}
 
 /// Where a node's value comes from.
 #[derive(Debug, Clone)]
@@ -161,35 +143,6 @@ fn same_shape(action: &'static str, expected: &[usize], found: &[usize]) -> Resu
         format!("{expected:?}"),
         format!("{found:?}"),
     ))
-}
-
-/// The most elements one buffer of the tape may have: 2³¹ (8 GiB of f32). A larger shape, or
-/// one whose element count overflows, is an error before anything is allocated.
-pub const MAX_BUFFER_ELEMENTS: usize = 1 << 31;
-
-/// The element count of `shape`, if it is within [`MAX_BUFFER_ELEMENTS`].
-pub(crate) fn check_elements(op: &'static str, shape: &[usize]) -> Result<usize> {
-    shape
-        .iter()
-        .try_fold(1usize, |product, &d| product.checked_mul(d))
-        .filter(|&count| count <= MAX_BUFFER_ELEMENTS)
-        .ok_or_else(|| {
-            Error::invalid_shape(
-                op,
-                format!("a buffer of this shape would exceed {MAX_BUFFER_ELEMENTS} elements"),
-                shape,
-            )
-        })
-}
-
-/// Reallocates `buffer` only when its shape changes: the reason steady-state steps allocate
-/// nothing. A new buffer starts on a cache line ([`crate::buffer`]).
-pub(crate) fn resize<T: Element>(buffer: &mut ArrayD<T>, shape: &[usize]) -> Result<()> {
-    if buffer.shape() != shape {
-        check_elements("buffer", shape)?;
-        *buffer = crate::buffer::zeros(IxDyn(shape));
-    }
-    Ok(())
 }
 
 impl<T: Element> Graph<T> {

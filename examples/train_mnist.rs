@@ -12,14 +12,19 @@
 //! (`"0.weight"`, `"1.running_mean"`, …), so the written `.safetensors` loads into it.
 
 use clap::{Parser, ValueEnum};
+use common::Curve;
+use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::Axis;
+use plotters::prelude::*;
 use pointwise::data::Dataset;
-use pointwise::layers::Layers;
+use pointwise::models;
 use pointwise::optim::{OptimizerKind, Schedule};
 use pointwise::train::{evaluate, TrainConfig, Trainer};
-use pointwise::{Graph, Model, NodeId};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+mod common;
 
 /// Train a Network-in-Network or a MobileNet-style network on 10,000 MNIST digits.
 #[derive(Parser, Debug)]
@@ -58,63 +63,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// conv (no bias) + batch norm + ReLU, named `i`, `i+1` as in `conv_bn_relu` of mnist_torch.py;
-/// `groups = c_in` makes the conv depthwise. Returns the output and the next index.
-fn conv_bn_relu(
-    nn: &mut Layers<f32>,
-    (x, i): (NodeId, usize),
-    [c_in, c_out, kernel, padding]: [usize; 4],
-    depthwise: bool,
-) -> pointwise::Result<(NodeId, usize)> {
-    let name = i.to_string();
-    let h = match (kernel, depthwise) {
-        (_, true) => nn.depthwise(&name, x, [c_in, 1, kernel], [1, padding], false)?,
-        (1, false) => nn.conv1x1(&name, x, c_in, c_out, false)?,
-        _ => nn.conv2d(&name, x, [c_in, c_out, kernel], [1, padding], false)?,
-    };
-    let h = nn.batch_norm(&(i + 1).to_string(), h, c_out)?;
-    Ok((nn.relu(h)?, i + 3))
-}
-
-/// The network of `mnist_torch.py`; returns (graph, input, logits).
-fn build(arch: Arch, seed: u64) -> pointwise::Result<(Graph<f32>, NodeId, NodeId)> {
-    let mut graph = Graph::new();
-    let mut nn = Layers::new(&mut graph, seed);
-    let x = nn.input("image");
-    let logits = match arch {
-        Arch::Nin => {
-            let h = conv_bn_relu(&mut nn, (x, 0), [1, 32, 5, 2], false)?;
-            let (h, i) = conv_bn_relu(&mut nn, h, [32, 32, 1, 0], false)?;
-            let h = (nn.max_pool(h, 2, 2)?, i + 1);
-            let h = conv_bn_relu(&mut nn, h, [32, 64, 3, 1], false)?;
-            let (h, i) = conv_bn_relu(&mut nn, h, [64, 64, 1, 0], false)?;
-            let h = (nn.max_pool(h, 2, 2)?, i + 1);
-            let (h, i) = conv_bn_relu(&mut nn, h, [64, 128, 3, 1], false)?;
-            // One map per class, averaged: the 1×1 convolution *is* the classifier.
-            let maps = nn.conv1x1(&i.to_string(), h, 128, CLASSES, true)?;
-            nn.global_avg_pool(maps)?
-        }
-        Arch::Mobilenet => {
-            let mut h = conv_bn_relu(&mut nn, (x, 0), [1, 32, 3, 1], false)?;
-            for (c_in, c_out, pool) in [
-                (32, 64, true),
-                (64, 128, true),
-                (128, 128, false),
-                (128, 256, false),
-            ] {
-                h = conv_bn_relu(&mut nn, h, [c_in, c_in, 3, 1], true)?;
-                h = conv_bn_relu(&mut nn, h, [c_in, c_out, 1, 0], false)?;
-                if pool {
-                    h = (nn.max_pool(h.0, 2, 2)?, h.1 + 1);
-                }
-            }
-            let pooled = nn.global_avg_pool(h.0)?;
-            nn.linear(&(h.1 + 2).to_string(), pooled, 256, CLASSES, true)?
-        }
-    };
-    Ok((graph, x, logits))
-}
-
 /// The recipe's split of the digits, normalised: the first 8,000 train, the last 2,000 test.
 fn load(root: &Path) -> pointwise::Result<(Dataset, Dataset)> {
     let folder = root.join("data/mnist-10k");
@@ -133,8 +81,10 @@ fn load(root: &Path) -> pointwise::Result<(Dataset, Dataset)> {
 
 fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
     let (train, test) = load(Path::new(env!("CARGO_MANIFEST_DIR")))?;
-    let (graph, input, logits) = build(options.arch, options.seed)?;
-    let mut model = Model::classifier(graph, input, logits)?;
+    let mut model = match options.arch {
+        Arch::Nin => models::mnist_nin(options.seed)?,
+        Arch::Mobilenet => models::mnist_mobilenet(options.seed)?,
+    };
 
     // The summary on one batch: which layers do the work.
     let first: Vec<usize> = (0..BATCH).collect();
@@ -162,29 +112,186 @@ fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
         Schedule::cosine(config.epochs as u64 * steps_per_epoch).with_warmup(steps_per_epoch);
     config.seed = options.seed;
     let mut trainer = Trainer::new(config, train.len())?;
+    // The output folder is checked before training, not after.
+    std::fs::create_dir_all(&options.out)
+        .map_err(|e| format!("--out {}: {e}", options.out.display()))?;
+    let name = format!("mnist_{:?}", options.arch).to_lowercase();
+    let weights = options.out.join(format!("{name}.safetensors"));
+    pointwise::checkpoint::check_writable(&weights)?;
     println!(
         "{:>6} {:>10} {:>10} {:>10}",
         "epoch", "loss", "test acc", "images/s"
     );
+    let interactive = std::io::stdout().is_terminal();
+    let (mut losses, mut accuracies) = (Vec::new(), Vec::new());
+    let mut evaluation = None;
     for _ in 0..options.epochs {
-        let report = trainer.train_epoch(&mut model, &train, |_, _, _| {})?;
-        let evaluation = evaluate(&mut model, &test, 500)?;
+        let bar = interactive.then(|| {
+            let bar = ProgressBar::new(steps_per_epoch);
+            if let Ok(style) =
+                ProgressStyle::with_template("{bar:30} {pos}/{len} batches  loss {msg}")
+            {
+                bar.set_style(style);
+            }
+            bar
+        });
+        let report = trainer.train_epoch(&mut model, &train, |index, _, loss| {
+            if let Some(bar) = &bar {
+                bar.set_position(index as u64 + 1);
+                bar.set_message(format!("{loss:.4}"));
+            }
+        })?;
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        let result = evaluate(&mut model, &test, 500)?;
         println!(
             "{:>6} {:>10.4} {:>9.2}% {:>10.0}",
             report.epoch,
             report.train_loss,
-            100.0 * evaluation.accuracy,
+            100.0 * result.accuracy,
             report.images_per_second
         );
+        losses.push(report.train_loss);
+        accuracies.push(100.0 * result.accuracy);
+        evaluation = Some(result);
     }
 
-    std::fs::create_dir_all(&options.out)?;
-    let name = format!("mnist_{:?}.safetensors", options.arch).to_lowercase();
-    let path = options.out.join(name);
-    pointwise::export::save_safetensors(&model, &path)?;
+    pointwise::export::save_safetensors(&model, &weights)?;
+    let pw = weights.with_extension("pw");
+    let metadata = pointwise::checkpoint::Metadata::new(options.seed, options.epochs);
+    pointwise::checkpoint::save(&model, &metadata, &pw)?;
     println!(
-        "\nweights: {} (loads into the nn.Sequential of mnist_torch.py with load_state_dict)",
-        path.display()
+        "\nweights: {} (loads into the nn.Sequential of mnist_torch.py with load_state_dict) and {}",
+        weights.display(),
+        pw.display()
+    );
+    let curves = options.out.join(format!("{name}_curves.svg"));
+    let loss_max = losses.iter().copied().fold(0.0, f64::max);
+    common::draw_curves(
+        &curves,
+        &[
+            (
+                "training loss",
+                loss_max,
+                vec![Curve {
+                    label: "loss",
+                    values: losses,
+                }],
+            ),
+            (
+                "test accuracy (%)",
+                100.0,
+                vec![Curve {
+                    label: "test",
+                    values: accuracies,
+                }],
+            ),
+        ],
+    )?;
+    let Some(evaluation) = evaluation else {
+        return Ok(());
+    };
+    let confusion = options.out.join(format!("{name}_confusion.svg"));
+    draw_confusion(&confusion, &evaluation.predictions, test.labels())?;
+    let mistakes = options.out.join(format!("{name}_misclassified.svg"));
+    let wrong = draw_misclassified(&mistakes, &test, &evaluation.predictions)?;
+    println!(
+        "pictures: {}, {} and {} ({wrong} of {} test digits misclassified)",
+        curves.display(),
+        confusion.display(),
+        mistakes.display(),
+        test.len()
     );
     Ok(())
+}
+
+/// The confusion matrix (true class down, predicted class across), counts in each cell.
+fn draw_confusion(path: &Path, predictions: &[usize], labels: &[usize]) -> common::AnyResult<()> {
+    let mut counts = [[0usize; CLASSES]; CLASSES];
+    for (&p, &l) in predictions.iter().zip(labels) {
+        counts[l][p] += 1;
+    }
+    let largest = counts.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
+    let root = SVGBackend::new(path, (560, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "confusion matrix: true class (rows) × predicted class",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(30)
+        .build_cartesian_2d(0..CLASSES, 0..CLASSES)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("predicted")
+        .y_desc("true")
+        .draw()?;
+    for (truth, row) in counts.iter().enumerate() {
+        for (predicted, &count) in row.iter().enumerate() {
+            // Counts on a log scale, so that a few mistakes are visible beside 200 correct.
+            let shade = ((count as f64).ln_1p() / largest.ln_1p() * 255.0) as u8;
+            let color = if truth == predicted {
+                RGBColor(255 - shade, 255 - shade / 2, 255 - shade)
+            } else {
+                RGBColor(255, 255 - shade, 255 - shade)
+            };
+            let cell = [(predicted, truth), (predicted + 1, truth + 1)];
+            chart.draw_series(std::iter::once(Rectangle::new(cell, color.filled())))?;
+            if count > 0 {
+                chart.draw_series(std::iter::once(Text::new(
+                    count.to_string(),
+                    (predicted, truth + 1),
+                    ("sans-serif", 13),
+                )))?;
+            }
+        }
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Up to 40 misclassified test digits, each labelled "true → predicted"; returns how many
+/// digits were misclassified in all.
+fn draw_misclassified(
+    path: &Path,
+    test: &Dataset,
+    predictions: &[usize],
+) -> common::AnyResult<usize> {
+    let wrong: Vec<usize> = (0..test.len())
+        .filter(|&i| predictions[i] != test.labels()[i])
+        .collect();
+    let (columns, cell) = (10usize, 56u32);
+    let rows = wrong.len().min(40).div_ceil(columns).max(1);
+    let root = SVGBackend::new(path, (columns as u32 * cell, rows as u32 * (cell + 16)))
+        .into_drawing_area();
+    root.fill(&WHITE)?;
+    let images = test.images();
+    for (slot, &index) in wrong.iter().take(40).enumerate() {
+        let (x0, y0) = (
+            (slot % columns) as i32 * cell as i32,
+            (slot / columns) as i32 * (cell as i32 + 16),
+        );
+        let digit = images.index_axis(Axis(0), index);
+        let (lowest, highest) = digit
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
+        for ((_, r, c), &v) in digit.indexed_iter() {
+            let ink = 255 - ((v - lowest) / (highest - lowest).max(1e-6) * 255.0) as u8;
+            let (x, y) = (x0 + 2 * c as i32, y0 + 2 * r as i32);
+            root.draw(&Rectangle::new(
+                [(x, y), (x + 2, y + 2)],
+                RGBColor(ink, ink, ink).filled(),
+            ))?;
+        }
+        let label = format!("{} → {}", test.labels()[index], predictions[index]);
+        root.draw(&Text::new(label, (x0 + 4, y0 + 57), ("sans-serif", 12)))?;
+    }
+    root.present()?;
+    Ok(wrong.len())
 }

@@ -182,6 +182,7 @@ mod input;
 mod inspect;
 pub mod layers;
 pub mod model;
+pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod parallel;

@@ -53,7 +53,10 @@ fn the_nin_network_learns_digits_from_a_1000_image_subset() {
         100.0 * before.accuracy,
         100.0 * after.accuracy
     );
-    assert!(losses[2] < losses[0] / 3.0, "the loss did not fall: {losses:?}");
+    assert!(
+        losses[2] < losses[0] / 3.0,
+        "the loss did not fall: {losses:?}"
+    );
     // Chance is 10 %; the floor leaves room for another CPU's rounding.
     assert!(after.accuracy > 0.85, "test accuracy {:.3}", after.accuracy);
 }

@@ -537,9 +537,19 @@ pub fn load(path: &Path, options: LoadOptions) -> Result<Checkpoint> {
 /// unless `options.strict` is off. Shapes must match either way. The model is unchanged
 /// unless everything checks out.
 pub fn load_into(model: &mut Model, path: &Path, options: LoadOptions) -> Result<Loaded> {
+    load_into_graph(model.graph_mut(), path, options)
+}
+
+/// [`load_into`] for a graph of one's own that is not a [`Model`] (no loss, say): the
+/// parameters and batch-norm statistics by name.
+pub fn load_into_graph(
+    graph: &mut Graph<f32>,
+    path: &Path,
+    options: LoadOptions,
+) -> Result<Loaded> {
     let checkpoint = load(path, options)?;
     let state = checkpoint.model.graph().state()?;
-    let report = load_state(model.graph_mut(), &state, options)?;
+    let report = load_state(graph, &state, options)?;
     Ok(Loaded {
         metadata: checkpoint.metadata,
         report,

@@ -325,6 +325,21 @@ fn load_into_is_strict_by_default_and_reports_when_not() {
         mine.tensor("classifier.weight").unwrap(),
         trained.tensor("head.weight").unwrap()
     );
+    // A plain graph (no loss, no model) loads by name too: here the block alone.
+    let mut graph = Graph::<f32>::new();
+    let mut nn = Layers::new(&mut graph, 2);
+    let x = nn.input("x");
+    let mut block = nn.scope("block1");
+    let h = block.conv1x1("reduce", x, 8, 4, false).unwrap();
+    block.batch_norm("bn", h, 4).unwrap();
+    let loaded = checkpoint::load_into_graph(&mut graph, &path, loose).unwrap();
+    assert!(loaded.report.missing.is_empty());
+    assert_eq!(loaded.report.unexpected.len(), 4); // block1.expand.{weight,bias}, head.*
+    let id = graph.find("block1.reduce.weight").unwrap();
+    assert_eq!(
+        graph.value(id).unwrap(),
+        trained.tensor("block1.reduce.weight").unwrap()
+    );
 }
 
 /// The trainer is generic over the element type: the same network trains in f64.

@@ -82,3 +82,26 @@ impl Case {
         [self.batch, self.c_in, self.height, self.width]
     }
 }
+
+/// A global allocator that forwards to the system's and records the largest single request
+/// (`LARGEST`, reset by the test): what the memory-bound tests measure. A test binary installs
+/// it with `#[global_allocator] static ALLOCATOR: common::Counting = common::Counting;`.
+pub struct Counting;
+
+/// The largest allocation or reallocation requested since the last reset.
+pub static LARGEST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; only a counter is updated.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}

@@ -13,14 +13,12 @@
 
 use clap::{Parser, ValueEnum};
 use common::Curve;
-use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::Axis;
 use plotters::prelude::*;
 use pointwise::data::Dataset;
 use pointwise::models;
 use pointwise::optim::{OptimizerKind, Schedule};
 use pointwise::train::{evaluate, TrainConfig, Trainer};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -122,28 +120,10 @@ fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
         "{:>6} {:>10} {:>10} {:>10}",
         "epoch", "loss", "test acc", "images/s"
     );
-    let interactive = std::io::stdout().is_terminal();
     let (mut losses, mut accuracies) = (Vec::new(), Vec::new());
     let mut evaluation = None;
     for _ in 0..options.epochs {
-        let bar = interactive.then(|| {
-            let bar = ProgressBar::new(steps_per_epoch);
-            if let Ok(style) =
-                ProgressStyle::with_template("{bar:30} {pos}/{len} batches  loss {msg}")
-            {
-                bar.set_style(style);
-            }
-            bar
-        });
-        let report = trainer.train_epoch(&mut model, &train, |index, _, loss| {
-            if let Some(bar) = &bar {
-                bar.set_position(index as u64 + 1);
-                bar.set_message(format!("{loss:.4}"));
-            }
-        })?;
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
+        let report = common::train_epoch_with_progress(&mut trainer, &mut model, &train)?;
         let result = evaluate(&mut model, &test, 500)?;
         println!(
             "{:>6} {:>10.4} {:>9.2}% {:>10.0}",

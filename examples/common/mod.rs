@@ -7,7 +7,7 @@ pub mod peak;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
-use pointwise::data::Synthetic;
+use pointwise::data::{Dataset, Synthetic};
 use pointwise::train::{accuracy, EpochReport, TrainConfig, Trainer};
 use pointwise::Model;
 use std::io::IsTerminal;
@@ -40,6 +40,34 @@ pub fn time(mut f: impl FnMut()) -> (f64, f64) {
     (samples[samples.len() / 2], samples[0])
 }
 
+/// One epoch of `trainer`, with a progress bar (batches done, last loss) when stdout is a
+/// terminal.
+pub fn train_epoch_with_progress<T: pointwise::Element>(
+    trainer: &mut Trainer<T>,
+    model: &mut Model<T>,
+    data: &Dataset,
+) -> AnyResult<EpochReport> {
+    let batches = trainer.config().steps_per_epoch(data.len());
+    let bar = std::io::stdout().is_terminal().then(|| {
+        let bar = ProgressBar::new(batches);
+        if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} batches  loss {msg}")
+        {
+            bar.set_style(style);
+        }
+        bar
+    });
+    let report = trainer.train_epoch(model, data, |index, _, loss| {
+        if let Some(bar) = &bar {
+            bar.set_position(index as u64 + 1);
+            bar.set_message(format!("{loss:.4}"));
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(report)
+}
+
 /// Per-epoch history of one network.
 pub struct Run {
     pub name: &'static str,
@@ -61,7 +89,6 @@ pub fn train(
         epochs: Vec::new(),
         test_accuracy: Vec::new(),
     };
-    let interactive = std::io::stdout().is_terminal();
     println!(
         "\n{name}: {} epochs, batch {}, lr {}",
         config.epochs, config.batch_size, config.lr
@@ -71,24 +98,7 @@ pub fn train(
         "epoch", "loss", "train acc", "test acc", "images/s"
     );
     for _ in 0..config.epochs {
-        let bar = interactive.then(|| {
-            let bar = ProgressBar::new(data.train.len().div_ceil(config.batch_size) as u64);
-            if let Ok(style) =
-                ProgressStyle::with_template("{bar:30} {pos}/{len} batches  loss {msg}")
-            {
-                bar.set_style(style);
-            }
-            bar
-        });
-        let report = trainer.train_epoch(model, &data.train, |index, _, loss| {
-            if let Some(bar) = &bar {
-                bar.set_position(index as u64 + 1);
-                bar.set_message(format!("{loss:.4}"));
-            }
-        })?;
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
+        let report = train_epoch_with_progress(&mut trainer, model, &data.train)?;
         let test = accuracy(model, &data.test, 256)?;
         println!(
             "{:>6} {:>10.4} {:>9.1}% {:>9.1}% {:>10.0}",

@@ -39,6 +39,9 @@ struct Options {
     /// Where the weights go.
     #[arg(long, default_value = "target/train_mnist")]
     out: PathBuf,
+    /// Before training, time 20 training steps node by node and print where the time goes.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -103,6 +106,9 @@ fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
         "1×1 layers: {:.1} % of the forward multiply-adds\n",
         100.0 * pointwise_macs as f64 / all as f64
     );
+    if options.profile {
+        profile(&mut model, &train)?;
+    }
 
     let mut config = TrainConfig::new(options.epochs as usize, BATCH, 3e-3, OptimizerKind::adam());
     let steps_per_epoch = config.steps_per_epoch(train.len());
@@ -183,6 +189,66 @@ fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
         mistakes.display(),
         test.len()
     );
+    Ok(())
+}
+
+/// Times 20 training steps (forward + backward, no update) node by node and prints the
+/// nodes that take the time, slowest first.
+fn profile(model: &mut pointwise::Model, train: &Dataset) -> pointwise::Result<()> {
+    let steps = 20;
+    let batch: Vec<usize> = (0..BATCH).collect();
+    let mut labels = Vec::new();
+    train.gather(&batch, model.input_mut([BATCH, 1, 28, 28])?, &mut labels)?;
+    model.graph_mut().set_profiling(true);
+    let started = std::time::Instant::now();
+    for _ in 0..steps {
+        model.forward_backward_in_place(&labels)?;
+    }
+    let wall = started.elapsed().as_secs_f64() / steps as f64;
+    let graph = model.graph_mut();
+    let mut rows = Vec::new();
+    for id in graph.node_ids() {
+        let [forward, backward] = graph.time(id)?;
+        let macs = graph.cost(id)?.forward_macs;
+        rows.push((
+            graph.name(id)?.to_string(),
+            graph.kind(id)?,
+            forward,
+            backward,
+            macs,
+        ));
+    }
+    graph.set_profiling(false);
+    rows.sort_by_key(|row| std::cmp::Reverse(row.2 + row.3));
+    println!(
+        "one step of batch {BATCH}: {:.2} ms ({} thread(s)), by node:",
+        1e3 * wall,
+        pointwise::parallel::threads()
+    );
+    println!(
+        "{:<24} {:<16} {:>9} {:>9} {:>8} {:>8}",
+        "node", "op", "fwd ms", "bwd ms", "share", "GFLOP/s"
+    );
+    for (name, kind, forward, backward, macs) in rows.iter().filter(|r| !(r.2 + r.3).is_zero()) {
+        let (f, b) = (
+            forward.as_secs_f64() / steps as f64,
+            backward.as_secs_f64() / steps as f64,
+        );
+        // Forward is one product, backward about two (dX and dW).
+        let gflops = if *macs > 0 {
+            2.0 * 3.0 * *macs as f64 / (f + b) / 1e9
+        } else {
+            0.0
+        };
+        println!(
+            "{name:<24} {kind:<16} {:>9.3} {:>9.3} {:>7.1}% {:>8.1}",
+            1e3 * f,
+            1e3 * b,
+            100.0 * (f + b) / wall,
+            gflops
+        );
+    }
+    println!();
     Ok(())
 }
 

@@ -108,6 +108,34 @@ impl<T: Sync> Split for Items<&[T]> {
     }
 }
 
+/// Indices (the channels a part covers, say), cut with the views they index: a part reads
+/// per-channel constants by index and writes only its own views.
+impl Split for std::ops::Range<usize> {
+    fn len(&self) -> usize {
+        ExactSizeIterator::len(self)
+    }
+    fn split(self, mid: usize) -> (Self, Self) {
+        let mid = self.start + mid;
+        (self.start..mid, mid..self.end)
+    }
+}
+
+/// A buffer that may be absent (a gradient nobody asked for): cut if present.
+impl<S: Split> Split for Option<S> {
+    fn len(&self) -> usize {
+        self.as_ref().map_or(0, Split::len)
+    }
+    fn split(self, mid: usize) -> (Self, Self) {
+        match self {
+            Some(parts) => {
+                let (first, second) = parts.split(mid);
+                (Some(first), Some(second))
+            }
+            None => (None, None),
+        }
+    }
+}
+
 impl<A: Split, B: Split> Split for (A, B) {
     fn len(&self) -> usize {
         self.0.len()

@@ -925,6 +925,9 @@ fn depthwise_matches_reference_loops() {
     use pointwise::ops::depthwise::{self, Window};
     for (i, (n, c, m, k, stride, padding, h, w)) in [
         (1, 3, 1, 3, 1, 1, 5, 4),
+        // Rows of 19 and 17: the eight-lane sums with a remainder, at stride 1 and 2.
+        (2, 3, 1, 3, 1, 1, 9, 19),
+        (1, 2, 1, 3, 2, 1, 8, 17),
         (2, 5, 1, 3, 2, 1, 7, 5),
         (1, 2, 2, 3, 2, 0, 5, 7),
         (3, 3, 1, 1, 1, 0, 1, 1),
@@ -993,6 +996,129 @@ fn depthwise_matches_reference_loops() {
     };
     assert!(depthwise::output_shape(&[1, 3, 2, 2], &[3, 1, 3, 3], window).is_err());
     assert!(depthwise::output_shape(&[1, 3, 4, 4], &[4, 1, 3, 3], window).is_err());
+}
+
+/// The same tensor in column-major order: same values, no contiguous planes.
+fn column_major(a: &Array4<f64>) -> Array4<f64> {
+    use ndarray::ShapeBuilder;
+    let mut f = Array4::zeros(a.dim().f());
+    f.assign(a);
+    f
+}
+
+/// The ops whose fast paths walk contiguous planes take any layout: given column-major
+/// inputs, outputs and gradient buffers they compute what they compute on standard ones.
+#[test]
+fn plane_walking_ops_accept_column_major_buffers() {
+    use pointwise::ops::{batch_norm, conv2d, depthwise, Window};
+    let window = Window {
+        stride: 1,
+        padding: 1,
+    };
+    let x = r4([2, 3, 5, 11], 150);
+    let (c_out, weight, depthwise_weight) = (4, r4([4, 3, 3, 3], 151), r4([3, 1, 3, 3], 152));
+    // Each op as (forward into y, backward into (dx, dW)) on the given buffers.
+    type Forward<'a> = dyn Fn(&Array4<f64>, &mut Array4<f64>) + 'a;
+    type Backward<'a> = dyn Fn(&Array4<f64>, &Array4<f64>, &mut Array4<f64>, &mut Array4<f64>) + 'a;
+    let conv_forward: &Forward =
+        &|x, y| conv2d::forward(x.view(), weight.view(), None, window, y.view_mut()).unwrap();
+    let conv_backward: &Backward = &|x, dy, dx, dw| {
+        let (dx, dw) = (Some(dx.view_mut()), Some(dw.view_mut()));
+        conv2d::backward(x.view(), weight.view(), window, dy.view(), dx, dw, None).unwrap()
+    };
+    let dw_forward: &Forward = &|x, y| {
+        depthwise::forward(
+            x.view(),
+            depthwise_weight.view(),
+            None,
+            window,
+            y.view_mut(),
+        )
+        .unwrap()
+    };
+    let dw_backward: &Backward = &|x, dy, dx, dw| {
+        let (dx, dw) = (Some(dx.view_mut()), Some(dw.view_mut()));
+        depthwise::backward(
+            x.view(),
+            depthwise_weight.view(),
+            window,
+            dy.view(),
+            dx,
+            dw,
+            None,
+        )
+        .unwrap()
+    };
+    let cases: [(&Forward, &Backward, usize, [usize; 4]); 2] = [
+        (conv_forward, conv_backward, c_out, [4, 3, 3, 3]),
+        (dw_forward, dw_backward, 3, [3, 1, 3, 3]),
+    ];
+    for (forward, backward, channels, weight_shape) in cases {
+        let out = [2, channels, 5, 11];
+        let dy = r4(out, 153);
+        let (mut y, mut dx, mut dw) = (
+            Array4::zeros(out),
+            r4([2, 3, 5, 11], 154),
+            r4(weight_shape, 155),
+        );
+        let (mut y_f, mut dx_f, mut dw_f) =
+            (column_major(&y), column_major(&dx), column_major(&dw));
+        forward(&x, &mut y);
+        forward(&column_major(&x), &mut y_f);
+        assert_abs_diff_eq!(y, y_f, epsilon = TOL);
+        backward(&x, &dy, &mut dx, &mut dw);
+        backward(&column_major(&x), &column_major(&dy), &mut dx_f, &mut dw_f);
+        assert_abs_diff_eq!(dx, dx_f, epsilon = TOL);
+        assert_abs_diff_eq!(dw, dw_f, epsilon = TOL);
+    }
+
+    let (gamma, beta) = (r1(3, 156) + 1.5, r1(3, 157));
+    let (mut mean, mut var) = (Array1::zeros(3), Array1::zeros(3));
+    let (y_ref, mean_ref, var_ref) =
+        batch_norm::forward_reference(x.view(), gamma.view(), beta.view()).unwrap();
+    let x_f = column_major(&x);
+    batch_norm::statistics(x_f.view(), mean.view_mut(), var.view_mut()).unwrap();
+    assert_abs_diff_eq!(mean, mean_ref, epsilon = TOL);
+    assert_abs_diff_eq!(var, var_ref, epsilon = TOL);
+    let inv_std = var.mapv(|v: f64| 1.0 / (v + batch_norm::EPS).sqrt());
+    let mut y_f = column_major(&Array4::zeros([2, 3, 5, 11]));
+    let (g, b) = (gamma.view(), beta.view());
+    batch_norm::forward(
+        x_f.view(),
+        g,
+        b,
+        mean.view(),
+        inv_std.view(),
+        y_f.view_mut(),
+    )
+    .unwrap();
+    assert_abs_diff_eq!(y_f.into_dyn(), y_ref, epsilon = TOL);
+    let dy = r4([2, 3, 5, 11], 158);
+    let (dx_ref, dgamma_ref, dbeta_ref) =
+        batch_norm::backward_reference(x.view(), gamma.view(), dy.view()).unwrap();
+    let (mut dx_f, mut dgamma, mut dbeta) = (
+        column_major(&Array4::zeros([2, 3, 5, 11])),
+        Array1::zeros(3),
+        Array1::zeros(3),
+    );
+    let saved = batch_norm::Saved {
+        mean: mean.view(),
+        inv_std: inv_std.view(),
+        batch_statistics: true,
+    };
+    batch_norm::backward(
+        x_f.view(),
+        gamma.view(),
+        saved,
+        column_major(&dy).view(),
+        Some(dx_f.view_mut()),
+        Some(dgamma.view_mut()),
+        Some(dbeta.view_mut()),
+    )
+    .unwrap();
+    assert_abs_diff_eq!(dx_f.into_dyn(), dx_ref, epsilon = 1e-11);
+    assert_abs_diff_eq!(dgamma, dgamma_ref, epsilon = 1e-11);
+    assert_abs_diff_eq!(dbeta, dbeta_ref, epsilon = 1e-11);
 }
 
 #[test]

@@ -37,11 +37,12 @@
 //! Forward: two passes over x for the statistics (training) and one to normalise; about 5
 //! operations per value. Backward: two passes (the two sums, then dx). No GEMM.
 
-use super::{accumulating, check_image, check_same, dims, dims_mut};
+use super::{accumulating, check_image, check_same, dims, dims_mut, sum_pairs};
 use crate::cost::Cost;
 use crate::element::{count, Element};
 use crate::error::{Error, Result};
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::parallel::{in_parts, Along};
 use ndarray::{
     Array1, ArrayD, ArrayView1, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut4, Axis, Zip,
 };
@@ -231,35 +232,46 @@ pub struct Saved<'a, T> {
 
 // ---------------------------------------------------------------- forward and backward
 
-/// The batch's statistics per channel: μ into `mean`, the biased variance σ² into `var`.
+/// The batch's statistics per channel: μ into `mean`, the biased variance σ² into `var`; the
+/// channels split between the threads.
 pub fn statistics<T: Element>(
     x: ArrayView4<T>,
-    mut mean: ArrayViewMut1<T>,
-    mut var: ArrayViewMut1<T>,
+    mean: ArrayViewMut1<T>,
+    var: ArrayViewMut1<T>,
 ) -> Result<()> {
     check_same(OP, "mean", &x.shape()[1..2], mean.shape())?;
     check_same(OP, "variance", &x.shape()[1..2], var.shape())?;
     let values = count::<T>(x.len() / x.shape()[1].max(1));
-    for ((channel, mean), var) in x
-        .axis_iter(Axis(1))
-        .zip(mean.iter_mut())
-        .zip(var.iter_mut())
-    {
-        *mean = channel.sum() / values;
-        // Two passes: the squared deviations from the mean, not E[x²] − μ², which cancels.
-        *var = channel.fold(T::zero(), |sum, &v| sum + (v - *mean) * (v - *mean)) / values;
-    }
-    Ok(())
+    let parts = (0..x.shape()[1], (Along(mean, Axis(0)), Along(var, Axis(0))));
+    in_parts(parts, &|(
+        channels,
+        (Along(mut mean, _), Along(mut var, _)),
+    )| {
+        for (i, c) in channels.enumerate() {
+            let planes = x.index_axis(Axis(1), c);
+            let mu = planes
+                .outer_iter()
+                .map(|p| sum_pairs(p, p, |v, _| v))
+                .sum::<T>()
+                / values;
+            // Two passes: the squared deviations from the mean, not E[x²] − μ², which cancels.
+            let squares = planes
+                .outer_iter()
+                .map(|p| sum_pairs(p, p, |v, _| (v - mu) * (v - mu)));
+            (mean[i], var[i]) = (mu, squares.sum::<T>() / values);
+        }
+        Ok(())
+    })
 }
 
-/// Forward: y = γ·(x − μ)·s + β, per channel.
+/// Forward: y = γ·(x − μ)·s + β, per channel; the channels split between the threads.
 pub fn forward<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView1<T>,
     bias: ArrayView1<T>,
     mean: ArrayView1<T>,
     inv_std: ArrayView1<T>,
-    mut y: ArrayViewMut4<T>,
+    y: ArrayViewMut4<T>,
 ) -> Result<()> {
     check_same(
         OP,
@@ -267,28 +279,31 @@ pub fn forward<T: Element>(
         &output_shape(x.shape(), weight.shape())?,
         y.shape(),
     )?;
-    for c in 0..x.shape()[1] {
-        let (scale, shift) = (
-            weight[c] * inv_std[c],
-            bias[c] - weight[c] * inv_std[c] * mean[c],
-        );
-        Zip::from(y.index_axis_mut(Axis(1), c))
-            .and(x.index_axis(Axis(1), c))
-            .for_each(|y, &x| *y = scale * x + shift);
-    }
-    Ok(())
+    in_parts((0..x.shape()[1], Along(y, Axis(1))), &|(
+        channels,
+        Along(mut y, _),
+    )| {
+        for (i, c) in channels.enumerate() {
+            let scale = weight[c] * inv_std[c];
+            let shift = bias[c] - scale * mean[c];
+            Zip::from(y.index_axis_mut(Axis(1), i))
+                .and(x.index_axis(Axis(1), c))
+                .for_each(|y, &x| *y = scale * x + shift);
+        }
+        Ok(())
+    })
 }
 
 /// Backward: dβ += Σ g, dγ += Σ g·x̂, and dx += (γs/M)·(M·g − Σ g − x̂·Σ g·x̂) with batch
-/// statistics, or dx += γ·s·g with constant ones.
+/// statistics, or dx += γ·s·g with constant ones; the channels split between the threads.
 pub fn backward<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView1<T>,
     saved: Saved<'_, T>,
     dy: ArrayView4<T>,
-    mut dx: Option<ArrayViewMut4<T>>,
-    mut dweight: Option<ArrayViewMut1<T>>,
-    mut dbias: Option<ArrayViewMut1<T>>,
+    dx: Option<ArrayViewMut4<T>>,
+    dweight: Option<ArrayViewMut1<T>>,
+    dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
     check_same(
         OP,
@@ -300,36 +315,49 @@ pub fn backward<T: Element>(
         check_same(OP, "input gradient", x.shape(), dx.shape())?;
     }
     let values = count::<T>(x.len() / x.shape()[1].max(1));
-    for c in 0..x.shape()[1] {
-        let (mu, s) = (saved.mean[c], saved.inv_std[c]);
-        let (x_c, g_c) = (x.index_axis(Axis(1), c), dy.index_axis(Axis(1), c));
-        let (mut sum_g, mut sum_g_xhat) = (T::zero(), T::zero());
-        Zip::from(&x_c).and(&g_c).for_each(|&x, &g| {
-            sum_g += g;
-            sum_g_xhat += g * (x - mu) * s;
-        });
-        if let Some(dbias) = dbias.as_mut() {
-            dbias[c] += sum_g;
-        }
-        if let Some(dweight) = dweight.as_mut() {
-            dweight[c] += sum_g_xhat;
-        }
-        if let Some(dx) = dx.as_mut() {
+    let buffers = (
+        dx.map(|dx| Along(dx, Axis(1))),
+        (
+            dweight.map(|d| Along(d, Axis(0))),
+            dbias.map(|d| Along(d, Axis(0))),
+        ),
+    );
+    in_parts((0..x.shape()[1], buffers), &|(
+        channels,
+        (mut dx, (mut dweight, mut dbias)),
+    )| {
+        for (i, c) in channels.enumerate() {
+            let (mu, s) = (saved.mean[c], saved.inv_std[c]);
+            let (x_c, g_c) = (x.index_axis(Axis(1), c), dy.index_axis(Axis(1), c));
+            let planes = || x_c.outer_iter().zip(g_c.outer_iter());
+            let sum_g: T = g_c.outer_iter().map(|g| sum_pairs(g, g, |g, _| g)).sum();
+            let sum_g_xhat = s * planes()
+                .map(|(x, g)| sum_pairs(x, g, |x, g| g * (x - mu)))
+                .sum::<T>();
+            if let Some(Along(dbias, _)) = dbias.as_mut() {
+                dbias[i] += sum_g;
+            }
+            if let Some(Along(dweight, _)) = dweight.as_mut() {
+                dweight[i] += sum_g_xhat;
+            }
+            let Some(Along(dx, _)) = dx.as_mut() else {
+                continue;
+            };
             let scale = weight[c] * s;
             let (mean_g, mean_g_xhat) = if saved.batch_statistics {
                 (sum_g / values, sum_g_xhat / values)
             } else {
                 (T::zero(), T::zero())
             };
-            Zip::from(dx.index_axis_mut(Axis(1), c))
+            Zip::from(dx.index_axis_mut(Axis(1), i))
                 .and(&x_c)
                 .and(&g_c)
                 .for_each(|dx, &x, &g| {
                     *dx += scale * (g - mean_g - (x - mu) * s * mean_g_xhat);
                 });
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 // ---------------------------------------------------------------- reference loops

@@ -36,7 +36,7 @@
 
 use super::{
     accumulating_dx, check_image, check_layer_gradients, check_ndim, check_same, dims, grad_shapes,
-    layer_forward, layer_gradients, shape_text, LayerForward, Window,
+    in_standard_layout, layer_forward, layer_gradients, shape_text, LayerForward, Window,
 };
 use crate::cost::{self, Cost};
 use crate::element::Element;
@@ -216,23 +216,31 @@ fn im2col<T: Element>(
     out_width: usize,
     columns: &mut Array2<T>,
 ) {
-    let out_height = columns.ncols() / out_width.max(1);
+    let (pixels, x_dims) = (columns.ncols(), x.dim());
+    let (Some(x), Some(columns)) = (x.to_slice(), columns.as_slice_mut()) else {
+        unreachable!("both are in standard layout")
+    };
+    let (_, height, width) = x_dims;
     segments(
-        x.dim(),
+        x_dims,
         kernel,
         window,
-        (out_height, out_width),
+        (pixels / out_width.max(1), out_width),
         |row, c, oh, segment| {
-            let mut target =
-                columns.slice_mut(ndarray::s![row, oh * out_width..(oh + 1) * out_width]);
-            target.fill(T::zero());
-            if let Some((h, range, w)) = segment {
-                let count = range.len();
-                let step = window.stride as isize;
-                let last = w + (count - 1) * window.stride;
-                target
-                    .slice_mut(ndarray::s![range])
-                    .assign(&x.slice(ndarray::s![c, h, w..=last;step]));
+            let start = row * pixels + oh * out_width;
+            let target = &mut columns[start..start + out_width];
+            let Some((h, range, w)) = segment else {
+                return target.fill(T::zero());
+            };
+            target[..range.start].fill(T::zero());
+            target[range.end..].fill(T::zero());
+            let source = &x[(c * height + h) * width + w..];
+            let target = &mut target[range];
+            if window.stride == 1 {
+                target.copy_from_slice(&source[..target.len()]);
+            } else {
+                let strided = source.iter().step_by(window.stride);
+                target.iter_mut().zip(strided).for_each(|(t, &s)| *t = s);
             }
         },
     );
@@ -247,22 +255,25 @@ fn col2im<T: Element>(
     out_width: usize,
     mut dx: ArrayViewMut3<T>,
 ) {
-    let out_height = columns.ncols() / out_width.max(1);
+    let (pixels, dims) = (columns.ncols(), dx.dim());
+    let (_, height, width) = dims;
+    let (Some(columns), Some(target)) = (columns.as_slice(), dx.as_slice_mut()) else {
+        unreachable!("both are in standard layout")
+    };
     segments(
-        dx.dim(),
+        dims,
         kernel,
         window,
-        (out_height, out_width),
+        (pixels / out_width.max(1), out_width),
         |row, c, oh, segment| {
-            if let Some((h, range, w)) = segment {
-                let start = oh * out_width;
-                let source =
-                    columns.slice(ndarray::s![row, start + range.start..start + range.end]);
-                let step = window.stride as isize;
-                let last = w + (range.len() - 1) * window.stride;
-                let mut target = dx.slice_mut(ndarray::s![c, h, w..=last;step]);
-                target += &source;
-            }
+            let Some((h, range, w)) = segment else { return };
+            let start = row * pixels + oh * out_width;
+            let source = &columns[start + range.start..start + range.end];
+            let pixels = target[(c * height + h) * width + w..].iter_mut();
+            pixels
+                .step_by(window.stride)
+                .zip(source)
+                .for_each(|(t, &s)| *t += s);
         },
     );
 }
@@ -291,46 +302,49 @@ pub fn forward<T: Element>(
     weight: ArrayView4<T>,
     bias: Option<ArrayView1<T>>,
     window: Window,
-    y: ArrayViewMut4<T>,
+    mut y: ArrayViewMut4<T>,
 ) -> Result<()> {
     let [_, c_out, out_height, out_width] = check_forward(&x, &weight, &bias, window, &y)?;
     let kernel = weight.shape()[2];
-    let weight = weight_matrix(weight)?;
+    let (x, weight) = (x.as_standard_layout(), weight.as_standard_layout());
+    let weight = weight_matrix(weight.view())?;
     crate::graph::check_elements(OP, &[weight.ncols(), out_height * out_width])?;
     // The samples split between the threads, each part with its own column matrix.
-    in_parts((Along(x, Axis(0)), Along(y, Axis(0))), &|(
-        Along(x, _),
-        Along(mut y, _),
-    )| {
-        let mut columns = Array2::zeros((weight.ncols(), out_height * out_width));
-        for (x_n, y_block) in x.outer_iter().zip(y.outer_iter_mut()) {
-            im2col(x_n, kernel, window, out_width, &mut columns);
-            let mut y_n = y_block
-                .into_shape_with_order((c_out, out_height * out_width))
-                .map_err(|_| {
-                    Error::invalid_shape(
-                        OP,
-                        "output must be in standard layout",
-                        &[c_out, out_height, out_width],
-                    )
-                })?;
-            let beta = match &bias {
-                Some(bias) => {
-                    y_n.assign(&bias.view().insert_axis(Axis(1)));
-                    T::one()
-                }
-                None => T::zero(),
-            };
-            // (F1×FKK)·(FKK×P′) → (F1×P′)
-            gemm(
-                T::one(),
-                weight.view(),
-                columns.view(),
-                beta,
-                y_n.view_mut(),
-            )?;
-        }
-        Ok(())
+    in_standard_layout(y.view_mut(), |y| {
+        in_parts((Along(x.view(), Axis(0)), Along(y, Axis(0))), &|(
+            Along(x, _),
+            Along(mut y, _),
+        )| {
+            let mut columns = Array2::zeros((weight.ncols(), out_height * out_width));
+            for (x_n, y_block) in x.outer_iter().zip(y.outer_iter_mut()) {
+                im2col(x_n, kernel, window, out_width, &mut columns);
+                let mut y_n = y_block
+                    .into_shape_with_order((c_out, out_height * out_width))
+                    .map_err(|_| {
+                        Error::invalid_shape(
+                            OP,
+                            "output must be in standard layout",
+                            &[c_out, out_height, out_width],
+                        )
+                    })?;
+                let beta = match &bias {
+                    Some(bias) => {
+                        y_n.assign(&bias.view().insert_axis(Axis(1)));
+                        T::one()
+                    }
+                    None => T::zero(),
+                };
+                // (F1×FKK)·(FKK×P′) → (F1×P′)
+                gemm(
+                    T::one(),
+                    weight.view(),
+                    columns.view(),
+                    beta,
+                    y_n.view_mut(),
+                )?;
+            }
+            Ok(())
+        })
     })
 }
 
@@ -348,7 +362,12 @@ pub fn backward<T: Element>(
     let [_, c_out, out_height, out_width] =
         check_gradients(&x, &weight, window, &dy, &dx, &dweight, &dbias)?;
     let kernel = weight.shape()[2];
-    let weight = weight_matrix(weight)?;
+    let (x, weight, dy) = (
+        x.as_standard_layout(),
+        weight.as_standard_layout(),
+        dy.as_standard_layout(),
+    );
+    let (x, dy, weight) = (x.view(), dy.view(), weight_matrix(weight.view())?);
     let pixels = out_height * out_width;
     crate::graph::check_elements(OP, &[weight.ncols(), pixels])?;
     // dW̃ sums over the samples, so the threads split dW itself, by input channel: the rows
@@ -386,24 +405,26 @@ pub fn backward<T: Element>(
         }
     }
     // dX is per sample: the samples split between the threads.
-    let Some(dx) = dx else { return Ok(()) };
-    in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
-        Along(dy, _),
-        Along(mut dx, _),
-    )| {
-        let mut dcolumns = Array2::zeros((weight.ncols(), pixels));
-        for (dy_block, dx_n) in dy.outer_iter().zip(dx.outer_iter_mut()) {
-            // (FKK×F1)·(F1×P′) → (FKK×P′), then scattered back by col2im
-            gemm(
-                T::one(),
-                weight.t(),
-                gradient_matrix(dy_block, (c_out, pixels))?,
-                T::zero(),
-                dcolumns.view_mut(),
-            )?;
-            col2im(&dcolumns, kernel, window, out_width, dx_n);
-        }
-        Ok(())
+    let Some(mut dx) = dx else { return Ok(()) };
+    in_standard_layout(dx.view_mut(), |dx| {
+        in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
+            Along(dy, _),
+            Along(mut dx, _),
+        )| {
+            let mut dcolumns = Array2::zeros((weight.ncols(), pixels));
+            for (dy_block, dx_n) in dy.outer_iter().zip(dx.outer_iter_mut()) {
+                // (FKK×F1)·(F1×P′) → (FKK×P′), then scattered back by col2im
+                gemm(
+                    T::one(),
+                    weight.t(),
+                    gradient_matrix(dy_block, (c_out, pixels))?,
+                    T::zero(),
+                    dcolumns.view_mut(),
+                )?;
+                col2im(&dcolumns, kernel, window, out_width, dx_n);
+            }
+            Ok(())
+        })
     })
 }
 

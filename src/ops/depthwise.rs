@@ -31,15 +31,18 @@
 
 pub use super::Window;
 use super::{
-    accumulating_dx, check_image, check_ndim, check_same, dims, layer_forward, layer_gradients,
-    shape_text, LayerForward,
+    accumulating_dx, check_image, check_ndim, check_same, dims, in_standard_layout, layer_forward,
+    layer_gradients, shape_text, sum_pairs, LayerForward,
 };
 use crate::cost::Cost;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
 use crate::parallel::{in_parts, Along};
-use ndarray::{s, ArrayView1, ArrayView4, ArrayViewMut1, ArrayViewMut4, Axis, Zip};
+use ndarray::{
+    s, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4, Axis,
+};
+use std::ops::Range;
 
 const OP: &str = "depthwise";
 
@@ -163,10 +166,10 @@ pub fn output_shape(x: &[usize], weight: &[usize], window: Window) -> Result<[us
 
 // ---------------------------------------------------------------- forward and backward
 //
-// Each kernel tap (a, b) is one shifted, strided copy of the plane: for the output pixels whose
-// source (i·s + a − p, j·s + b − p) lies inside the image, y[i, j] += W[a, b]·x[source]. So
-// every pass below is K² whole-rectangle updates of a plane (vectorised), not K² bounds checks
-// per output pixel.
+// Each kernel tap (a, b) pairs a row segment of the output plane with a (strided) row segment
+// of the input plane, for every output row whose source row lies inside the image: y[i, j] +=
+// W[a, b]·x[source] along the segment. So every pass below is K² runs of whole-segment loops
+// over contiguous memory (vectorised at stride 1), not K² bounds checks per output pixel.
 
 /// Forward: `y[n,o,i,j] = Σ_{a,b} W[o,0,a,b]·x[n, ⌊o/m⌋, i·s + a − p, j·s + b − p] + b[o]`;
 /// the samples split between the threads.
@@ -175,7 +178,7 @@ pub fn forward<T: Element>(
     weight: ArrayView4<T>,
     bias: Option<ArrayView1<T>>,
     window: Window,
-    y: ArrayViewMut4<T>,
+    mut y: ArrayViewMut4<T>,
 ) -> Result<()> {
     let out = output_shape(x.shape(), weight.shape(), window)?;
     check_same(OP, "output", &out, y.shape())?;
@@ -183,112 +186,195 @@ pub fn forward<T: Element>(
         check_same(OP, "bias", &out[1..2], bias.shape())?;
     }
     let multiplier = out[1] / x.shape()[1];
-    in_parts((Along(x, Axis(0)), Along(y, Axis(0))), &|(
-        Along(x, _),
-        Along(mut y, _),
-    )| {
-        for (x_n, mut y_n) in x.outer_iter().zip(y.outer_iter_mut()) {
-            for (o, mut plane) in y_n.outer_iter_mut().enumerate() {
-                plane.fill(bias.as_ref().map_or(T::zero(), |b| b[o]));
-                let input = x_n.index_axis(Axis(0), o / multiplier);
-                for ((a, b), &w) in weight.slice(s![o, 0, .., ..]).indexed_iter() {
-                    if let Some((outputs, sources)) = tap(plane.dim(), input.dim(), (a, b), window)
-                    {
-                        Zip::from(plane.slice_mut(outputs))
-                            .and(input.slice(sources))
-                            .for_each(|y, &x| *y += w * x);
+    let (x, weight) = (x.as_standard_layout(), weight.as_standard_layout());
+    in_standard_layout(y.view_mut(), |y| {
+        in_parts((Along(x.view(), Axis(0)), Along(y, Axis(0))), &|(
+            Along(x, _),
+            Along(mut y, _),
+        )| {
+            for (x_n, mut y_n) in x.outer_iter().zip(y.outer_iter_mut()) {
+                for (o, mut plane) in y_n.outer_iter_mut().enumerate() {
+                    plane.fill(bias.as_ref().map_or(T::zero(), |b| b[o]));
+                    let input = x_n.index_axis(Axis(0), o / multiplier);
+                    let taps = Taps::new(plane.dim(), input.dim(), window);
+                    let (plane, input) = (flat_mut(&mut plane), flat(&input));
+                    for ((a, b), &w) in weight.slice(s![o, 0, .., ..]).indexed_iter() {
+                        taps.each_row((a, b), |outputs, source| {
+                            gather_axpy(&mut plane[outputs], w, &input[source..], window.stride)
+                        });
                     }
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     })
 }
 
-/// Backward: accumulates dW, dx and db (whichever are given) as in the derivation.
+/// Backward: accumulates dW, dx and db (whichever are given) as in the derivation; dW and db
+/// sum over the samples, so their channels split between the threads, and dx's samples do.
 pub fn backward<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView4<T>,
     window: Window,
     dy: ArrayView4<T>,
     dx: Option<ArrayViewMut4<T>>,
-    mut dweight: Option<ArrayViewMut4<T>>,
-    mut dbias: Option<ArrayViewMut1<T>>,
+    dweight: Option<ArrayViewMut4<T>>,
+    dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
     let out = output_shape(x.shape(), weight.shape(), window)?;
     check_same(OP, "output gradient", &out, dy.shape())?;
     let multiplier = out[1] / x.shape()[1];
-    if let Some(dweight) = dweight.as_mut() {
+    if let Some(dweight) = &dweight {
         check_same(OP, "weight gradient", weight.shape(), dweight.shape())?;
     }
-    if let Some(dbias) = dbias.as_mut() {
+    if let Some(dbias) = &dbias {
         check_same(OP, "bias gradient", &out[1..2], dbias.shape())?;
     }
-    // dW and db sum over the samples: one pass on one thread (a depthwise weight is small).
-    for (x_n, dy_n) in x.outer_iter().zip(dy.outer_iter()) {
-        for (o, grad) in dy_n.outer_iter().enumerate() {
-            if let Some(dbias) = dbias.as_mut() {
-                dbias[o] += grad.sum();
-            }
-            let Some(dweight) = dweight.as_mut() else {
-                continue;
-            };
-            let input = x_n.index_axis(Axis(0), o / multiplier);
-            for ((a, b), dw) in dweight.slice_mut(s![o, 0, .., ..]).indexed_iter_mut() {
-                if let Some((outputs, sources)) = tap(grad.dim(), input.dim(), (a, b), window) {
-                    // dW[o,0,a,b] += Σ_{i,j} dy[i,j]·x[source(i,j)]
-                    Zip::from(grad.slice(outputs))
-                        .and(input.slice(sources))
-                        .for_each(|&g, &x| *dw += g * x);
-                }
-            }
-        }
-    }
-    let Some(dx) = dx else { return Ok(()) };
-    check_same(OP, "input gradient", x.shape(), dx.shape())?;
-    // dx is per sample: the samples split between the threads.
-    in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
-        Along(dy, _),
-        Along(mut dx, _),
+    let (x, weight, dy) = (
+        x.as_standard_layout(),
+        weight.as_standard_layout(),
+        dy.as_standard_layout(),
+    );
+    let parameters = (
+        dweight.map(|d| Along(d, Axis(0))),
+        dbias.map(|d| Along(d, Axis(0))),
+    );
+    in_parts((0..out[1], parameters), &|(
+        channels,
+        (mut dweight, mut dbias),
     )| {
-        for (dy_n, mut dx_n) in dy.outer_iter().zip(dx.outer_iter_mut()) {
-            for (o, grad) in dy_n.outer_iter().enumerate() {
-                let mut target = dx_n.index_axis_mut(Axis(0), o / multiplier);
-                for ((a, b), &w) in weight.slice(s![o, 0, .., ..]).indexed_iter() {
-                    if let Some((outputs, sources)) = tap(grad.dim(), target.dim(), (a, b), window)
-                    {
-                        // dx[source(i,j)] += W[o,0,a,b]·dy[i,j]
-                        Zip::from(target.slice_mut(sources))
-                            .and(grad.slice(outputs))
-                            .for_each(|dx, &g| *dx += w * g);
-                    }
+        for (i, o) in channels.enumerate() {
+            for (x_n, dy_n) in x.outer_iter().zip(dy.outer_iter()) {
+                let grad = dy_n.index_axis(Axis(0), o);
+                if let Some(Along(dbias, _)) = dbias.as_mut() {
+                    dbias[i] += sum_pairs(grad, grad, |g, _| g);
+                }
+                let Some(Along(dweight, _)) = dweight.as_mut() else {
+                    continue;
+                };
+                let input = x_n.index_axis(Axis(0), o / multiplier);
+                let taps = Taps::new(grad.dim(), input.dim(), window);
+                let (grad, input) = (flat(&grad), flat(&input));
+                for ((a, b), dw) in dweight.slice_mut(s![i, 0, .., ..]).indexed_iter_mut() {
+                    // dW[o,0,a,b] += Σ_{i,j} dy[i,j]·x[source(i,j)]
+                    taps.each_row((a, b), |outputs, source| {
+                        *dw += dot(&grad[outputs], &input[source..], window.stride)
+                    });
                 }
             }
         }
         Ok(())
+    })?;
+    let Some(mut dx) = dx else { return Ok(()) };
+    check_same(OP, "input gradient", x.shape(), dx.shape())?;
+    in_standard_layout(dx.view_mut(), |dx| {
+        in_parts(
+            (Along(dy.view(), Axis(0)), Along(dx, Axis(0))),
+            &|(Along(dy, _), Along(mut dx, _))| {
+                for (dy_n, mut dx_n) in dy.outer_iter().zip(dx.outer_iter_mut()) {
+                    for (o, grad) in dy_n.outer_iter().enumerate() {
+                        let mut target = dx_n.index_axis_mut(Axis(0), o / multiplier);
+                        let taps = Taps::new(grad.dim(), target.dim(), window);
+                        let (grad, target) = (flat(&grad), flat_mut(&mut target));
+                        for ((a, b), &w) in weight.slice(s![o, 0, .., ..]).indexed_iter() {
+                            // dx[source(i,j)] += W[o,0,a,b]·dy[i,j]
+                            taps.each_row((a, b), |outputs, source| {
+                                scatter_axpy(
+                                    &mut target[source..],
+                                    w,
+                                    &grad[outputs],
+                                    window.stride,
+                                )
+                            });
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )
     })
 }
-
-/// For kernel tap (a, b): the rectangle of output pixels whose source lies inside the image,
-/// and the (strided) rectangle of those sources, or `None` when no output reads this tap.
-fn tap(
-    (out_height, out_width): (usize, usize),
-    (height, width): (usize, usize),
-    (a, b): (usize, usize),
+/// Which output pixels of a plane read which input pixels, tap by tap.
+struct Taps {
+    out: (usize, usize),
+    input: (usize, usize),
     window: Window,
-) -> Option<(SliceInfo2, SliceInfo2)> {
-    let (rows, first_row) = window.taps(out_height, height, a)?;
-    let (columns, first_column) = window.taps(out_width, width, b)?;
-    let step = window.stride as isize;
-    let last_row = first_row + (rows.len() - 1) * window.stride;
-    let last_column = first_column + (columns.len() - 1) * window.stride;
-    Some((
-        s![rows, columns],
-        s![first_row..=last_row;step, first_column..=last_column;step],
-    ))
 }
 
-type SliceInfo2 = ndarray::SliceInfo<[ndarray::SliceInfoElem; 2], ndarray::Ix2, ndarray::Ix2>;
+impl Taps {
+    fn new(out: (usize, usize), input: (usize, usize), window: Window) -> Self {
+        Taps { out, input, window }
+    }
+
+    /// For kernel tap (a, b): every output row segment whose sources lie inside the image, as
+    /// `visit(the segment in the flat output plane, its first source in the flat input plane)`;
+    /// the segment's sources are `stride` apart in the input row.
+    fn each_row(&self, (a, b): (usize, usize), mut visit: impl FnMut(Range<usize>, usize)) {
+        let ((out_height, out_width), (height, width)) = (self.out, self.input);
+        let Some((rows, first_row)) = self.window.taps(out_height, height, a) else {
+            return;
+        };
+        let Some((columns, first_column)) = self.window.taps(out_width, width, b) else {
+            return;
+        };
+        for (k, i) in rows.enumerate() {
+            let source_row = first_row + k * self.window.stride;
+            let start = i * out_width;
+            visit(
+                start + columns.start..start + columns.end,
+                source_row * width + first_column,
+            );
+        }
+    }
+}
+
+/// y[k] += w·x[k·stride] along a segment.
+fn gather_axpy<T: Element>(y: &mut [T], w: T, x: &[T], stride: usize) {
+    if stride == 1 {
+        // Two slices of one length: the compiler vectorises this loop.
+        let x = &x[..y.len()];
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y += w * x);
+    } else {
+        let x = x.iter().step_by(stride);
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y += w * x);
+    }
+}
+
+/// dx[k·stride] += w·g[k] along a segment.
+fn scatter_axpy<T: Element>(dx: &mut [T], w: T, g: &[T], stride: usize) {
+    if stride == 1 {
+        let dx = &mut dx[..g.len()];
+        dx.iter_mut().zip(g).for_each(|(dx, &g)| *dx += w * g);
+    } else {
+        let dx = dx.iter_mut().step_by(stride);
+        dx.zip(g).for_each(|(dx, &g)| *dx += w * g);
+    }
+}
+
+/// Σₖ g[k]·x[k·stride] along a segment.
+fn dot<T: Element>(g: &[T], x: &[T], stride: usize) -> T {
+    if stride == 1 {
+        sum_pairs(g.into(), x[..g.len()].into(), |g, x| g * x)
+    } else {
+        let x = x.iter().step_by(stride);
+        g.iter().zip(x).fold(T::zero(), |sum, (&g, &x)| sum + g * x)
+    }
+}
+
+/// A plane of a standard-layout tensor as one slice.
+fn flat<'a, T>(plane: &'a ArrayView2<T>) -> &'a [T] {
+    let Some(flat) = plane.as_slice() else {
+        unreachable!("planes of standard-layout tensors are contiguous")
+    };
+    flat
+}
+
+fn flat_mut<'a, T>(plane: &'a mut ArrayViewMut2<T>) -> &'a mut [T] {
+    let Some(flat) = plane.as_slice_mut() else {
+        unreachable!("planes of standard-layout tensors are contiguous")
+    };
+    flat
+}
 
 // ---------------------------------------------------------------- reference loops
 

@@ -2,7 +2,7 @@
 //! plus `forward_reference` / `backward_reference` index loops that are the specification the
 //! fast path is tested against.
 //!
-//! This file holds only the shared shape checks.
+//! This file holds the shared shape checks and the two loop helpers the plane-walking ops share.
 
 pub mod add;
 pub mod avg_pool;
@@ -93,6 +93,47 @@ pub(crate) fn unary_backward<T: Element>(
 fn wrong_dims<D: Dimension>(op: &'static str, shape: &[usize]) -> Error {
     let expected = D::NDIM.map_or("any".to_string(), |n| n.to_string());
     Error::shape_mismatch(op, "buffer dimensions", expected, shape_text(shape))
+}
+
+/// Σᵢ f(aᵢ, bᵢ) over two views of one shape. Contiguous views are summed in eight
+/// interleaved partial sums: independent chains that the compiler turns into vector adds (one
+/// running sum is a single dependency chain it may not reorder), and that round less in f32.
+pub(crate) fn sum_pairs<T: Element, D: Dimension>(
+    a: ArrayView<T, D>,
+    b: ArrayView<T, D>,
+    f: impl Fn(T, T) -> T,
+) -> T {
+    let (Some(a), Some(b)) = (a.as_slice(), b.as_slice()) else {
+        return ndarray::Zip::from(&a)
+            .and(&b)
+            .fold(T::zero(), |sum, &a, &b| sum + f(a, b));
+    };
+    let (a_lanes, b_lanes) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = (a_lanes.remainder().iter())
+        .zip(b_lanes.remainder())
+        .fold(T::zero(), |sum, (&a, &b)| sum + f(a, b));
+    let mut lanes = [T::zero(); 8];
+    for (a, b) in a_lanes.zip(b_lanes) {
+        for lane in 0..8 {
+            lanes[lane] += f(a[lane], b[lane]);
+        }
+    }
+    lanes.iter().fold(tail, |sum, &lane| sum + lane)
+}
+
+/// Runs `work` on `view` when it is in standard layout, else on a standard-layout copy that
+/// is then written back (the tape's own buffers never need the copy).
+pub(crate) fn in_standard_layout<T: Element, D: Dimension>(
+    mut view: ArrayViewMut<T, D>,
+    work: impl FnOnce(ArrayViewMut<T, D>) -> Result<()>,
+) -> Result<()> {
+    if view.is_standard_layout() {
+        return work(view);
+    }
+    let mut copy = view.as_standard_layout().into_owned();
+    work(copy.view_mut())?;
+    view.assign(&copy);
+    Ok(())
 }
 
 /// `[2, 6, 5, 5]`: how shapes appear in messages.

@@ -166,10 +166,13 @@ pub fn output_shape(x: &[usize], weight: &[usize], window: Window) -> Result<[us
 
 // ---------------------------------------------------------------- forward and backward
 //
-// Each kernel tap (a, b) pairs a row segment of the output plane with a (strided) row segment
-// of the input plane, for every output row whose source row lies inside the image: y[i, j] +=
-// W[a, b]·x[source] along the segment. So every pass below is K² runs of whole-segment loops
-// over contiguous memory (vectorised at stride 1), not K² bounds checks per output pixel.
+// Every pass works on planes padded with p zeros on every side and stored flat, so no loop
+// checks bounds: output pixel (i, j) at kernel tap (a, b) reads padded pixel
+// (i·s + a, j·s + b). The outputs are computed on a work grid: at stride 1 its rows are as far
+// apart as the padded input's (W + 2p), so one tap is a single shift of the whole plane,
+// `work[k] += W[a,b]·padded[k + a·(W + 2p) + b]` for every k, one long vectorised loop (the
+// K − 1 extra columns of each work row are computed and dropped). At stride s > 1 each
+// output row is its own run, reading every s-th input.
 
 /// Forward: `y[n,o,i,j] = Σ_{a,b} W[o,0,a,b]·x[n, ⌊o/m⌋, i·s + a − p, j·s + b − p] + b[o]`;
 /// the samples split between the threads.
@@ -185,6 +188,7 @@ pub fn forward<T: Element>(
     if let Some(bias) = &bias {
         check_same(OP, "bias", &out[1..2], bias.shape())?;
     }
+    let plane = Plane::new(x.shape(), &out, window);
     let multiplier = out[1] / x.shape()[1];
     let (x, weight) = (x.as_standard_layout(), weight.as_standard_layout());
     in_standard_layout(y.view_mut(), |y| {
@@ -192,17 +196,19 @@ pub fn forward<T: Element>(
             Along(x, _),
             Along(mut y, _),
         )| {
+            let (mut padded, mut work) = plane.scratch();
             for (x_n, mut y_n) in x.outer_iter().zip(y.outer_iter_mut()) {
-                for (o, mut plane) in y_n.outer_iter_mut().enumerate() {
-                    plane.fill(bias.as_ref().map_or(T::zero(), |b| b[o]));
-                    let input = x_n.index_axis(Axis(0), o / multiplier);
-                    let taps = Taps::new(plane.dim(), input.dim(), window);
-                    let (plane, input) = (flat_mut(&mut plane), flat(&input));
+                for (o, mut y_plane) in y_n.outer_iter_mut().enumerate() {
+                    if o % multiplier == 0 {
+                        plane.pad(flat(x_n.index_axis(Axis(0), o / multiplier)), &mut padded);
+                    }
+                    work.fill(bias.as_ref().map_or(T::zero(), |b| b[o]));
                     for ((a, b), &w) in weight.slice(s![o, 0, .., ..]).indexed_iter() {
-                        taps.each_row((a, b), |outputs, source| {
-                            gather_axpy(&mut plane[outputs], w, &input[source..], window.stride)
+                        plane.runs((a, b), |outputs, source| {
+                            gather_axpy(&mut work[outputs], w, &padded[source..], window.stride)
                         });
                     }
+                    plane.narrow(&work, flat_mut(&mut y_plane));
                 }
             }
             Ok(())
@@ -223,13 +229,14 @@ pub fn backward<T: Element>(
 ) -> Result<()> {
     let out = output_shape(x.shape(), weight.shape(), window)?;
     check_same(OP, "output gradient", &out, dy.shape())?;
-    let multiplier = out[1] / x.shape()[1];
     if let Some(dweight) = &dweight {
         check_same(OP, "weight gradient", weight.shape(), dweight.shape())?;
     }
     if let Some(dbias) = &dbias {
         check_same(OP, "bias gradient", &out[1..2], dbias.shape())?;
     }
+    let plane = Plane::new(x.shape(), &out, window);
+    let multiplier = out[1] / x.shape()[1];
     let (x, weight, dy) = (
         x.as_standard_layout(),
         weight.as_standard_layout(),
@@ -243,22 +250,23 @@ pub fn backward<T: Element>(
         channels,
         (mut dweight, mut dbias),
     )| {
+        // The work grid's extra columns are never written here: they stay 0 and add nothing.
+        let (mut padded, mut work) = plane.scratch();
         for (i, o) in channels.enumerate() {
             for (x_n, dy_n) in x.outer_iter().zip(dy.outer_iter()) {
-                let grad = dy_n.index_axis(Axis(0), o);
+                let grad = flat(dy_n.index_axis(Axis(0), o));
                 if let Some(Along(dbias, _)) = dbias.as_mut() {
-                    dbias[i] += sum_pairs(grad, grad, |g, _| g);
+                    dbias[i] += sum_pairs(grad.into(), grad.into(), |g, _| g);
                 }
                 let Some(Along(dweight, _)) = dweight.as_mut() else {
                     continue;
                 };
-                let input = x_n.index_axis(Axis(0), o / multiplier);
-                let taps = Taps::new(grad.dim(), input.dim(), window);
-                let (grad, input) = (flat(&grad), flat(&input));
+                plane.pad(flat(x_n.index_axis(Axis(0), o / multiplier)), &mut padded);
+                plane.widen(grad, &mut work);
                 for ((a, b), dw) in dweight.slice_mut(s![i, 0, .., ..]).indexed_iter_mut() {
                     // dW[o,0,a,b] += Σ_{i,j} dy[i,j]·x[source(i,j)]
-                    taps.each_row((a, b), |outputs, source| {
-                        *dw += dot(&grad[outputs], &input[source..], window.stride)
+                    plane.runs((a, b), |outputs, source| {
+                        *dw += dot(&work[outputs], &padded[source..], window.stride)
                     });
                 }
             }
@@ -271,22 +279,22 @@ pub fn backward<T: Element>(
         in_parts(
             (Along(dy.view(), Axis(0)), Along(dx, Axis(0))),
             &|(Along(dy, _), Along(mut dx, _))| {
+                // Here `padded` collects the padded plane's gradient, border included.
+                let (mut padded, mut work) = plane.scratch();
                 for (dy_n, mut dx_n) in dy.outer_iter().zip(dx.outer_iter_mut()) {
-                    for (o, grad) in dy_n.outer_iter().enumerate() {
-                        let mut target = dx_n.index_axis_mut(Axis(0), o / multiplier);
-                        let taps = Taps::new(grad.dim(), target.dim(), window);
-                        let (grad, target) = (flat(&grad), flat_mut(&mut target));
-                        for ((a, b), &w) in weight.slice(s![o, 0, .., ..]).indexed_iter() {
-                            // dx[source(i,j)] += W[o,0,a,b]·dy[i,j]
-                            taps.each_row((a, b), |outputs, source| {
-                                scatter_axpy(
-                                    &mut target[source..],
-                                    w,
-                                    &grad[outputs],
-                                    window.stride,
-                                )
-                            });
+                    for (c, mut dx_plane) in dx_n.outer_iter_mut().enumerate() {
+                        for o in c * multiplier..(c + 1) * multiplier {
+                            plane.widen(flat(dy_n.index_axis(Axis(0), o)), &mut work);
+                            for ((a, b), &w) in weight.slice(s![o, 0, .., ..]).indexed_iter() {
+                                // dx[source(i,j)] += W[o,0,a,b]·dy[i,j]
+                                plane.runs((a, b), |outputs, source| {
+                                    let target = &mut padded[source..];
+                                    scatter_axpy(target, w, &work[outputs], window.stride)
+                                });
+                            }
                         }
+                        plane.add_interior(&padded, flat_mut(&mut dx_plane));
+                        padded.fill(T::zero());
                     }
                 }
                 Ok(())
@@ -294,36 +302,99 @@ pub fn backward<T: Element>(
         )
     })
 }
-/// Which output pixels of a plane read which input pixels, tap by tap.
-struct Taps {
-    out: (usize, usize),
-    input: (usize, usize),
+
+/// One (H, W) plane and its (H′, W′) output, in the padded flat form of the passes above.
+#[derive(Clone, Copy, Debug)]
+struct Plane {
+    height: usize,
+    width: usize,
+    out_height: usize,
+    out_width: usize,
     window: Window,
 }
 
-impl Taps {
-    fn new(out: (usize, usize), input: (usize, usize), window: Window) -> Self {
-        Taps { out, input, window }
+impl Plane {
+    fn new(x: &[usize], out: &[usize], window: Window) -> Self {
+        Plane {
+            height: x[2],
+            width: x[3],
+            out_height: out[2],
+            out_width: out[3],
+            window,
+        }
     }
 
-    /// For kernel tap (a, b): every output row segment whose sources lie inside the image, as
-    /// `visit(the segment in the flat output plane, its first source in the flat input plane)`;
-    /// the segment's sources are `stride` apart in the input row.
-    fn each_row(&self, (a, b): (usize, usize), mut visit: impl FnMut(Range<usize>, usize)) {
-        let ((out_height, out_width), (height, width)) = (self.out, self.input);
-        let Some((rows, first_row)) = self.window.taps(out_height, height, a) else {
-            return;
-        };
-        let Some((columns, first_column)) = self.window.taps(out_width, width, b) else {
-            return;
-        };
-        for (k, i) in rows.enumerate() {
-            let source_row = first_row + k * self.window.stride;
-            let start = i * out_width;
-            visit(
-                start + columns.start..start + columns.end,
-                source_row * width + first_column,
+    /// W + 2p: the distance between rows of a padded plane.
+    fn padded_width(&self) -> usize {
+        self.width + 2 * self.window.padding
+    }
+
+    /// The distance between rows of the work grid: the padded width at stride 1 (so that a
+    /// tap is one shift of the whole plane), W′ otherwise.
+    fn work_width(&self) -> usize {
+        match self.window.stride {
+            1 => self.padded_width(),
+            _ => self.out_width,
+        }
+    }
+
+    /// A zeroed padded plane and a zeroed work grid.
+    fn scratch<T: Element>(&self) -> (Vec<T>, Vec<T>) {
+        let padded = (self.height + 2 * self.window.padding) * self.padded_width();
+        let work = (self.out_height.max(1) - 1) * self.work_width() + self.out_width;
+        (vec![T::zero(); padded], vec![T::zero(); work])
+    }
+
+    /// For kernel tap (a, b): every run of outputs that read it, as `visit(the run in the
+    /// work grid, its first source in the padded plane)`; sources are `stride` apart.
+    fn runs(&self, (a, b): (usize, usize), mut visit: impl FnMut(Range<usize>, usize)) {
+        let (padded_width, stride) = (self.padded_width(), self.window.stride);
+        let tap = a * padded_width + b;
+        if stride == 1 {
+            return visit(
+                0..(self.out_height.max(1) - 1) * padded_width + self.out_width,
+                tap,
             );
+        }
+        for i in 0..self.out_height {
+            let start = i * self.out_width;
+            visit(
+                start..start + self.out_width,
+                i * stride * padded_width + tap,
+            );
+        }
+    }
+
+    /// Copies a plane into the interior of a padded one (whose border stays 0).
+    fn pad<T: Element>(&self, plane: &[T], padded: &mut [T]) {
+        let (p, padded_width) = (self.window.padding, self.padded_width());
+        for (r, row) in plane.chunks_exact(self.width.max(1)).enumerate() {
+            padded[(r + p) * padded_width + p..][..self.width].copy_from_slice(row);
+        }
+    }
+
+    /// Adds the interior of a padded plane into a plane.
+    fn add_interior<T: Element>(&self, padded: &[T], plane: &mut [T]) {
+        let (p, padded_width) = (self.window.padding, self.padded_width());
+        for (r, row) in plane.chunks_exact_mut(self.width.max(1)).enumerate() {
+            let source = &padded[(r + p) * padded_width + p..][..self.width];
+            row.iter_mut().zip(source).for_each(|(x, &s)| *x += s);
+        }
+    }
+
+    /// Copies an output plane onto the work grid (its extra columns untouched).
+    fn widen<T: Element>(&self, plane: &[T], work: &mut [T]) {
+        let step = self.work_width();
+        for (i, row) in plane.chunks_exact(self.out_width.max(1)).enumerate() {
+            work[i * step..][..self.out_width].copy_from_slice(row);
+        }
+    }
+
+    /// Copies the work grid's outputs into an output plane.
+    fn narrow<T: Element>(&self, work: &[T], plane: &mut [T]) {
+        let step = self.work_width();
+        for (i, row) in plane.chunks_exact_mut(self.out_width.max(1)).enumerate() {
+            row.copy_from_slice(&work[i * step..][..self.out_width]);
         }
     }
 }
@@ -362,8 +433,8 @@ fn dot<T: Element>(g: &[T], x: &[T], stride: usize) -> T {
 }
 
 /// A plane of a standard-layout tensor as one slice.
-fn flat<'a, T>(plane: &'a ArrayView2<T>) -> &'a [T] {
-    let Some(flat) = plane.as_slice() else {
+fn flat<T>(plane: ArrayView2<'_, T>) -> &[T] {
+    let Some(flat) = plane.to_slice() else {
         unreachable!("planes of standard-layout tensors are contiguous")
     };
     flat

@@ -3,8 +3,9 @@
 //! One generic code path serves both: every op's own code (index arithmetic, thread splits,
 //! reductions, the tape) is the same in f64, where it is gradient-checked, and in f32, where it
 //! trains. The matrix products are the exception: f64 goes to ndarray's GEMM, f32 to the
-//! crate's own kernel where the CPU has AVX-512 (`crate::gemm`), which `tests/gemm.rs` checks
-//! against an f64 triple loop and `tests/ops.rs` against the ops' reference loops in f32.
+//! crate's own kernel where the CPU has AVX-512 and to the gemm crate's elsewhere
+//! (`crate::gemm`), which `tests/gemm.rs` checks against an f64 triple loop and `tests/ops.rs`
+//! against the ops' reference loops in f32.
 
 use ndarray::{LinalgScalar, ScalarOperand};
 use std::fmt::{Debug, Display};

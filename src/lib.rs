@@ -55,8 +55,8 @@
 //! |f|·ε_mach/ε of accuracy: with ε = 1e-6 that is ~1e-10·|f| in f64, but ~0.06·|f| in f32
 //! (ε_mach ≈ 6e-8), which leaves at most one significant digit. The whole crate is generic over
 //! [`Element`] (f32 or f64): the ops' code checked in f64 is the code that trains in f32, except
-//! the matrix products, which run on ndarray's GEMM in f64 and on the crate's own kernel in f32
-//! (tested against a triple loop). The tests check every input of every op on
+//! the matrix products, which run on ndarray's GEMM in f64 and, in f32, on the crate's own
+//! AVX-512 kernel or the gemm crate's (tested against a triple loop). The tests check every input of every op on
 //! shapes with batch 1, odd channel counts, F1 < F and F1 > F, H ≠ W and 1×1 maps, to a
 //! relative error of 1e-7.
 //!

@@ -123,8 +123,8 @@ fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
     let weights = options.out.join(format!("{name}.safetensors"));
     pointwise::checkpoint::check_writable(&weights)?;
     println!(
-        "{:>6} {:>10} {:>10} {:>10}",
-        "epoch", "loss", "test acc", "images/s"
+        "{:>6} {:>10} {:>10} {:>10} {:>9}",
+        "epoch", "loss", "test acc", "images/s", "train s"
     );
     let (mut losses, mut accuracies) = (Vec::new(), Vec::new());
     let mut evaluation = None;
@@ -132,11 +132,12 @@ fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
         let report = common::train_epoch_with_progress(&mut trainer, &mut model, &train)?;
         let result = evaluate(&mut model, &test, 500)?;
         println!(
-            "{:>6} {:>10.4} {:>9.2}% {:>10.0}",
+            "{:>6} {:>10.4} {:>9.2}% {:>10.0} {:>9.2}",
             report.epoch,
             report.train_loss,
             100.0 * result.accuracy,
-            report.images_per_second
+            report.images_per_second,
+            train.len() as f64 / report.images_per_second
         );
         losses.push(report.train_loss);
         accuracies.push(100.0 * result.accuracy);

@@ -35,8 +35,9 @@
 //! im2col copies K² times the input: the memory traffic a 1×1 convolution never pays.
 
 use super::{
-    accumulating_dx, check_image, check_layer_gradients, check_ndim, check_same, dims, grad_shapes,
-    in_standard_layout, layer_forward, layer_gradients, shape_text, LayerForward, Window,
+    check_image, check_layer_gradients, check_ndim, check_same, grad_shapes, in_standard_layout,
+    layer_forward, shape_text, window_backward, window_backward_reference,
+    window_forward_reference, LayerForward, Window,
 };
 use crate::cost::{self, Cost};
 use crate::element::Element;
@@ -90,26 +91,11 @@ impl<T: Element> Operation<T> for Conv2d {
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
-        let Backward { dy, mut inputs, .. } = pass;
-        let layer = layer_gradients(OP, inputs.ports::<3>()?)?;
-        let dx = accumulating_dx(layer.dx)?;
-        let dy = dims(OP, dy.view())?;
-        backward(
-            layer.x,
-            layer.weight,
-            self.window,
-            dy,
-            dx,
-            layer.dweight,
-            layer.dbias,
-        )
+        window_backward(OP, pass, self.window, backward)
     }
 
     fn attributes(&self) -> Vec<(&'static str, usize)> {
-        vec![
-            ("stride", self.window.stride),
-            ("padding", self.window.padding),
-        ]
+        self.window.attributes()
     }
 
     fn cost(&self, inputs: &[&[usize]], output: &[usize], input_grad: bool) -> Cost {
@@ -455,43 +441,19 @@ fn check_gradients<T: Element>(
     Ok(out)
 }
 
-/// The specification: the direct 7-deep loop of the index form, no im2col.
+/// The specification: every term of the index form, summed directly (no im2col); output
+/// channel o reads every input channel c, scaled by W[o, c, ·, ·].
 pub fn forward_reference<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView4<T>,
     bias: Option<ArrayView1<T>>,
     window: Window,
-    mut y: ArrayViewMut4<T>,
+    y: ArrayViewMut4<T>,
 ) -> Result<()> {
-    let [batch, c_out, out_height, out_width] = check_forward(&x, &weight, &bias, window, &y)?;
-    let (c_in, height, width, kernel) =
-        (x.shape()[1], x.shape()[2], x.shape()[3], weight.shape()[2]);
-    let (stride, padding) = (window.stride, window.padding);
-    for n in 0..batch {
-        for o in 0..c_out {
-            for oh in 0..out_height {
-                for ow in 0..out_width {
-                    let mut sum = bias.as_ref().map_or(T::zero(), |b| b[o]);
-                    for c in 0..c_in {
-                        for i in 0..kernel {
-                            for j in 0..kernel {
-                                let (h, w) = (oh * stride + i, ow * stride + j);
-                                if h >= padding
-                                    && w >= padding
-                                    && h - padding < height
-                                    && w - padding < width
-                                {
-                                    sum +=
-                                        weight[[o, c, i, j]] * x[[n, c, h - padding, w - padding]];
-                                }
-                            }
-                        }
-                    }
-                    y[[n, o, oh, ow]] = sum;
-                }
-            }
-        }
-    }
+    check_forward(&x, &weight, &bias, window, &y)?;
+    let channels = x.shape()[1];
+    let reads = |_| (0..channels).map(|c| (c, c)).collect();
+    window_forward_reference(x, weight, bias, window, y, reads);
     Ok(())
 }
 
@@ -501,48 +463,13 @@ pub fn backward_reference<T: Element>(
     weight: ArrayView4<T>,
     window: Window,
     dy: ArrayView4<T>,
-    mut dx: Option<ArrayViewMut4<T>>,
-    mut dweight: Option<ArrayViewMut4<T>>,
-    mut dbias: Option<ArrayViewMut1<T>>,
+    dx: Option<ArrayViewMut4<T>>,
+    dweight: Option<ArrayViewMut4<T>>,
+    dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
-    let [batch, c_out, out_height, out_width] =
-        check_gradients(&x, &weight, window, &dy, &dx, &dweight, &dbias)?;
-    let (c_in, height, width, kernel) =
-        (x.shape()[1], x.shape()[2], x.shape()[3], weight.shape()[2]);
-    let (stride, padding) = (window.stride, window.padding);
-    for n in 0..batch {
-        for o in 0..c_out {
-            for oh in 0..out_height {
-                for ow in 0..out_width {
-                    let g = dy[[n, o, oh, ow]];
-                    if let Some(dbias) = dbias.as_mut() {
-                        dbias[o] += g;
-                    }
-                    for c in 0..c_in {
-                        for i in 0..kernel {
-                            for j in 0..kernel {
-                                let (h, w) = (oh * stride + i, ow * stride + j);
-                                if h < padding
-                                    || w < padding
-                                    || h - padding >= height
-                                    || w - padding >= width
-                                {
-                                    continue;
-                                }
-                                if let Some(dweight) = dweight.as_mut() {
-                                    dweight[[o, c, i, j]] +=
-                                        g * x[[n, c, h - padding, w - padding]];
-                                }
-                                if let Some(dx) = dx.as_mut() {
-                                    dx[[n, c, h - padding, w - padding]] +=
-                                        g * weight[[o, c, i, j]];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+    check_gradients(&x, &weight, window, &dy, &dx, &dweight, &dbias)?;
+    let channels = x.shape()[1];
+    let reads = |_| (0..channels).map(|c| (c, c)).collect();
+    window_backward_reference(x, weight, window, dy, dx, dweight, dbias, reads);
     Ok(())
 }

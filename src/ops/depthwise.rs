@@ -31,8 +31,8 @@
 
 pub use super::Window;
 use super::{
-    accumulating_dx, check_image, check_ndim, check_same, dims, in_standard_layout, layer_forward,
-    layer_gradients, shape_text, sum_pairs, LayerForward,
+    check_image, check_ndim, check_same, in_standard_layout, layer_forward, shape_text, sum_pairs,
+    window_backward, window_backward_reference, window_forward_reference, LayerForward,
 };
 use crate::cost::Cost;
 use crate::element::Element;
@@ -88,26 +88,11 @@ impl<T: Element> Operation<T> for Depthwise {
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
-        let Backward { dy, mut inputs, .. } = pass;
-        let layer = layer_gradients(OP, inputs.ports::<3>()?)?;
-        let dx = accumulating_dx(layer.dx)?;
-        let dy = dims(OP, dy.view())?;
-        backward(
-            layer.x,
-            layer.weight,
-            self.window,
-            dy,
-            dx,
-            layer.dweight,
-            layer.dbias,
-        )
+        window_backward(OP, pass, self.window, backward)
     }
 
     fn attributes(&self) -> Vec<(&'static str, usize)> {
-        vec![
-            ("stride", self.window.stride),
-            ("padding", self.window.padding),
-        ]
+        self.window.attributes()
     }
 
     fn cost(&self, inputs: &[&[usize]], output: &[usize], input_grad: bool) -> Cost {
@@ -449,46 +434,19 @@ fn flat_mut<'a, T>(plane: &'a mut ArrayViewMut2<T>) -> &'a mut [T] {
 
 // ---------------------------------------------------------------- reference loops
 
-/// The specification: the index form, with explicit bounds for the zero padding.
+/// The specification: every term of the index form, summed directly; output channel o reads
+/// input channel ⌊o/m⌋ alone, scaled by W[o, 0, ·, ·].
 pub fn forward_reference<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView4<T>,
     bias: Option<ArrayView1<T>>,
     window: Window,
-    mut y: ArrayViewMut4<T>,
+    y: ArrayViewMut4<T>,
 ) -> Result<()> {
-    let [batch, c_out, out_height, out_width] = output_shape(x.shape(), weight.shape(), window)?;
-    check_same(
-        OP,
-        "output",
-        &[batch, c_out, out_height, out_width],
-        y.shape(),
-    )?;
-    let (multiplier, kernel) = (c_out / x.shape()[1], weight.shape()[2]);
-    let (height, width) = (x.shape()[2] as isize, x.shape()[3] as isize);
-    let (s, p) = (window.stride as isize, window.padding as isize);
-    for n in 0..batch {
-        for o in 0..c_out {
-            for i in 0..out_height {
-                for j in 0..out_width {
-                    let mut sum = bias.as_ref().map_or(T::zero(), |b| b[o]);
-                    for a in 0..kernel {
-                        for b in 0..kernel {
-                            let (h, w) = (
-                                i as isize * s + a as isize - p,
-                                j as isize * s + b as isize - p,
-                            );
-                            if (0..height).contains(&h) && (0..width).contains(&w) {
-                                sum += weight[[o, 0, a, b]]
-                                    * x[[n, o / multiplier, h as usize, w as usize]];
-                            }
-                        }
-                    }
-                    y[[n, o, i, j]] = sum;
-                }
-            }
-        }
-    }
+    let out = output_shape(x.shape(), weight.shape(), window)?;
+    check_same(OP, "output", &out, y.shape())?;
+    let multiplier = out[1] / x.shape()[1];
+    window_forward_reference(x, weight, bias, window, y, |o| vec![(o / multiplier, 0)]);
     Ok(())
 }
 
@@ -498,42 +456,18 @@ pub fn backward_reference<T: Element>(
     weight: ArrayView4<T>,
     window: Window,
     dy: ArrayView4<T>,
-    mut dx: ArrayViewMut4<T>,
-    mut dweight: ArrayViewMut4<T>,
-    mut dbias: ArrayViewMut1<T>,
+    dx: ArrayViewMut4<T>,
+    dweight: ArrayViewMut4<T>,
+    dbias: ArrayViewMut1<T>,
 ) -> Result<()> {
-    let [batch, c_out, out_height, out_width] = output_shape(x.shape(), weight.shape(), window)?;
-    check_same(
-        OP,
-        "output gradient",
-        &[batch, c_out, out_height, out_width],
-        dy.shape(),
-    )?;
-    let (multiplier, kernel) = (c_out / x.shape()[1], weight.shape()[2]);
-    let (height, width) = (x.shape()[2] as isize, x.shape()[3] as isize);
-    let (s, p) = (window.stride as isize, window.padding as isize);
-    for n in 0..batch {
-        for o in 0..c_out {
-            for i in 0..out_height {
-                for j in 0..out_width {
-                    let g = dy[[n, o, i, j]];
-                    dbias[o] += g;
-                    for a in 0..kernel {
-                        for b in 0..kernel {
-                            let (h, w) = (
-                                i as isize * s + a as isize - p,
-                                j as isize * s + b as isize - p,
-                            );
-                            if (0..height).contains(&h) && (0..width).contains(&w) {
-                                let c = o / multiplier;
-                                dweight[[o, 0, a, b]] += g * x[[n, c, h as usize, w as usize]];
-                                dx[[n, c, h as usize, w as usize]] += g * weight[[o, 0, a, b]];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let out = output_shape(x.shape(), weight.shape(), window)?;
+    check_same(OP, "output gradient", &out, dy.shape())?;
+    check_same(OP, "input gradient", x.shape(), dx.shape())?;
+    check_same(OP, "weight gradient", weight.shape(), dweight.shape())?;
+    check_same(OP, "bias gradient", &out[1..2], dbias.shape())?;
+    let multiplier = out[1] / x.shape()[1];
+    let (dx, dweight, dbias) = (Some(dx), Some(dweight), Some(dbias));
+    let reads = |o| vec![(o / multiplier, 0)];
+    window_backward_reference(x, weight, window, dy, dx, dweight, dbias, reads);
     Ok(())
 }

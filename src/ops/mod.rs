@@ -25,7 +25,8 @@ pub mod softmax_cross_entropy;
 
 use crate::error::{Error, Result};
 use ndarray::{
-    ArrayView, ArrayView1, ArrayViewD, ArrayViewMut, ArrayViewMut1, ArrayViewMutD, Dimension,
+    ArrayView, ArrayView1, ArrayView4, ArrayViewD, ArrayViewMut, ArrayViewMut1, ArrayViewMut4,
+    ArrayViewMutD, Dimension,
 };
 
 use crate::element::Element;
@@ -194,6 +195,11 @@ pub struct Window {
 }
 
 impl Window {
+    /// The window as a node's attributes (see `describe.rs`).
+    pub(crate) fn attributes(self) -> Vec<(&'static str, usize)> {
+        vec![("stride", self.stride), ("padding", self.padding)]
+    }
+
     /// Stride 1, no padding.
     pub const UNIT: Window = Window {
         stride: 1,
@@ -461,6 +467,154 @@ pub(crate) fn layer_gradients<'p, T: Element, DX: Dimension, DW: Dimension>(
         dweight,
         dbias,
     })
+}
+
+/// One term of a K×K convolution's index form, `y[n,o,i,j] += W[o,k,a,b]·x[n,c,h,w]`, where
+/// (h, w) = (i·s + a − p, j·s + b − p) is inside the image; k is the weight's channel index.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Term {
+    pub(crate) n: usize,
+    pub(crate) o: usize,
+    pub(crate) i: usize,
+    pub(crate) j: usize,
+    pub(crate) c: usize,
+    pub(crate) k: usize,
+    pub(crate) a: usize,
+    pub(crate) b: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+}
+
+/// Every term of a K×K convolution's index form, by plain loops (the reference passes'
+/// specification). `reads(o)` gives the input channels output channel o mixes, each with the
+/// weight channel that scales it: every channel c with k = c (conv2d), or its own alone with
+/// k = 0 (depthwise). Terms that would read the zero padding are skipped.
+pub(crate) fn each_term(
+    x: &[usize],
+    out: &[usize],
+    kernel: usize,
+    window: Window,
+    reads: impl Fn(usize) -> Vec<(usize, usize)>,
+    mut visit: impl FnMut(Term),
+) {
+    let s = window.stride;
+    // The unpadded position of padded position v along an axis of `len`, if inside.
+    let inside = |v: usize, len: usize| v.checked_sub(window.padding).filter(|&v| v < len);
+    for n in 0..out[0] {
+        for o in 0..out[1] {
+            let channels = reads(o);
+            for i in 0..out[2] {
+                for j in 0..out[3] {
+                    for &(c, k) in &channels {
+                        for a in 0..kernel {
+                            for b in 0..kernel {
+                                if let (Some(h), Some(w)) =
+                                    (inside(i * s + a, x[2]), inside(j * s + b, x[3]))
+                                {
+                                    visit(Term {
+                                        n,
+                                        o,
+                                        i,
+                                        j,
+                                        c,
+                                        k,
+                                        a,
+                                        b,
+                                        h,
+                                        w,
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The reference forward pass of a K×K convolution: y = b, then every term of the index form
+/// ([`each_term`]) added.
+pub(crate) fn window_forward_reference<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView4<T>,
+    bias: Option<ArrayView1<T>>,
+    window: Window,
+    mut y: ArrayViewMut4<T>,
+    reads: impl Fn(usize) -> Vec<(usize, usize)>,
+) {
+    for ((_, o, _, _), y) in y.indexed_iter_mut() {
+        *y = bias.as_ref().map_or(T::zero(), |b| b[o]);
+    }
+    let out = y.shape().to_vec();
+    each_term(x.shape(), &out, weight.shape()[2], window, reads, |t| {
+        y[[t.n, t.o, t.i, t.j]] += weight[[t.o, t.k, t.a, t.b]] * x[[t.n, t.c, t.h, t.w]];
+    });
+}
+
+/// The reference backward pass of a K×K convolution, the index form differentiated term by
+/// term: each term W·x sends g = dy[n,o,i,j] to the weight (g·x) and to the input (g·W), and
+/// db[o] sums g.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn window_backward_reference<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView4<T>,
+    window: Window,
+    dy: ArrayView4<T>,
+    mut dx: Option<ArrayViewMut4<T>>,
+    mut dweight: Option<ArrayViewMut4<T>>,
+    mut dbias: Option<ArrayViewMut1<T>>,
+    reads: impl Fn(usize) -> Vec<(usize, usize)>,
+) {
+    if let Some(dbias) = dbias.as_mut() {
+        for ((_, o, _, _), &g) in dy.indexed_iter() {
+            dbias[o] += g;
+        }
+    }
+    each_term(
+        x.shape(),
+        dy.shape(),
+        weight.shape()[2],
+        window,
+        reads,
+        |t| {
+            let g = dy[[t.n, t.o, t.i, t.j]];
+            if let Some(dweight) = dweight.as_mut() {
+                dweight[[t.o, t.k, t.a, t.b]] += g * x[[t.n, t.c, t.h, t.w]];
+            }
+            if let Some(dx) = dx.as_mut() {
+                dx[[t.n, t.c, t.h, t.w]] += g * weight[[t.o, t.k, t.a, t.b]];
+            }
+        },
+    );
+}
+
+/// The backward function of a K×K convolution (conv2d, depthwise): x, the weight, the window,
+/// dy, and the gradient buffers dx, dW, db it adds into (a `None` one is skipped).
+pub(crate) type WindowBackward<T> = fn(
+    ArrayView4<T>,
+    ArrayView4<T>,
+    Window,
+    ArrayView4<T>,
+    Option<ArrayViewMut4<T>>,
+    Option<ArrayViewMut4<T>>,
+    Option<ArrayViewMut1<T>>,
+) -> Result<()>;
+
+/// A K×K convolution's backward pass on the tape: its ports opened as views, dx made ready to
+/// accumulate into, then `backward`.
+pub(crate) fn window_backward<T: Element>(
+    op: &'static str,
+    pass: Backward<'_, T>,
+    window: Window,
+    backward: WindowBackward<T>,
+) -> Result<()> {
+    let Backward { dy, mut inputs, .. } = pass;
+    let layer = layer_gradients(op, inputs.ports::<3>()?)?;
+    let dx = accumulating_dx(layer.dx)?;
+    let dy = dims(op, dy.view())?;
+    let (x, weight) = (layer.x, layer.weight);
+    backward(x, weight, window, dy, dx, layer.dweight, layer.dbias)
 }
 
 /// dx ready to accumulate into, for backward passes that only add: zeroed first if this pass

@@ -42,12 +42,12 @@ use super::{
 use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::gemm::gemm;
+use crate::gemm::{gemm, gemm_bias_relu};
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
-use crate::parallel::{in_parts, Along};
+use crate::parallel::{in_parts, sample_matrix, sample_matrix_mut, Along};
 use ndarray::{
-    Array2, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut3,
-    ArrayViewMut4, Axis,
+    Array2, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut2,
+    ArrayViewMut3, ArrayViewMut4, Axis,
 };
 
 const OP: &str = "conv2d";
@@ -194,74 +194,139 @@ fn segments(
     }
 }
 
-/// im2col for one sample: fills `columns` (F·K·K, P′), a row segment at a time.
+/// Where one sample's P′ columns sit in a column matrix that holds a group of samples side by
+/// side: from column `offset` of rows `stride` values apart, for an output of `out` pixels.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    stride: usize,
+    offset: usize,
+    out: (usize, usize),
+}
+
+/// Samples per group: enough that a group's matrix products have about 512 columns or more
+/// (one sample of a 7×7 map has 49: a product that narrow spends its time packing W̃).
+fn group_size(pixels: usize) -> usize {
+    (512 / pixels.max(1)).max(1)
+}
+
+/// im2col for one sample: fills its block of `columns` (F·K·K rows), a row segment at a time.
 fn im2col<T: Element>(
     x: ArrayView3<T>,
     kernel: usize,
     window: Window,
-    out_width: usize,
-    columns: &mut Array2<T>,
+    block: Block,
+    columns: &mut [T],
 ) {
-    let (pixels, x_dims) = (columns.ncols(), x.dim());
-    let (Some(x), Some(columns)) = (x.to_slice(), columns.as_slice_mut()) else {
-        unreachable!("both are in standard layout")
+    let x_dims = x.dim();
+    let Some(x) = x.to_slice() else {
+        unreachable!("x is in standard layout")
     };
     let (_, height, width) = x_dims;
-    segments(
-        x_dims,
-        kernel,
-        window,
-        (pixels / out_width.max(1), out_width),
-        |row, c, oh, segment| {
-            let start = row * pixels + oh * out_width;
-            let target = &mut columns[start..start + out_width];
-            let Some((h, range, w)) = segment else {
-                return target.fill(T::zero());
-            };
-            target[..range.start].fill(T::zero());
-            target[range.end..].fill(T::zero());
-            let source = &x[(c * height + h) * width + w..];
-            let target = &mut target[range];
-            if window.stride == 1 {
-                target.copy_from_slice(&source[..target.len()]);
-            } else {
-                let strided = source.iter().step_by(window.stride);
-                target.iter_mut().zip(strided).for_each(|(t, &s)| *t = s);
-            }
-        },
-    );
+    let out_width = block.out.1;
+    segments(x_dims, kernel, window, block.out, |row, c, oh, segment| {
+        let start = row * block.stride + block.offset + oh * out_width;
+        let target = &mut columns[start..start + out_width];
+        let Some((h, range, w)) = segment else {
+            return target.fill(T::zero());
+        };
+        target[..range.start].fill(T::zero());
+        target[range.end..].fill(T::zero());
+        let source = &x[(c * height + h) * width + w..];
+        let target = &mut target[range];
+        if window.stride == 1 {
+            target.copy_from_slice(&source[..target.len()]);
+        } else {
+            let strided = source.iter().step_by(window.stride);
+            target.iter_mut().zip(strided).for_each(|(t, &s)| *t = s);
+        }
+    });
 }
 
-/// col2im for one sample: dx[pixel] += dC[row, column] for every entry that came from a
-/// pixel, a row segment at a time.
+/// col2im for one sample: dx[pixel] += dC[row, column] for every entry of its block that came
+/// from a pixel, a row segment at a time.
 fn col2im<T: Element>(
-    columns: &Array2<T>,
+    columns: &[T],
     kernel: usize,
     window: Window,
-    out_width: usize,
+    block: Block,
     mut dx: ArrayViewMut3<T>,
 ) {
-    let (pixels, dims) = (columns.ncols(), dx.dim());
+    let dims = dx.dim();
     let (_, height, width) = dims;
-    let (Some(columns), Some(target)) = (columns.as_slice(), dx.as_slice_mut()) else {
-        unreachable!("both are in standard layout")
+    let Some(target) = dx.as_slice_mut() else {
+        unreachable!("dx is in standard layout")
     };
-    segments(
-        dims,
-        kernel,
-        window,
-        (pixels / out_width.max(1), out_width),
-        |row, c, oh, segment| {
-            let Some((h, range, w)) = segment else { return };
-            let start = row * pixels + oh * out_width;
-            let source = &columns[start + range.start..start + range.end];
-            let pixels = target[(c * height + h) * width + w..].iter_mut();
-            pixels
-                .step_by(window.stride)
-                .zip(source)
-                .for_each(|(t, &s)| *t += s);
-        },
-    );
+    segments(dims, kernel, window, block.out, |row, c, oh, segment| {
+        let Some((h, range, w)) = segment else { return };
+        let start = row * block.stride + block.offset + oh * block.out.1;
+        let source = &columns[start + range.start..start + range.end];
+        let pixels = target[(c * height + h) * width + w..].iter_mut();
+        pixels
+            .step_by(window.stride)
+            .zip(source)
+            .for_each(|(t, &s)| *t += s);
+    });
+}
+
+/// A group's column matrix: `group` samples' blocks side by side, F·K·K (or a thread's share)
+/// rows; `columns(g)` is the matrix of the first g samples.
+struct Columns<T> {
+    data: Vec<T>,
+    rows: usize,
+    group: usize,
+    out: (usize, usize),
+}
+
+impl<T: Element> Columns<T> {
+    fn new(rows: usize, group: usize, out: (usize, usize)) -> Self {
+        let data = vec![T::zero(); rows * group * out.0 * out.1];
+        Columns {
+            data,
+            rows,
+            group,
+            out,
+        }
+    }
+
+    fn block(&self, g: usize) -> Block {
+        let pixels = self.out.0 * self.out.1;
+        Block {
+            stride: self.group * pixels,
+            offset: g * pixels,
+            out: self.out,
+        }
+    }
+
+    /// The matrix of the first `samples` blocks (rows × samples·P′).
+    fn view(&self, samples: usize) -> ArrayView2<'_, T> {
+        let width = self.group * self.out.0 * self.out.1;
+        let all = ArrayView2::from_shape((self.rows, width), &self.data[..]);
+        let Ok(all) = all else {
+            unreachable!("the buffer holds rows × width values")
+        };
+        all.slice_move(ndarray::s![.., ..samples * self.out.0 * self.out.1])
+    }
+
+    fn view_mut(&mut self, samples: usize) -> ArrayViewMut2<'_, T> {
+        let width = self.group * self.out.0 * self.out.1;
+        let all = ArrayViewMut2::from_shape((self.rows, width), &mut self.data[..]);
+        let Ok(all) = all else {
+            unreachable!("the buffer holds rows × width values")
+        };
+        all.slice_move(ndarray::s![.., ..samples * self.out.0 * self.out.1])
+    }
+}
+
+/// Copies the samples of `dy` (N_g, F1, H′, W′) side by side into `gathered` (F1 rows).
+fn gather<T: Element>(dy: ArrayView4<T>, gathered: &mut Columns<T>) -> Result<()> {
+    let pixels = gathered.out.0 * gathered.out.1;
+    let mut target = gathered.view_mut(dy.shape()[0]);
+    for (g, dy_n) in dy.outer_iter().enumerate() {
+        let dy_n = sample_matrix(dy_n)?;
+        let columns = ndarray::s![.., g * pixels..(g + 1) * pixels];
+        target.slice_mut(columns).assign(&dy_n);
+    }
+    Ok(())
 }
 
 /// Checks the operands of a forward pass and the output buffer; returns the output shape.
@@ -295,39 +360,38 @@ pub fn forward<T: Element>(
     let (x, weight) = (x.as_standard_layout(), weight.as_standard_layout());
     let weight = weight_matrix(weight.view())?;
     crate::graph::check_elements(OP, &[weight.ncols(), out_height * out_width])?;
-    // The samples split between the threads, each part with its own column matrix.
+    let (out, pixels) = ((out_height, out_width), out_height * out_width);
+    // The samples split between the threads; each part builds the column matrix of a group
+    // of samples at a time and runs one product for the group.
     in_standard_layout(y.view_mut(), |y| {
         in_parts((Along(x.view(), Axis(0)), Along(y, Axis(0))), &|(
             Along(x, _),
             Along(mut y, _),
         )| {
-            let mut columns = Array2::zeros((weight.ncols(), out_height * out_width));
-            for (x_n, y_block) in x.outer_iter().zip(y.outer_iter_mut()) {
-                im2col(x_n, kernel, window, out_width, &mut columns);
-                let mut y_n = y_block
-                    .into_shape_with_order((c_out, out_height * out_width))
-                    .map_err(|_| {
-                        Error::invalid_shape(
-                            OP,
-                            "output must be in standard layout",
-                            &[c_out, out_height, out_width],
-                        )
-                    })?;
-                let beta = match &bias {
-                    Some(bias) => {
-                        y_n.assign(&bias.view().insert_axis(Axis(1)));
-                        T::one()
-                    }
-                    None => T::zero(),
-                };
-                // (F1×FKK)·(FKK×P′) → (F1×P′)
-                gemm(
-                    T::one(),
+            let group = group_size(pixels).min(x.shape()[0]).max(1);
+            let mut columns = Columns::new(weight.ncols(), group, out);
+            let mut product = Columns::new(c_out, group, out);
+            for (x_g, mut y_g) in x
+                .axis_chunks_iter(Axis(0), group)
+                .zip(y.axis_chunks_iter_mut(Axis(0), group))
+            {
+                for (g, x_n) in x_g.outer_iter().enumerate() {
+                    im2col(x_n, kernel, window, columns.block(g), &mut columns.data);
+                }
+                let samples = x_g.shape()[0];
+                // (F1×FKK)·(FKK×G·P′) → (F1×G·P′), the bias added as it is stored
+                gemm_bias_relu(
                     weight.view(),
-                    columns.view(),
-                    beta,
-                    y_n.view_mut(),
+                    columns.view(samples),
+                    bias.as_ref().map(|b| b.view()),
+                    false,
+                    product.view_mut(samples),
                 )?;
+                let product = product.view(samples);
+                for (g, y_n) in y_g.outer_iter_mut().enumerate() {
+                    let mut y_n = sample_matrix_mut(y_n)?;
+                    y_n.assign(&product.slice(ndarray::s![.., g * pixels..(g + 1) * pixels]));
+                }
             }
             Ok(())
         })
@@ -356,9 +420,12 @@ pub fn backward<T: Element>(
     let (x, dy, weight) = (x.view(), dy.view(), weight_matrix(weight.view())?);
     let pixels = out_height * out_width;
     crate::graph::check_elements(OP, &[weight.ncols(), pixels])?;
+    let out = (out_height, out_width);
+    let group = group_size(pixels).min(x.shape()[0]).max(1);
     // dW̃ sums over the samples, so the threads split dW itself, by input channel: the rows
-    // of the column matrix Cₙ that belong to channels c₀..c₁ are the im2col of those channels
-    // alone, so each thread builds only its own rows and runs (F1×P′)·(P′×(c₁−c₀)·K²).
+    // of the column matrix that belong to channels c₀..c₁ are the im2col of those channels
+    // alone, so each thread builds only its own rows and runs, per group of samples,
+    // (F1×G·P′)·(G·P′×(c₁−c₀)·K²).
     if let Some(dweight) = dweight {
         in_parts((Along(x, Axis(1)), Along(dweight, Axis(1))), &|(
             Along(x, _),
@@ -367,12 +434,20 @@ pub fn backward<T: Element>(
             let rows = dweight.shape()[1] * kernel * kernel;
             // This part of dW̃ is not contiguous in dW: summed here, then added to it.
             let mut part = Array2::zeros((c_out, rows));
-            let mut columns = Array2::zeros((rows, pixels));
-            for (x_n, dy_block) in x.outer_iter().zip(dy.outer_iter()) {
-                im2col(x_n, kernel, window, out_width, &mut columns);
-                // (F1×P′)·(P′×FKK) += into (F1×FKK)
-                let dy_n = gradient_matrix(dy_block, (c_out, pixels))?;
-                gemm(T::one(), dy_n, columns.t(), T::one(), part.view_mut())?;
+            let mut columns = Columns::new(rows, group, out);
+            let mut gathered = Columns::new(c_out, group, out);
+            for (x_g, dy_g) in x
+                .axis_chunks_iter(Axis(0), group)
+                .zip(dy.axis_chunks_iter(Axis(0), group))
+            {
+                for (g, x_n) in x_g.outer_iter().enumerate() {
+                    im2col(x_n, kernel, window, columns.block(g), &mut columns.data);
+                }
+                gather(dy_g, &mut gathered)?;
+                let samples = x_g.shape()[0];
+                // (F1×G·P′)·(G·P′×FKK) += into (F1×FKK)
+                let (dy_g, c_g) = (gathered.view(samples), columns.view(samples));
+                gemm(T::one(), dy_g, c_g.t(), T::one(), part.view_mut())?;
             }
             let mut dweight = dweight;
             let part = part
@@ -384,44 +459,42 @@ pub fn backward<T: Element>(
     }
     if let Some(dbias) = dbias.as_mut() {
         for dy_block in dy.outer_iter() {
-            let dy_n = gradient_matrix(dy_block, (c_out, pixels))?;
+            let dy_n = sample_matrix(dy_block)?;
             for (db, row) in dbias.iter_mut().zip(dy_n.outer_iter()) {
                 *db += row.sum();
             }
         }
     }
-    // dX is per sample: the samples split between the threads.
+    // dX is per sample: the samples split between the threads, a group at a time.
     let Some(mut dx) = dx else { return Ok(()) };
     in_standard_layout(dx.view_mut(), |dx| {
         in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
             Along(dy, _),
             Along(mut dx, _),
         )| {
-            let mut dcolumns = Array2::zeros((weight.ncols(), pixels));
-            for (dy_block, dx_n) in dy.outer_iter().zip(dx.outer_iter_mut()) {
-                // (FKK×F1)·(F1×P′) → (FKK×P′), then scattered back by col2im
+            let mut dcolumns = Columns::new(weight.ncols(), group, out);
+            let mut gathered = Columns::new(c_out, group, out);
+            for (dy_g, mut dx_g) in dy
+                .axis_chunks_iter(Axis(0), group)
+                .zip(dx.axis_chunks_iter_mut(Axis(0), group))
+            {
+                gather(dy_g, &mut gathered)?;
+                let samples = dy_g.shape()[0];
+                // (FKK×F1)·(F1×G·P′) → (FKK×G·P′), then scattered back by col2im
+                let dy_g = gathered.view(samples);
                 gemm(
                     T::one(),
                     weight.t(),
-                    gradient_matrix(dy_block, (c_out, pixels))?,
+                    dy_g,
                     T::zero(),
-                    dcolumns.view_mut(),
+                    dcolumns.view_mut(samples),
                 )?;
-                col2im(&dcolumns, kernel, window, out_width, dx_n);
+                for (g, dx_n) in dx_g.outer_iter_mut().enumerate() {
+                    col2im(&dcolumns.data, kernel, window, dcolumns.block(g), dx_n);
+                }
             }
             Ok(())
         })
-    })
-}
-
-/// Sample n's output gradient (F1, H′, W′) seen as the (F1, P′) matrix.
-fn gradient_matrix<T>(
-    block: ArrayView3<'_, T>,
-    shape: (usize, usize),
-) -> Result<ArrayView2<'_, T>> {
-    block.into_shape_with_order(shape).map_err(|_| {
-        let shape = [shape.0, shape.1];
-        Error::invalid_shape(OP, "output gradient must be in standard layout", &shape)
     })
 }
 

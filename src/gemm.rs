@@ -199,7 +199,7 @@ fn gemm_serial<T: Element>(
     Ok(())
 }
 
-/// Which implementation [`gemm`] uses for element type `T` on this CPU: `"avx512"` for the
+/// Which implementation [`gemm()`] uses for element type `T` on this CPU: `"avx512"` for the
 /// kernels of this module, `"gemm"` for the gemm crate's, `"ndarray"` for `general_mat_mul`.
 pub fn backend<T: Element>() -> &'static str {
     #[cfg(target_arch = "x86_64")]

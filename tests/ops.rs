@@ -832,6 +832,33 @@ fn batch_norm_matches_reference_loops_and_pytorch_semantics() {
     }
 }
 
+/// The public passes check every per-channel vector they index: a wrong length is a typed
+/// error, not a panic.
+#[test]
+fn batch_norm_passes_refuse_statistics_of_the_wrong_length() {
+    use pointwise::ops::batch_norm;
+    let x = r4([2, 3, 2, 2], 1);
+    let (gamma, beta, ones) = (Array1::ones(3), Array1::zeros(3), Array1::ones(3));
+    let short = Array1::zeros(2);
+    let mut y = Array4::zeros((2, 3, 2, 2));
+    let (g, b) = (gamma.view(), beta.view());
+    let forward = batch_norm::forward(x.view(), g, b, short.view(), ones.view(), y.view_mut());
+    assert!(matches!(
+        forward,
+        Err(pointwise::Error::ShapeMismatch { .. })
+    ));
+    let saved = batch_norm::Saved {
+        mean: ones.view(),
+        inv_std: short.view(),
+        batch_statistics: true,
+    };
+    let backward = batch_norm::backward(x.view(), g, saved, x.view(), None, None, None);
+    assert!(matches!(
+        backward,
+        Err(pointwise::Error::ShapeMismatch { .. })
+    ));
+}
+
 #[test]
 fn batch_norm_in_training_mode_refuses_one_value_per_channel() {
     let mut graph = pointwise::Graph::<f64>::new();

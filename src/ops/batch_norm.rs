@@ -249,11 +249,7 @@ pub fn statistics<T: Element>(
     )| {
         for (i, c) in channels.enumerate() {
             let planes = x.index_axis(Axis(1), c);
-            let mu = planes
-                .outer_iter()
-                .map(|p| sum_pairs(p, p, |v, _| v))
-                .sum::<T>()
-                / values;
+            let mu = planes.outer_iter().map(|p| p.sum()).sum::<T>() / values;
             // Two passes: the squared deviations from the mean, not E[x²] − μ², which cancels.
             let squares = planes
                 .outer_iter()
@@ -279,6 +275,13 @@ pub fn forward<T: Element>(
         &output_shape(x.shape(), weight.shape())?,
         y.shape(),
     )?;
+    for (what, values) in [
+        ("bias", &bias),
+        ("mean", &mean),
+        ("inverse deviation", &inv_std),
+    ] {
+        check_same(OP, what, weight.shape(), values.shape())?;
+    }
     in_parts((0..x.shape()[1], Along(y, Axis(1))), &|(
         channels,
         Along(mut y, _),
@@ -314,6 +317,14 @@ pub fn backward<T: Element>(
     if let Some(dx) = &dx {
         check_same(OP, "input gradient", x.shape(), dx.shape())?;
     }
+    for (what, values) in [("mean", &saved.mean), ("inverse deviation", &saved.inv_std)] {
+        check_same(OP, what, weight.shape(), values.shape())?;
+    }
+    for (what, buffer) in [("weight gradient", &dweight), ("bias gradient", &dbias)] {
+        if let Some(buffer) = buffer {
+            check_same(OP, what, weight.shape(), buffer.shape())?;
+        }
+    }
     let values = count::<T>(x.len() / x.shape()[1].max(1));
     let buffers = (
         dx.map(|dx| Along(dx, Axis(1))),
@@ -330,7 +341,7 @@ pub fn backward<T: Element>(
             let (mu, s) = (saved.mean[c], saved.inv_std[c]);
             let (x_c, g_c) = (x.index_axis(Axis(1), c), dy.index_axis(Axis(1), c));
             let planes = || x_c.outer_iter().zip(g_c.outer_iter());
-            let sum_g: T = g_c.outer_iter().map(|g| sum_pairs(g, g, |g, _| g)).sum();
+            let sum_g: T = g_c.outer_iter().map(|g| g.sum()).sum();
             let sum_g_xhat = s * planes()
                 .map(|(x, g)| sum_pairs(x, g, |x, g| g * (x - mu)))
                 .sum::<T>();

@@ -210,7 +210,8 @@ fn profile(model: &mut pointwise::Model, train: &Dataset) -> pointwise::Result<(
     let mut rows = Vec::new();
     for id in graph.node_ids() {
         let [forward, backward] = graph.time(id)?;
-        let macs = graph.cost(id)?.forward_macs;
+        let cost = graph.cost(id)?;
+        let macs = cost.forward_macs + cost.backward_macs;
         rows.push((
             graph.name(id)?.to_string(),
             graph.kind(id)?,
@@ -235,9 +236,9 @@ fn profile(model: &mut pointwise::Model, train: &Dataset) -> pointwise::Result<(
             forward.as_secs_f64() / steps as f64,
             backward.as_secs_f64() / steps as f64,
         );
-        // Forward is one product, backward about two (dX and dW).
+        // The multiply-adds of both passes (the cost model's), two FLOPs each.
         let gflops = if *macs > 0 {
-            2.0 * 3.0 * *macs as f64 / (f + b) / 1e9
+            2.0 * *macs as f64 / (f + b) / 1e9
         } else {
             0.0
         };

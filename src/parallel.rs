@@ -222,7 +222,7 @@ pub(crate) fn sample_matrix_mut<T>(block: ArrayViewMut3<'_, T>) -> Result<ArrayV
 
 fn not_row_major(shape: [usize; 3]) -> Error {
     Error::invalid_shape(
-        "conv1x1",
+        "sample matrix",
         "tensors must be in standard (row-major) layout",
         &shape,
     )

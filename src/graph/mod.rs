@@ -163,7 +163,8 @@ impl<T: Element> Graph<T> {
     }
 
     /// Times every op's forward and backward pass from now on (`true`) or stops (`false`);
-    /// [`Graph::time`] reads the sums. Off by default: two clock reads per op and pass.
+    /// [`Graph::time`] reads the sums. Either call clears them: read them before turning
+    /// profiling off. Off by default: two clock reads per op and pass.
     pub fn set_profiling(&mut self, profiling: bool) {
         self.profiling = profiling;
         for node in &mut self.nodes {

@@ -220,6 +220,20 @@ pub(crate) fn sample_matrix_mut<T>(block: ArrayViewMut3<'_, T>) -> Result<ArrayV
         .map_err(|_| not_row_major([channels, height, width]))
 }
 
+/// Copies the samples of an (N, C, H, W) block side by side into `target` (C, N·P): sample
+/// n's (C, P) matrix becomes columns n·P..(n+1)·P, so that one product covers them all.
+pub(crate) fn side_by_side<T: Copy>(
+    samples: ArrayView4<'_, T>,
+    mut target: ArrayViewMut2<'_, T>,
+) -> Result<()> {
+    let pixels = samples.shape()[2] * samples.shape()[3];
+    for (n, sample) in samples.outer_iter().enumerate() {
+        let columns = ndarray::s![.., n * pixels..(n + 1) * pixels];
+        target.slice_mut(columns).assign(&sample_matrix(sample)?);
+    }
+    Ok(())
+}
+
 fn not_row_major(shape: [usize; 3]) -> Error {
     Error::invalid_shape(
         "sample matrix",

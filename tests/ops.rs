@@ -472,6 +472,11 @@ fn conv1x1_f32_fast_path_matches_reference_loops() {
         (3, 256, 64, 5, 7),
         (2, 64, 256, 9, 4),
         (1, 17, 33, 1, 1),
+        // 7×7 maps run in groups of 10 samples: on 1 or 2 threads, two groups per thread,
+        // the second partial.
+        (25, 6, 5, 7, 7),
+        // 72 pixels: one product per sample.
+        (2, 5, 4, 9, 8),
     ];
     for (i, &(batch, c_in, c_out, height, width)) in cases.iter().enumerate() {
         let seed = 10 * i as u64;

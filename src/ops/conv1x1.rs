@@ -52,10 +52,12 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gemm::{gemm, gemm_bias_relu};
 use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation, Port};
-use crate::parallel::{each_sample, in_parts, sample_matrix, Along};
+use crate::parallel::{
+    each_sample, in_parts, sample_matrix, sample_matrix_mut, side_by_side, Along,
+};
 use ndarray::{
-    ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4,
-    Axis, Zip,
+    Array2, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
+    ArrayViewMut4, Axis, Zip,
 };
 
 const OP: &str = "conv1x1";
@@ -150,6 +152,9 @@ fn forward_epilogue<T: Element>(
 ) -> Result<()> {
     let out = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
     check_same(OP, "output", &out, y.shape())?;
+    if out[2] * out[3] < GROUP_BELOW_PIXELS {
+        return grouped_forward(x, weight, bias, relu, y);
+    }
     each_sample(x, y, &|x_n, y_n| {
         // (F1×F)·(F×P) → (F1×P)
         gemm_bias_relu(
@@ -231,6 +236,9 @@ pub fn input_gradient<T: Element>(
     )?;
     let expected = [dy.shape()[0], weight.ncols(), dy.shape()[2], dy.shape()[3]];
     check_same(OP, "input gradient", &expected, dx.shape())?;
+    if dy.shape()[2] * dy.shape()[3] < GROUP_BELOW_PIXELS {
+        return grouped_input_gradient(weight, dy, dx, write);
+    }
     let beta = if write == GradWrite::Accumulate {
         T::one()
     } else {
@@ -385,6 +393,90 @@ fn relu_mask<T: Element>(y: ArrayView4<T>, dy: ArrayViewMut4<T>) -> Result<()> {
         Zip::from(&mut dy)
             .and(&y)
             .for_each(|dy, &y| *dy = if y > T::zero() { *dy } else { T::zero() });
+        Ok(())
+    })
+}
+
+/// Below this many pixels per sample (7×7 maps, say), the forward pass and dX run one product
+/// per group of samples side by side instead of one per sample, whose few columns leave the
+/// GEMM packing W for little work: measured with batch 16 at 7×7, 320 → 1280 took 7.06 ms
+/// grouped (copies included) against 8.62 ms per sample; at 14×14 grouping was slower.
+const GROUP_BELOW_PIXELS: usize = 64;
+
+/// Samples per group: about 512 columns per product.
+fn group_size(pixels: usize, batch: usize) -> usize {
+    (512 / pixels.max(1)).clamp(1, batch.max(1))
+}
+
+/// The forward pass on groups of samples: X of a group side by side (F, G·P), one product
+/// Y = W·X + b (with the ReLU if fused) into (F1, G·P), then each sample's columns copied out.
+fn grouped_forward<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView2<T>,
+    bias: Option<ArrayView1<T>>,
+    relu: bool,
+    y: ArrayViewMut4<T>,
+) -> Result<()> {
+    let bias = bias.as_ref();
+    in_groups(
+        x,
+        y,
+        // (F1×F)·(F×G·P) → (F1×G·P)
+        &|x_g, y_g| gemm_bias_relu(weight, x_g, bias.map(|b| b.view()), relu, y_g),
+        &|y, mut y_n| y_n.assign(&y),
+    )
+}
+
+/// dX on groups of samples: dY of a group side by side, one product Wᵀ·dY, then each
+/// sample's columns written (`=`) or added (`+=`) into its dXₙ.
+fn grouped_input_gradient<T: Element>(
+    weight: ArrayView2<T>,
+    dy: ArrayView4<T>,
+    dx: ArrayViewMut4<T>,
+    write: GradWrite,
+) -> Result<()> {
+    in_groups(
+        dy,
+        dx,
+        // (F×F1)·(F1×G·P) → (F×G·P)
+        &|dy_g, dx_g| gemm(T::one(), weight.t(), dy_g, T::zero(), dx_g),
+        &|dx, mut dx_n| match write {
+            GradWrite::Overwrite => dx_n.assign(&dx),
+            GradWrite::Accumulate => dx_n += &dx,
+        },
+    )
+}
+
+/// One product per group of samples (the samples split between the threads first): the
+/// group's `inputs` side by side, `product(inputs, outputs)` on the wide matrices, then
+/// `store(sample's columns, its output matrix)` for each sample.
+fn in_groups<T: Element>(
+    inputs: ArrayView4<T>,
+    outputs: ArrayViewMut4<T>,
+    product: &(impl Fn(ArrayView2<T>, ArrayViewMut2<T>) -> Result<()> + Sync),
+    store: &(impl Fn(ArrayView2<T>, ArrayViewMut2<T>) + Sync),
+) -> Result<()> {
+    let pixels = inputs.shape()[2] * inputs.shape()[3];
+    let (rows_in, rows_out) = (inputs.shape()[1], outputs.shape()[1]);
+    in_parts((Along(inputs, Axis(0)), Along(outputs, Axis(0))), &|(
+        Along(inputs, _),
+        Along(mut outputs, _),
+    )| {
+        let group = group_size(pixels, inputs.shape()[0]);
+        let mut wide_in = Array2::zeros((rows_in, group * pixels));
+        let mut wide_out = Array2::zeros((rows_out, group * pixels));
+        for (in_g, mut out_g) in inputs
+            .axis_chunks_iter(Axis(0), group)
+            .zip(outputs.axis_chunks_iter_mut(Axis(0), group))
+        {
+            let columns = ndarray::s![.., ..in_g.shape()[0] * pixels];
+            side_by_side(in_g, wide_in.slice_mut(columns))?;
+            product(wide_in.slice(columns), wide_out.slice_mut(columns))?;
+            for (n, out_n) in out_g.outer_iter_mut().enumerate() {
+                let sample = ndarray::s![.., n * pixels..(n + 1) * pixels];
+                store(wide_out.slice(sample), sample_matrix_mut(out_n)?);
+            }
+        }
         Ok(())
     })
 }

@@ -44,7 +44,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gemm::{gemm, gemm_bias_relu};
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
-use crate::parallel::{in_parts, sample_matrix, sample_matrix_mut, Along};
+use crate::parallel::{in_parts, sample_matrix, sample_matrix_mut, side_by_side, Along};
 use ndarray::{
     Array2, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut2,
     ArrayViewMut3, ArrayViewMut4, Axis,
@@ -317,18 +317,6 @@ impl<T: Element> Columns<T> {
     }
 }
 
-/// Copies the samples of `dy` (N_g, F1, H′, W′) side by side into `gathered` (F1 rows).
-fn gather<T: Element>(dy: ArrayView4<T>, gathered: &mut Columns<T>) -> Result<()> {
-    let pixels = gathered.out.0 * gathered.out.1;
-    let mut target = gathered.view_mut(dy.shape()[0]);
-    for (g, dy_n) in dy.outer_iter().enumerate() {
-        let dy_n = sample_matrix(dy_n)?;
-        let columns = ndarray::s![.., g * pixels..(g + 1) * pixels];
-        target.slice_mut(columns).assign(&dy_n);
-    }
-    Ok(())
-}
-
 /// Checks the operands of a forward pass and the output buffer; returns the output shape.
 fn check_forward<T>(
     x: &ArrayView4<T>,
@@ -443,7 +431,7 @@ pub fn backward<T: Element>(
                 for (g, x_n) in x_g.outer_iter().enumerate() {
                     im2col(x_n, kernel, window, columns.block(g), &mut columns.data);
                 }
-                gather(dy_g, &mut gathered)?;
+                side_by_side(dy_g, gathered.view_mut(dy_g.shape()[0]))?;
                 let samples = x_g.shape()[0];
                 // (F1×G·P′)·(G·P′×FKK) += into (F1×FKK)
                 let (dy_g, c_g) = (gathered.view(samples), columns.view(samples));
@@ -478,7 +466,7 @@ pub fn backward<T: Element>(
                 .axis_chunks_iter(Axis(0), group)
                 .zip(dx.axis_chunks_iter_mut(Axis(0), group))
             {
-                gather(dy_g, &mut gathered)?;
+                side_by_side(dy_g, gathered.view_mut(dy_g.shape()[0]))?;
                 let samples = dy_g.shape()[0];
                 // (FKK×F1)·(F1×G·P′) → (FKK×G·P′), then scattered back by col2im
                 let dy_g = gathered.view(samples);

@@ -220,6 +220,13 @@ pub(crate) fn sample_matrix_mut<T>(block: ArrayViewMut3<'_, T>) -> Result<ArrayV
         .map_err(|_| not_row_major([channels, height, width]))
 }
 
+/// How many samples of `pixels` columns each to lay side by side (at most `batch`, at least 1):
+/// about 512 columns, so that a group's product is wide (one sample of a 7×7 map has 49: a
+/// product that narrow spends its time packing the other operand).
+pub(crate) fn samples_per_group(pixels: usize, batch: usize) -> usize {
+    (512 / pixels.max(1)).clamp(1, batch.max(1))
+}
+
 /// Copies the samples of an (N, C, H, W) block side by side into `target` (C, N·P): sample
 /// n's (C, P) matrix becomes columns n·P..(n+1)·P, so that one product covers them all.
 pub(crate) fn side_by_side<T: Copy>(

@@ -53,7 +53,7 @@ use crate::error::{Error, Result};
 use crate::gemm::{gemm, gemm_bias_relu};
 use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation, Port};
 use crate::parallel::{
-    each_sample, in_parts, sample_matrix, sample_matrix_mut, side_by_side, Along,
+    each_sample, in_parts, sample_matrix, sample_matrix_mut, samples_per_group, side_by_side, Along,
 };
 use ndarray::{
     Array2, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
@@ -403,11 +403,6 @@ fn relu_mask<T: Element>(y: ArrayView4<T>, dy: ArrayViewMut4<T>) -> Result<()> {
 /// grouped (copies included) against 8.62 ms per sample; at 14×14 grouping was slower.
 const GROUP_BELOW_PIXELS: usize = 64;
 
-/// Samples per group: about 512 columns per product.
-fn group_size(pixels: usize, batch: usize) -> usize {
-    (512 / pixels.max(1)).clamp(1, batch.max(1))
-}
-
 /// The forward pass on groups of samples: X of a group side by side (F, G·P), one product
 /// Y = W·X + b (with the ReLU if fused) into (F1, G·P), then each sample's columns copied out.
 fn grouped_forward<T: Element>(
@@ -462,7 +457,7 @@ fn in_groups<T: Element>(
         Along(inputs, _),
         Along(mut outputs, _),
     )| {
-        let group = group_size(pixels, inputs.shape()[0]);
+        let group = samples_per_group(pixels, inputs.shape()[0]);
         let mut wide_in = Array2::zeros((rows_in, group * pixels));
         let mut wide_out = Array2::zeros((rows_out, group * pixels));
         for (in_g, mut out_g) in inputs

@@ -44,7 +44,9 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gemm::{gemm, gemm_bias_relu};
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
-use crate::parallel::{in_parts, sample_matrix, sample_matrix_mut, side_by_side, Along};
+use crate::parallel::{
+    in_parts, sample_matrix, sample_matrix_mut, samples_per_group, side_by_side, Along,
+};
 use ndarray::{
     Array2, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut2,
     ArrayViewMut3, ArrayViewMut4, Axis,
@@ -203,12 +205,6 @@ struct Block {
     out: (usize, usize),
 }
 
-/// Samples per group: enough that a group's matrix products have about 512 columns or more
-/// (one sample of a 7×7 map has 49: a product that narrow spends its time packing W̃).
-fn group_size(pixels: usize) -> usize {
-    (512 / pixels.max(1)).max(1)
-}
-
 /// im2col for one sample: fills its block of `columns` (F·K·K rows), a row segment at a time.
 fn im2col<T: Element>(
     x: ArrayView3<T>,
@@ -356,7 +352,7 @@ pub fn forward<T: Element>(
             Along(x, _),
             Along(mut y, _),
         )| {
-            let group = group_size(pixels).min(x.shape()[0]).max(1);
+            let group = samples_per_group(pixels, x.shape()[0]);
             let mut columns = Columns::new(weight.ncols(), group, out);
             let mut product = Columns::new(c_out, group, out);
             for (x_g, mut y_g) in x
@@ -409,7 +405,7 @@ pub fn backward<T: Element>(
     let pixels = out_height * out_width;
     crate::graph::check_elements(OP, &[weight.ncols(), pixels])?;
     let out = (out_height, out_width);
-    let group = group_size(pixels).min(x.shape()[0]).max(1);
+    let group = samples_per_group(pixels, x.shape()[0]);
     // dW̃ sums over the samples, so the threads split dW itself, by input channel: the rows
     // of the column matrix that belong to channels c₀..c₁ are the im2col of those channels
     // alone, so each thread builds only its own rows and runs, per group of samples,

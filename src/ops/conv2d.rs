@@ -48,8 +48,8 @@ use crate::parallel::{
     in_parts, sample_matrix, sample_matrix_mut, samples_per_group, side_by_side, Along,
 };
 use ndarray::{
-    Array2, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut2,
-    ArrayViewMut3, ArrayViewMut4, Axis,
+    Array2, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut3,
+    ArrayViewMut4, Axis,
 };
 
 const OP: &str = "conv2d";
@@ -211,11 +211,11 @@ fn im2col<T: Element>(
     kernel: usize,
     window: Window,
     block: Block,
-    columns: &mut [T],
+    columns: &mut Array2<T>,
 ) {
     let x_dims = x.dim();
-    let Some(x) = x.to_slice() else {
-        unreachable!("x is in standard layout")
+    let (Some(x), Some(columns)) = (x.to_slice(), columns.as_slice_mut()) else {
+        unreachable!("both are in standard layout")
     };
     let (_, height, width) = x_dims;
     let out_width = block.out.1;
@@ -241,7 +241,7 @@ fn im2col<T: Element>(
 /// col2im for one sample: dx[pixel] += dC[row, column] for every entry of its block that came
 /// from a pixel, a row segment at a time.
 fn col2im<T: Element>(
-    columns: &[T],
+    columns: &Array2<T>,
     kernel: usize,
     window: Window,
     block: Block,
@@ -249,8 +249,8 @@ fn col2im<T: Element>(
 ) {
     let dims = dx.dim();
     let (_, height, width) = dims;
-    let Some(target) = dx.as_slice_mut() else {
-        unreachable!("dx is in standard layout")
+    let (Some(columns), Some(target)) = (columns.as_slice(), dx.as_slice_mut()) else {
+        unreachable!("both are in standard layout")
     };
     segments(dims, kernel, window, block.out, |row, c, oh, segment| {
         let Some((h, range, w)) = segment else { return };
@@ -264,52 +264,13 @@ fn col2im<T: Element>(
     });
 }
 
-/// A group's column matrix: `group` samples' blocks side by side, F·K·K (or a thread's share)
-/// rows; `columns(g)` is the matrix of the first g samples.
-struct Columns<T> {
-    data: Vec<T>,
-    rows: usize,
-    group: usize,
-    out: (usize, usize),
-}
-
-impl<T: Element> Columns<T> {
-    fn new(rows: usize, group: usize, out: (usize, usize)) -> Self {
-        let data = vec![T::zero(); rows * group * out.0 * out.1];
-        Columns {
-            data,
-            rows,
-            group,
-            out,
-        }
-    }
-
-    fn block(&self, g: usize) -> Block {
-        let pixels = self.out.0 * self.out.1;
-        Block {
-            stride: self.group * pixels,
-            offset: g * pixels,
-            out: self.out,
-        }
-    }
-
-    /// The matrix of the first `samples` blocks (rows × samples·P′).
-    fn view(&self, samples: usize) -> ArrayView2<'_, T> {
-        let width = self.group * self.out.0 * self.out.1;
-        let all = ArrayView2::from_shape((self.rows, width), &self.data[..]);
-        let Ok(all) = all else {
-            unreachable!("the buffer holds rows × width values")
-        };
-        all.slice_move(ndarray::s![.., ..samples * self.out.0 * self.out.1])
-    }
-
-    fn view_mut(&mut self, samples: usize) -> ArrayViewMut2<'_, T> {
-        let width = self.group * self.out.0 * self.out.1;
-        let all = ArrayViewMut2::from_shape((self.rows, width), &mut self.data[..]);
-        let Ok(all) = all else {
-            unreachable!("the buffer holds rows × width values")
-        };
-        all.slice_move(ndarray::s![.., ..samples * self.out.0 * self.out.1])
+/// Sample g's block in a matrix of `group` samples side by side.
+fn block(group: usize, g: usize, out: (usize, usize)) -> Block {
+    let pixels = out.0 * out.1;
+    Block {
+        stride: group * pixels,
+        offset: g * pixels,
+        out,
     }
 }
 
@@ -353,25 +314,24 @@ pub fn forward<T: Element>(
             Along(mut y, _),
         )| {
             let group = samples_per_group(pixels, x.shape()[0]);
-            let mut columns = Columns::new(weight.ncols(), group, out);
-            let mut product = Columns::new(c_out, group, out);
+            let mut columns = Array2::zeros((weight.ncols(), group * pixels));
+            let mut product = Array2::zeros((c_out, group * pixels));
             for (x_g, mut y_g) in x
                 .axis_chunks_iter(Axis(0), group)
                 .zip(y.axis_chunks_iter_mut(Axis(0), group))
             {
                 for (g, x_n) in x_g.outer_iter().enumerate() {
-                    im2col(x_n, kernel, window, columns.block(g), &mut columns.data);
+                    im2col(x_n, kernel, window, block(group, g, out), &mut columns);
                 }
-                let samples = x_g.shape()[0];
+                let first = ndarray::s![.., ..x_g.shape()[0] * pixels];
                 // (F1×FKK)·(FKK×G·P′) → (F1×G·P′), the bias added as it is stored
                 gemm_bias_relu(
                     weight.view(),
-                    columns.view(samples),
+                    columns.slice(first),
                     bias.as_ref().map(|b| b.view()),
                     false,
-                    product.view_mut(samples),
+                    product.slice_mut(first),
                 )?;
-                let product = product.view(samples);
                 for (g, y_n) in y_g.outer_iter_mut().enumerate() {
                     let mut y_n = sample_matrix_mut(y_n)?;
                     y_n.assign(&product.slice(ndarray::s![.., g * pixels..(g + 1) * pixels]));
@@ -418,19 +378,19 @@ pub fn backward<T: Element>(
             let rows = dweight.shape()[1] * kernel * kernel;
             // This part of dW̃ is not contiguous in dW: summed here, then added to it.
             let mut part = Array2::zeros((c_out, rows));
-            let mut columns = Columns::new(rows, group, out);
-            let mut gathered = Columns::new(c_out, group, out);
+            let mut columns = Array2::zeros((rows, group * pixels));
+            let mut gathered = Array2::zeros((c_out, group * pixels));
             for (x_g, dy_g) in x
                 .axis_chunks_iter(Axis(0), group)
                 .zip(dy.axis_chunks_iter(Axis(0), group))
             {
                 for (g, x_n) in x_g.outer_iter().enumerate() {
-                    im2col(x_n, kernel, window, columns.block(g), &mut columns.data);
+                    im2col(x_n, kernel, window, block(group, g, out), &mut columns);
                 }
-                side_by_side(dy_g, gathered.view_mut(dy_g.shape()[0]))?;
-                let samples = x_g.shape()[0];
+                let first = ndarray::s![.., ..x_g.shape()[0] * pixels];
+                side_by_side(dy_g, gathered.slice_mut(first))?;
                 // (F1×G·P′)·(G·P′×FKK) += into (F1×FKK)
-                let (dy_g, c_g) = (gathered.view(samples), columns.view(samples));
+                let (dy_g, c_g) = (gathered.slice(first), columns.slice(first));
                 gemm(T::one(), dy_g, c_g.t(), T::one(), part.view_mut())?;
             }
             let mut dweight = dweight;
@@ -456,25 +416,19 @@ pub fn backward<T: Element>(
             Along(dy, _),
             Along(mut dx, _),
         )| {
-            let mut dcolumns = Columns::new(weight.ncols(), group, out);
-            let mut gathered = Columns::new(c_out, group, out);
+            let mut dcolumns = Array2::zeros((weight.ncols(), group * pixels));
+            let mut gathered = Array2::zeros((c_out, group * pixels));
             for (dy_g, mut dx_g) in dy
                 .axis_chunks_iter(Axis(0), group)
                 .zip(dx.axis_chunks_iter_mut(Axis(0), group))
             {
-                side_by_side(dy_g, gathered.view_mut(dy_g.shape()[0]))?;
-                let samples = dy_g.shape()[0];
+                let first = ndarray::s![.., ..dy_g.shape()[0] * pixels];
+                side_by_side(dy_g, gathered.slice_mut(first))?;
                 // (FKK×F1)·(F1×G·P′) → (FKK×G·P′), then scattered back by col2im
-                let dy_g = gathered.view(samples);
-                gemm(
-                    T::one(),
-                    weight.t(),
-                    dy_g,
-                    T::zero(),
-                    dcolumns.view_mut(samples),
-                )?;
+                let (dy_g, dc_g) = (gathered.slice(first), dcolumns.slice_mut(first));
+                gemm(T::one(), weight.t(), dy_g, T::zero(), dc_g)?;
                 for (g, dx_n) in dx_g.outer_iter_mut().enumerate() {
-                    col2im(&dcolumns.data, kernel, window, dcolumns.block(g), dx_n);
+                    col2im(&dcolumns, kernel, window, block(group, g, out), dx_n);
                 }
             }
             Ok(())

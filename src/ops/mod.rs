@@ -2,7 +2,8 @@
 //! plus `forward_reference` / `backward_reference` index loops that are the specification the
 //! fast path is tested against.
 //!
-//! This file holds the shared shape checks and the two loop helpers the plane-walking ops share.
+//! This file holds what several ops share: the shape checks, the plane loops (`sum_pairs`,
+//! `in_standard_layout`), and the K×K convolutions' tape plumbing and index form.
 
 pub mod add;
 pub mod avg_pool;

@@ -8,7 +8,9 @@ use approx::assert_abs_diff_eq;
 use common::{distinct_values, random, CASES};
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix2, Ix4, IxDyn};
 use pointwise::ops::{
-    add, avg_pool, conv1x1, global_avg_pool, linear, max_pool, mse, relu, softmax_cross_entropy,
+    add, avg_pool, conv1x1, global_avg_pool, linear, max_pool, mse,
+    relu::{self, Relu},
+    softmax_cross_entropy,
 };
 
 /// Fast and reference paths sum in different orders; in f64 they agree to rounding.
@@ -177,12 +179,12 @@ fn relu_and_add_fast_paths_match_reference_loops() {
             random(&case.image(), 100 + i as u64),
         );
         let (mut y, mut y_ref) = (ArrayD::zeros(shape.clone()), ArrayD::zeros(shape.clone()));
-        relu::forward(a.view(), y.view_mut()).unwrap();
-        relu::forward_reference(a.view(), y_ref.view_mut()).unwrap();
+        relu::forward(Relu::Plain, a.view(), y.view_mut()).unwrap();
+        relu::forward_reference(Relu::Plain, a.view(), y_ref.view_mut()).unwrap();
         assert_eq!(y, y_ref);
         let (mut dx, mut dx_ref) = (b.clone(), b.clone());
-        relu::backward(a.view(), b.view(), dx.view_mut()).unwrap();
-        relu::backward_reference(a.view(), b.view(), dx_ref.view_mut()).unwrap();
+        relu::backward(Relu::Plain, a.view(), b.view(), dx.view_mut()).unwrap();
+        relu::backward_reference(Relu::Plain, a.view(), b.view(), dx_ref.view_mut()).unwrap();
         assert_eq!(dx, dx_ref);
 
         add::forward(a.view(), b.view(), y.view_mut()).unwrap();
@@ -261,6 +263,7 @@ fn relu_passes_no_gradient_at_exactly_zero() {
     let x = ArrayD::from_shape_vec(IxDyn(&[3]), vec![-1.0, 0.0, 2.0]).unwrap();
     let mut dx = ArrayD::zeros(IxDyn(&[3]));
     relu::backward(
+        Relu::Plain,
         x.view(),
         ArrayD::from_elem(IxDyn(&[3]), 1.0).view(),
         dx.view_mut(),
@@ -561,7 +564,7 @@ fn conv1x1_relu_fused_path_matches_the_two_reference_ops() {
         conv1x1::forward_reference(x.view(), weight.view(), Some(bias.view()), z.view_mut())
             .unwrap();
         let mut y_ref = ArrayD::<T>::zeros(IxDyn(&[out.0, out.1, out.2, out.3]));
-        relu::forward_reference(z.view().into_dyn(), y_ref.view_mut()).unwrap();
+        relu::forward_reference(Relu::Plain, z.view().into_dyn(), y_ref.view_mut()).unwrap();
         for (a, b) in y.iter().zip(y_ref.iter()) {
             assert!(
                 (a.as_f64() - b.as_f64()).abs() <= tolerance,
@@ -580,7 +583,13 @@ fn conv1x1_relu_fused_path_matches_the_two_reference_ops() {
             Array1::<T>::zeros(case.c_out),
         );
         let mut dz = ArrayD::<T>::zeros(IxDyn(&[out.0, out.1, out.2, out.3]));
-        relu::backward_reference(z.view().into_dyn(), dy.view().into_dyn(), dz.view_mut()).unwrap();
+        relu::backward_reference(
+            Relu::Plain,
+            z.view().into_dyn(),
+            dy.view().into_dyn(),
+            dz.view_mut(),
+        )
+        .unwrap();
         let dz = dz.into_dimensionality::<Ix4>().unwrap();
         conv1x1::backward_reference(
             x.view(),
@@ -671,17 +680,18 @@ fn flatten_matches_reference_loops() {
 
 #[test]
 fn relu6_global_max_pool_concat_and_channel_shuffle_match_reference_loops() {
-    use pointwise::ops::{channel_shuffle, concat, global_max_pool, relu6};
+    use pointwise::ops::{channel_shuffle, concat, global_max_pool};
     for (i, case) in CASES.iter().enumerate() {
         let x = r4(case.image(), i as u64).mapv(|v| 8.0 * v);
         let (mut y, mut y_ref) = (ArrayD::zeros(x.shape()), ArrayD::zeros(x.shape()));
-        relu6::forward(x.view().into_dyn(), y.view_mut()).unwrap();
-        relu6::forward_reference(x.view().into_dyn(), y_ref.view_mut()).unwrap();
+        relu::forward(Relu::Six, x.view().into_dyn(), y.view_mut()).unwrap();
+        relu::forward_reference(Relu::Six, x.view().into_dyn(), y_ref.view_mut()).unwrap();
         assert_eq!(y, y_ref, "relu6 {case:?}");
         let dy = random(x.shape(), 40 + i as u64);
         let (mut dx, mut dx_ref) = (random(x.shape(), 41), random(x.shape(), 41));
-        relu6::backward(x.view().into_dyn(), dy.view(), dx.view_mut()).unwrap();
-        relu6::backward_reference(x.view().into_dyn(), dy.view(), dx_ref.view_mut()).unwrap();
+        relu::backward(Relu::Six, x.view().into_dyn(), dy.view(), dx.view_mut()).unwrap();
+        relu::backward_reference(Relu::Six, x.view().into_dyn(), dy.view(), dx_ref.view_mut())
+            .unwrap();
         assert_eq!(dx, dx_ref, "relu6 {case:?}");
 
         let x = distinct_values(&case.image(), i as u64, 0.01)

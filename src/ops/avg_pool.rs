@@ -18,11 +18,11 @@
 //! ## Cost
 //! Forward k² adds per output element; backward k² adds per output element.
 
-use super::{accumulating, check_same, dims, dims_mut, pooled_shape};
+use super::{accumulating, check_same, dims, dims_mut, each_window, pooled_shape};
 use crate::element::{count, Element};
 use crate::error::Result;
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
-use ndarray::{s, ArrayView4, ArrayViewMut4};
+use ndarray::{s, ArrayView4, ArrayViewMut4, Zip};
 
 const OP: &str = "avg_pool";
 
@@ -85,17 +85,10 @@ pub fn forward<T: Element>(
     let out = output_shape(x.shape(), window, stride)?;
     check_same(OP, "output", &out, y.shape())?;
     let scale = T::one() / count::<T>(window * window);
-    for (x_sample, mut y_sample) in x.outer_iter().zip(y.outer_iter_mut()) {
-        for (plane, mut y_plane) in x_sample.outer_iter().zip(y_sample.outer_iter_mut()) {
-            for ((i, j), y) in y_plane.indexed_iter_mut() {
-                let (top, left) = (i * stride, j * stride);
-                *y = plane
-                    .slice(s![top..top + window, left..left + window])
-                    .sum()
-                    * scale;
-            }
-        }
-    }
+    let windows = x.windows_with_stride((1, 1, window, window), (1, 1, stride, stride));
+    Zip::from(&mut y)
+        .and(windows)
+        .for_each(|y, patch| *y = patch.sum() * scale);
     Ok(())
 }
 
@@ -109,77 +102,43 @@ pub fn backward<T: Element>(
     let out = output_shape(dx.shape(), window, stride)?;
     check_same(OP, "output gradient", &out, dy.shape())?;
     let scale = T::one() / count::<T>(window * window);
-    for (dy_sample, mut dx_sample) in dy.outer_iter().zip(dx.outer_iter_mut()) {
-        for (dy_plane, mut dx_plane) in dy_sample.outer_iter().zip(dx_sample.outer_iter_mut()) {
-            for ((i, j), &g) in dy_plane.indexed_iter() {
-                let (top, left) = (i * stride, j * stride);
-                let mut patch = dx_plane.slice_mut(s![top..top + window, left..left + window]);
-                patch += g * scale;
-            }
-        }
+    for ((n, c, i, j), &g) in dy.indexed_iter() {
+        let (top, left) = (i * stride, j * stride);
+        let mut patch = dx.slice_mut(s![n, c, top..top + window, left..left + window]);
+        patch += g * scale;
     }
     Ok(())
 }
 
-/// The specification, as explicit loops over the window.
+/// The specification: every output the mean of its window's inputs.
 pub fn forward_reference<T: Element>(
     x: ArrayView4<T>,
     window: usize,
     stride: usize,
     mut y: ArrayViewMut4<T>,
 ) -> Result<()> {
-    let [batch, channels, out_height, out_width] = output_shape(x.shape(), window, stride)?;
-    check_same(
-        OP,
-        "output",
-        &[batch, channels, out_height, out_width],
-        y.shape(),
-    )?;
-    for n in 0..batch {
-        for c in 0..channels {
-            for i in 0..out_height {
-                for j in 0..out_width {
-                    let mut sum = T::zero();
-                    for a in 0..window {
-                        for b in 0..window {
-                            sum += x[[n, c, i * stride + a, j * stride + b]];
-                        }
-                    }
-                    y[[n, c, i, j]] = sum / count::<T>(window * window);
-                }
-            }
-        }
-    }
+    let out = output_shape(x.shape(), window, stride)?;
+    check_same(OP, "output", &out, y.shape())?;
+    each_window(out, window, stride, |o, cells| {
+        let sum = cells.iter().fold(T::zero(), |sum, &cell| sum + x[cell]);
+        y[o] = sum / count::<T>(cells.len());
+    });
     Ok(())
 }
 
-/// The specification of the backward pass.
+/// The specification of the backward pass: every input of a window receives dy / k².
 pub fn backward_reference<T: Element>(
     dy: ArrayView4<T>,
     window: usize,
     stride: usize,
     mut dx: ArrayViewMut4<T>,
 ) -> Result<()> {
-    let [batch, channels, out_height, out_width] = output_shape(dx.shape(), window, stride)?;
-    check_same(
-        OP,
-        "output gradient",
-        &[batch, channels, out_height, out_width],
-        dy.shape(),
-    )?;
-    for n in 0..batch {
-        for c in 0..channels {
-            for i in 0..out_height {
-                for j in 0..out_width {
-                    for a in 0..window {
-                        for b in 0..window {
-                            dx[[n, c, i * stride + a, j * stride + b]] +=
-                                dy[[n, c, i, j]] / count::<T>(window * window);
-                        }
-                    }
-                }
-            }
+    let out = output_shape(dx.shape(), window, stride)?;
+    check_same(OP, "output gradient", &out, dy.shape())?;
+    each_window(out, window, stride, |o, cells| {
+        for &cell in cells {
+            dx[cell] += dy[o] / count::<T>(cells.len());
         }
-    }
+    });
     Ok(())
 }

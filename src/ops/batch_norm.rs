@@ -269,12 +269,8 @@ pub fn forward<T: Element>(
     inv_std: ArrayView1<T>,
     y: ArrayViewMut4<T>,
 ) -> Result<()> {
-    check_same(
-        OP,
-        "output",
-        &output_shape(x.shape(), weight.shape())?,
-        y.shape(),
-    )?;
+    let expected = output_shape(x.shape(), weight.shape())?;
+    check_same(OP, "output", &expected, y.shape())?;
     for (what, values) in [
         ("bias", &bias),
         ("mean", &mean),
@@ -308,12 +304,8 @@ pub fn backward<T: Element>(
     dweight: Option<ArrayViewMut1<T>>,
     dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
-    check_same(
-        OP,
-        "output gradient",
-        &output_shape(x.shape(), weight.shape())?,
-        dy.shape(),
-    )?;
+    let expected = output_shape(x.shape(), weight.shape())?;
+    check_same(OP, "output gradient", &expected, dy.shape())?;
     if let Some(dx) = &dx {
         check_same(OP, "input gradient", x.shape(), dx.shape())?;
     }

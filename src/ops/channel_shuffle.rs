@@ -117,7 +117,8 @@ pub fn backward<T: Element>(
 
 // ---------------------------------------------------------------- reference loops
 
-/// The specification: PyTorch's view (g, c) → transpose → flatten, element by element.
+/// The specification: PyTorch's view (g, c) → transpose → flatten, element by element:
+/// y[n, i·g + j] = x[n, j·c + i] for group j and channel i of a group.
 pub fn forward_reference<T: Element>(
     x: ArrayView4<T>,
     groups: usize,
@@ -125,45 +126,23 @@ pub fn forward_reference<T: Element>(
 ) -> Result<()> {
     let [batch, channels, height, width] = output_shape(x.shape(), groups)?;
     check_same(OP, "output", &[batch, channels, height, width], y.shape())?;
-    let per_group = channels / groups;
-    for n in 0..batch {
-        for j in 0..groups {
-            for i in 0..per_group {
-                for h in 0..height {
-                    for w in 0..width {
-                        y[[n, i * groups + j, h, w]] = x[[n, j * per_group + i, h, w]];
-                    }
-                }
-            }
-        }
+    for (n, j, i, h, w) in ndarray::indices((batch, groups, channels / groups, height, width)) {
+        y[[n, i * groups + j, h, w]] = x[[n, j * (channels / groups) + i, h, w]];
     }
     Ok(())
 }
 
-/// The specification of the backward pass.
+/// The specification of the backward pass: dx[n, j·c + i] += dy[n, i·g + j].
 pub fn backward_reference<T: Element>(
     dy: ArrayView4<T>,
     groups: usize,
     mut dx: ArrayViewMut4<T>,
 ) -> Result<()> {
-    let [batch, channels, height, width] = output_shape(dx.shape(), groups)?;
-    check_same(
-        OP,
-        "output gradient",
-        &[batch, channels, height, width],
-        dy.shape(),
-    )?;
-    let per_group = channels / groups;
-    for n in 0..batch {
-        for j in 0..groups {
-            for i in 0..per_group {
-                for h in 0..height {
-                    for w in 0..width {
-                        dx[[n, j * per_group + i, h, w]] += dy[[n, i * groups + j, h, w]];
-                    }
-                }
-            }
-        }
+    let shape = output_shape(dx.shape(), groups)?;
+    check_same(OP, "output gradient", &shape, dy.shape())?;
+    let [batch, channels, height, width] = shape;
+    for (n, j, i, h, w) in ndarray::indices((batch, groups, channels / groups, height, width)) {
+        dx[[n, j * (channels / groups) + i, h, w]] += dy[[n, i * groups + j, h, w]];
     }
     Ok(())
 }

@@ -288,25 +288,11 @@ pub fn forward_reference<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,
     bias: Option<ArrayView1<T>>,
-    mut y: ArrayViewMut4<T>,
+    y: ArrayViewMut4<T>,
 ) -> Result<()> {
-    let [batch, c_out, height, width] =
-        output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
-    check_same(OP, "output", &[batch, c_out, height, width], y.shape())?;
-    let c_in = x.shape()[1];
-    for n in 0..batch {
-        for o in 0..c_out {
-            for h in 0..height {
-                for w in 0..width {
-                    let mut sum = bias.as_ref().map_or(T::zero(), |b| b[o]);
-                    for c in 0..c_in {
-                        sum += weight[[o, c]] * x[[n, c, h, w]];
-                    }
-                    y[[n, o, h, w]] = sum;
-                }
-            }
-        }
-    }
+    let out = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
+    check_same(OP, "output", &out, y.shape())?;
+    index_form_forward(x, weight, bias, 1, y);
     Ok(())
 }
 
@@ -315,34 +301,65 @@ pub fn backward_reference<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,
     dy: ArrayView4<T>,
-    mut dx: Option<ArrayViewMut4<T>>,
-    mut dweight: Option<ArrayViewMut2<T>>,
-    mut dbias: Option<ArrayViewMut1<T>>,
+    dx: Option<ArrayViewMut4<T>>,
+    dweight: Option<ArrayViewMut2<T>>,
+    dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
-    let [batch, c_out, height, width] =
-        check_gradients(&x, &weight, &dy, grad_shapes(&dx, &dweight, &dbias))?;
-    let c_in = x.shape()[1];
-    for n in 0..batch {
-        for o in 0..c_out {
-            for h in 0..height {
-                for w in 0..width {
-                    let g = dy[[n, o, h, w]];
-                    if let Some(dbias) = dbias.as_mut() {
-                        dbias[o] += g;
-                    }
-                    for c in 0..c_in {
-                        if let Some(dweight) = dweight.as_mut() {
-                            dweight[[o, c]] += g * x[[n, c, h, w]];
-                        }
-                        if let Some(dx) = dx.as_mut() {
-                            dx[[n, c, h, w]] += g * weight[[o, c]];
-                        }
-                    }
-                }
+    check_gradients(&x, &weight, &dy, grad_shapes(&dx, &dweight, &dbias))?;
+    index_form_backward(x, weight, dy, 1, (dx, dweight, dbias));
+    Ok(())
+}
+
+/// The index form, for channels cut into `groups` independent groups (1 here; see
+/// `grouped_conv1x1`): output channel o, in group k = ⌊o / F1g⌋, reads that group's Fg input
+/// channels, `y[n,o,h,w] = Σ_{c<Fg} W[o,c]·x[n, k·Fg + c, h, w] + b[o]`.
+pub(crate) fn index_form_forward<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView2<T>,
+    bias: Option<ArrayView1<T>>,
+    groups: usize,
+    mut y: ArrayViewMut4<T>,
+) {
+    let (fg, f1g) = (weight.ncols(), weight.nrows() / groups);
+    for ((n, o, h, w), y) in y.indexed_iter_mut() {
+        let first = (o / f1g) * fg;
+        let mut sum = bias.as_ref().map_or(T::zero(), |b| b[o]);
+        for c in 0..fg {
+            sum += weight[[o, c]] * x[[n, first + c, h, w]];
+        }
+        *y = sum;
+    }
+}
+
+/// The index form differentiated term by term: each term W[o,c]·x[..] sends g = dy[n,o,h,w]
+/// to the weight (g·x) and to the input (g·W), and db[o] sums g. A `None` buffer is skipped.
+#[allow(clippy::type_complexity)]
+pub(crate) fn index_form_backward<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView2<T>,
+    dy: ArrayView4<T>,
+    groups: usize,
+    (mut dx, mut dweight, mut dbias): (
+        Option<ArrayViewMut4<T>>,
+        Option<ArrayViewMut2<T>>,
+        Option<ArrayViewMut1<T>>,
+    ),
+) {
+    let (fg, f1g) = (weight.ncols(), weight.nrows() / groups);
+    for ((n, o, h, w), &g) in dy.indexed_iter() {
+        let first = (o / f1g) * fg;
+        if let Some(dbias) = dbias.as_mut() {
+            dbias[o] += g;
+        }
+        for c in 0..fg {
+            if let Some(dweight) = dweight.as_mut() {
+                dweight[[o, c]] += g * x[[n, first + c, h, w]];
+            }
+            if let Some(dx) = dx.as_mut() {
+                dx[[n, first + c, h, w]] += g * weight[[o, c]];
             }
         }
     }
-    Ok(())
 }
 
 // ---------------------------------------------------------------- speed variants and helpers

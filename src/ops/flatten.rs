@@ -95,36 +95,20 @@ pub fn backward<T: Element>(dy: ArrayViewD<T>, dx: ArrayViewMutD<T>) -> Result<(
 /// The specification for 4-D inputs: the index formula, term by term.
 pub fn forward_reference<T: Element>(x: ArrayViewD<T>, mut y: ArrayViewMutD<T>) -> Result<()> {
     check_same(OP, "output", &output_shape(x.shape())?, y.shape())?;
-    let [batch, channels, height, width] = image(x.shape())?;
-    for n in 0..batch {
-        for c in 0..channels {
-            for h in 0..height {
-                for w in 0..width {
-                    y[[n, (c * height + h) * width + w]] = x[[n, c, h, w]];
-                }
-            }
-        }
+    let [_, _, height, width] = image(x.shape())?;
+    for (n, c, h, w) in ndarray::indices(image(x.shape())?) {
+        y[[n, (c * height + h) * width + w]] = x[[n, c, h, w]];
     }
     Ok(())
 }
 
 /// The specification of the backward pass for 4-D inputs.
 pub fn backward_reference<T: Element>(dy: ArrayViewD<T>, mut dx: ArrayViewMutD<T>) -> Result<()> {
-    check_same(
-        OP,
-        "output gradient",
-        &output_shape(dx.shape())?,
-        dy.shape(),
-    )?;
-    let [batch, channels, height, width] = image(dx.shape())?;
-    for n in 0..batch {
-        for c in 0..channels {
-            for h in 0..height {
-                for w in 0..width {
-                    dx[[n, c, h, w]] += dy[[n, (c * height + h) * width + w]];
-                }
-            }
-        }
+    let out = output_shape(dx.shape())?;
+    check_same(OP, "output gradient", &out, dy.shape())?;
+    let [_, _, height, width] = image(dx.shape())?;
+    for (n, c, h, w) in ndarray::indices(image(dx.shape())?) {
+        dx[[n, c, h, w]] += dy[[n, (c * height + h) * width + w]];
     }
     Ok(())
 }

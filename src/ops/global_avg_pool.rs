@@ -77,12 +77,8 @@ pub fn forward<T: Element>(x: ArrayView4<T>, mut y: ArrayViewMut2<T>) -> Result<
 
 /// Backward: every pixel of plane (n, c) receives `dy[n,c] / P`.
 pub fn backward<T: Element>(dy: ArrayView2<T>, mut dx: ArrayViewMut4<T>) -> Result<()> {
-    check_same(
-        OP,
-        "output gradient",
-        &output_shape(dx.shape())?,
-        dy.shape(),
-    )?;
+    let expected = output_shape(dx.shape())?;
+    check_same(OP, "output gradient", &expected, dy.shape())?;
     let pixels = count::<T>(dx.shape()[2] * dx.shape()[3]);
     for (dy_row, mut dx_sample) in dy.outer_iter().zip(dx.outer_iter_mut()) {
         for (&g, mut plane) in dy_row.iter().zip(dx_sample.axis_iter_mut(Axis(0))) {
@@ -97,33 +93,22 @@ pub fn forward_reference<T: Element>(x: ArrayView4<T>, mut y: ArrayViewMut2<T>) 
     let [batch, channels] = output_shape(x.shape())?;
     check_same(OP, "output", &[batch, channels], y.shape())?;
     let (height, width) = (x.shape()[2], x.shape()[3]);
-    for n in 0..batch {
-        for c in 0..channels {
-            let mut sum = T::zero();
-            for h in 0..height {
-                for w in 0..width {
-                    sum += x[[n, c, h, w]];
-                }
-            }
-            y[[n, c]] = sum / count::<T>(height * width);
-        }
+    for (n, c) in ndarray::indices([batch, channels]) {
+        let sum = ndarray::indices([height, width])
+            .into_iter()
+            .fold(T::zero(), |sum, (h, w)| sum + x[[n, c, h, w]]);
+        y[[n, c]] = sum / count::<T>(height * width);
     }
     Ok(())
 }
 
 /// The specification of the backward pass.
 pub fn backward_reference<T: Element>(dy: ArrayView2<T>, mut dx: ArrayViewMut4<T>) -> Result<()> {
-    let [batch, channels] = output_shape(dx.shape())?;
-    check_same(OP, "output gradient", &[batch, channels], dy.shape())?;
-    let (height, width) = (dx.shape()[2], dx.shape()[3]);
-    for n in 0..batch {
-        for c in 0..channels {
-            for h in 0..height {
-                for w in 0..width {
-                    dx[[n, c, h, w]] += dy[[n, c]] / count::<T>(height * width);
-                }
-            }
-        }
+    let expected = output_shape(dx.shape())?;
+    check_same(OP, "output gradient", &expected, dy.shape())?;
+    let pixels = dx.shape()[2] * dx.shape()[3];
+    for (n, c, h, w) in ndarray::indices(dx.dim()) {
+        dx[[n, c, h, w]] += dy[[n, c]] / count::<T>(pixels);
     }
     Ok(())
 }

@@ -110,12 +110,8 @@ pub fn backward<T: Element>(
     argmax: &[Position],
     mut dx: ArrayViewMut4<T>,
 ) -> Result<()> {
-    check_same(
-        OP,
-        "output gradient",
-        &output_shape(dx.shape())?,
-        dy.shape(),
-    )?;
+    let expected = output_shape(dx.shape())?;
+    check_same(OP, "output gradient", &expected, dy.shape())?;
     check_same(OP, "arg-max buffer length", &[dy.len()], &[argmax.len()])?;
     let width = dx.shape()[3];
     let mut winners = argmax.iter();
@@ -153,19 +149,15 @@ pub fn forward_reference<T: Element>(
     check_same(OP, "output", &[batch, channels], y.shape())?;
     let (height, width) = (x.shape()[2], x.shape()[3]);
     let mut argmax = Vec::with_capacity(batch * channels);
-    for n in 0..batch {
-        for c in 0..channels {
-            let mut best = (0, 0);
-            for h in 0..height {
-                for w in 0..width {
-                    if x[[n, c, h, w]] > x[[n, c, best.0, best.1]] {
-                        best = (h, w);
-                    }
-                }
+    for (n, c) in ndarray::indices([batch, channels]) {
+        let mut best = (0, 0);
+        for (h, w) in ndarray::indices([height, width]) {
+            if x[[n, c, h, w]] > x[[n, c, best.0, best.1]] {
+                best = (h, w);
             }
-            y[[n, c]] = x[[n, c, best.0, best.1]];
-            argmax.push((best.0 * width + best.1) as Position);
         }
+        y[[n, c]] = x[[n, c, best.0, best.1]];
+        argmax.push((best.0 * width + best.1) as Position);
     }
     Ok(argmax)
 }

@@ -153,12 +153,8 @@ pub fn forward<T: Element>(
     groups: usize,
     mut y: ArrayViewMut4<T>,
 ) -> Result<()> {
-    check_same(
-        OP,
-        "output",
-        &output_shape(x.shape(), weight.shape(), groups)?,
-        y.shape(),
-    )?;
+    let expected = output_shape(x.shape(), weight.shape(), groups)?;
+    check_same(OP, "output", &expected, y.shape())?;
     let [fg, f1g] = group_sizes(&x, &weight, groups);
     for k in 0..groups {
         let (inputs, outputs) = (k * fg..(k + 1) * fg, k * f1g..(k + 1) * f1g);
@@ -228,30 +224,18 @@ fn group_sizes<T>(x: &ArrayView4<T>, weight: &ArrayView2<T>, groups: usize) -> [
 // ---------------------------------------------------------------- reference loops
 
 /// The specification: the block-diagonal index form,
-/// `y[n,o,h,w] = Σ_c W[o,c]·x[n, k·Fg + c, h, w] + b[o]` with k = ⌊o/F1g⌋.
+/// `y[n,o,h,w] = Σ_c W[o,c]·x[n, k·Fg + c, h, w] + b[o]` with k = ⌊o/F1g⌋ (written once, in
+/// [`conv1x1`], whose index form is this one with one group).
 pub fn forward_reference<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,
     bias: Option<ArrayView1<T>>,
     groups: usize,
-    mut y: ArrayViewMut4<T>,
+    y: ArrayViewMut4<T>,
 ) -> Result<()> {
-    let [batch, c_out, height, width] = output_shape(x.shape(), weight.shape(), groups)?;
-    check_same(OP, "output", &[batch, c_out, height, width], y.shape())?;
-    let [fg, f1g] = group_sizes(&x, &weight, groups);
-    for n in 0..batch {
-        for o in 0..c_out {
-            for h in 0..height {
-                for w in 0..width {
-                    let mut sum = bias.as_ref().map_or(T::zero(), |b| b[o]);
-                    for c in 0..fg {
-                        sum += weight[[o, c]] * x[[n, (o / f1g) * fg + c, h, w]];
-                    }
-                    y[[n, o, h, w]] = sum;
-                }
-            }
-        }
-    }
+    let out = output_shape(x.shape(), weight.shape(), groups)?;
+    check_same(OP, "output", &out, y.shape())?;
+    conv1x1::index_form_forward(x, weight, bias, groups, y);
     Ok(())
 }
 
@@ -261,32 +245,13 @@ pub fn backward_reference<T: Element>(
     weight: ArrayView2<T>,
     dy: ArrayView4<T>,
     groups: usize,
-    mut dx: ArrayViewMut4<T>,
-    mut dweight: ArrayViewMut2<T>,
-    mut dbias: ArrayViewMut1<T>,
+    dx: ArrayViewMut4<T>,
+    dweight: ArrayViewMut2<T>,
+    dbias: ArrayViewMut1<T>,
 ) -> Result<()> {
-    let [batch, c_out, height, width] = output_shape(x.shape(), weight.shape(), groups)?;
-    check_same(
-        OP,
-        "output gradient",
-        &[batch, c_out, height, width],
-        dy.shape(),
-    )?;
-    let [fg, f1g] = group_sizes(&x, &weight, groups);
-    for n in 0..batch {
-        for o in 0..c_out {
-            for h in 0..height {
-                for w in 0..width {
-                    let g = dy[[n, o, h, w]];
-                    dbias[o] += g;
-                    for c in 0..fg {
-                        let input = (o / f1g) * fg + c;
-                        dweight[[o, c]] += g * x[[n, input, h, w]];
-                        dx[[n, input, h, w]] += g * weight[[o, c]];
-                    }
-                }
-            }
-        }
-    }
+    let out = output_shape(x.shape(), weight.shape(), groups)?;
+    check_same(OP, "output gradient", &out, dy.shape())?;
+    let gradients = (Some(dx), Some(dweight), Some(dbias));
+    conv1x1::index_form_backward(x, weight, dy, groups, gradients);
     Ok(())
 }

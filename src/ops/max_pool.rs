@@ -23,7 +23,7 @@
 //! ## Cost
 //! Forward k² compares per output element; backward one add per output element.
 
-use super::{check_image, check_same, dims, dims_mut, pooled_shape, GradWrite};
+use super::{check_image, check_same, dims, dims_mut, each_window, pooled_shape, GradWrite};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
@@ -192,55 +192,34 @@ pub fn backward<T: Element>(
 
 // ---------------------------------------------------------------- reference loops
 
-/// The specification's arg-max of output (n, c, i, j): every position of its window in
-/// row-major order, the first maximum kept (a later equal value does not replace it).
-fn reference_argmax<T: Element>(
-    x: &ArrayView4<T>,
-    [n, c, i, j]: [usize; 4],
-    window: usize,
-    stride: usize,
-) -> (usize, usize) {
-    let (mut best_h, mut best_w) = (i * stride, j * stride);
-    for di in 0..window {
-        for dj in 0..window {
-            let (h, w) = (i * stride + di, j * stride + dj);
-            if x[[n, c, h, w]] > x[[n, c, best_h, best_w]] {
-                (best_h, best_w) = (h, w);
-            }
-        }
-    }
-    (best_h, best_w)
+/// The specification's arg-max of a window: its cells in row-major order, the first maximum
+/// kept (a later equal value does not replace it).
+fn reference_argmax<T: Element>(x: &ArrayView4<T>, cells: &[[usize; 4]]) -> [usize; 4] {
+    let first = cells[0];
+    (cells.iter()).fold(
+        first,
+        |best, &cell| if x[cell] > x[best] { cell } else { best },
+    )
 }
 
-/// The specification: the window maximum by explicit loops over outputs and windows, first
-/// maximum wins.
-/// Returns the arg-max positions it found, so the tests can compare them too.
+/// The specification: the window maximum, first maximum wins. Returns the arg-max positions
+/// it found, so the tests can compare them too.
 pub fn forward_reference<T: Element>(
     x: ArrayView4<T>,
     window: usize,
     stride: usize,
     mut y: ArrayViewMut4<T>,
 ) -> Result<Vec<Position>> {
-    let [batch, channels, out_height, out_width] = output_shape(x.shape(), window, stride)?;
-    check_same(
-        OP,
-        "output",
-        &[batch, channels, out_height, out_width],
-        y.shape(),
-    )?;
+    let out = output_shape(x.shape(), window, stride)?;
+    check_same(OP, "output", &out, y.shape())?;
     let width = x.shape()[3];
     let mut argmax = Vec::with_capacity(y.len());
-    for n in 0..batch {
-        for c in 0..channels {
-            for i in 0..out_height {
-                for j in 0..out_width {
-                    let (best_h, best_w) = reference_argmax(&x, [n, c, i, j], window, stride);
-                    y[[n, c, i, j]] = x[[n, c, best_h, best_w]];
-                    argmax.push((best_h * width + best_w) as Position);
-                }
-            }
-        }
-    }
+    each_window(out, window, stride, |o, cells| {
+        let best = reference_argmax(&x, cells);
+        y[o] = x[best];
+        let [_, _, h, w] = best;
+        argmax.push((h * width + w) as Position);
+    });
     Ok(argmax)
 }
 
@@ -252,24 +231,12 @@ pub fn backward_reference<T: Element>(
     dy: ArrayView4<T>,
     mut dx: ArrayViewMut4<T>,
 ) -> Result<()> {
-    let [batch, channels, out_height, out_width] = output_shape(x.shape(), window, stride)?;
-    check_same(
-        OP,
-        "output gradient",
-        &[batch, channels, out_height, out_width],
-        dy.shape(),
-    )?;
+    let out = output_shape(x.shape(), window, stride)?;
+    check_same(OP, "output gradient", &out, dy.shape())?;
     check_same(OP, "input gradient", x.shape(), dx.shape())?;
-    for n in 0..batch {
-        for c in 0..channels {
-            for i in 0..out_height {
-                for j in 0..out_width {
-                    let (best_h, best_w) = reference_argmax(&x, [n, c, i, j], window, stride);
-                    dx[[n, c, best_h, best_w]] += dy[[n, c, i, j]];
-                }
-            }
-        }
-    }
+    each_window(out, window, stride, |o, cells| {
+        dx[reference_argmax(&x, cells)] += dy[o];
+    });
     Ok(())
 }
 

@@ -21,7 +21,6 @@ pub mod linear;
 pub mod max_pool;
 pub mod mse;
 pub mod relu;
-pub mod relu6;
 pub mod softmax_cross_entropy;
 
 use crate::error::{Error, Result};
@@ -253,6 +252,27 @@ pub(crate) fn pooled_shape(
     let out_height = pooled_len(op, height, window, stride, x)?;
     let out_width = pooled_len(op, width, window, stride, x)?;
     Ok([batch, channels, out_height, out_width])
+}
+
+/// The index form of a `window`×`window` pool every `stride` pixels (the pools' reference
+/// passes): for every output element [n, c, i, j] of `out`, in row-major order, `visit` gets its
+/// index and the input indices its window covers, row by row.
+pub(crate) fn each_window(
+    out: [usize; 4],
+    window: usize,
+    stride: usize,
+    mut visit: impl FnMut([usize; 4], &[[usize; 4]]),
+) {
+    let mut cells = Vec::with_capacity(window * window);
+    for (n, c, i, j) in ndarray::indices(out) {
+        cells.clear();
+        for a in 0..window {
+            for b in 0..window {
+                cells.push([n, c, i * stride + a, j * stride + b]);
+            }
+        }
+        visit([n, c, i, j], &cells);
+    }
 }
 
 /// Output length of a pooling window sweep along one axis: ⌊(len − window) / stride⌋ + 1.

@@ -1,25 +1,30 @@
-//! # ReLU: the per-pixel non-linearity
+//! # ReLU and ReLU6: the per-pixel non-linearity
 //!
 //! ## What
 //! `y = max(x, 0)` elementwise. After a 1×1 convolution it turns the per-pixel linear map into a
 //! small per-pixel MLP (the Network-in-Network idea).
+//!
+//! ReLU6, `y = min(max(x, 0), 6)`, is the same with a ceiling: MobileNet v1 and v2 use it after
+//! their depthwise and expanding 1×1 convolutions, because the bound keeps activations in a
+//! range that low-precision arithmetic represents well.
 //!
 //! ## Shapes
 //! x and y have the same shape, any number of dimensions.
 //!
 //! ## Derivation
 //! ```text
-//! y[i] = x[i] if x[i] > 0, else 0
-//! ∂L/∂x[i] = dy[i]·1[x[i] > 0]
+//! ReLU:   y[i] = x[i] if x[i] > 0, else 0             ∂L/∂x[i] = dy[i]·1[x[i] > 0]
+//! ReLU6:  y[i] = 0 if x[i] ≤ 0, 6 if x[i] ≥ 6, else x[i]   ∂L/∂x[i] = dy[i]·1[0 < x[i] < 6]
 //! ```
-//! At exactly x = 0 the function has a kink and no derivative; we pass **no** gradient there
-//! (the subgradient 0, as PyTorch does). A NaN input gives a NaN output, as in PyTorch, so
-//! that a network with NaN inside cannot produce a finite loss. Gradient checks keep inputs away from 0, where a finite
-//! difference would straddle the kink.
+//! At a kink (0, and 6 for ReLU6) the function has no derivative; we pass **no** gradient there
+//! (the subgradient 0, as PyTorch's `relu` and `relu6` — a `hardtanh(0, 6)` — do). A NaN input
+//! gives a NaN output, as in PyTorch, so that a network with NaN inside cannot produce a finite
+//! loss. Gradient checks keep inputs away from the kinks, where a finite difference would
+//! straddle one.
 //!
 //! ## Cost
-//! Forward: one compare per element, read x, write y. Backward: one compare and one add per
-//! element, read x and dy, read-modify-write dx.
+//! Forward: one compare per element (two for ReLU6), read x, write y. Backward: the same
+//! compares and one add per element, read x and dy, read-modify-write dx.
 
 use super::{check_same, elementwise_forward, unary_backward};
 use crate::element::Element;
@@ -28,99 +33,152 @@ use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
 use crate::parallel::{in_parts, Along};
 use ndarray::{ArrayViewD, ArrayViewMutD, Axis, Zip};
 
-const OP: &str = "relu";
-
-/// The node on the tape: nothing saved; backward reads its input x.
-#[derive(Clone, Debug)]
-pub struct Relu;
+/// The node on the tape, and which of the two functions it is: nothing saved; backward reads
+/// its input x.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relu {
+    /// max(x, 0)
+    Plain,
+    /// min(max(x, 0), 6)
+    Six,
+}
 
 impl<T: Element> Graph<T> {
     /// max(x, 0), elementwise.
     pub fn relu(&mut self, input: NodeId) -> Result<NodeId> {
-        self.push_op(Relu, &[input])
+        self.push_op(Relu::Plain, &[input])
+    }
+
+    /// min(max(x, 0), 6), elementwise (MobileNet's ReLU6).
+    pub fn relu6(&mut self, input: NodeId) -> Result<NodeId> {
+        self.push_op(Relu::Six, &[input])
     }
 }
 
 impl<T: Element> Operation<T> for Relu {
     fn kind(&self) -> &'static str {
-        OP
+        self.name()
     }
 
     fn forward(&mut self, pass: Forward<'_, T>) -> Result<()> {
-        elementwise_forward(pass, forward)
+        elementwise_forward(pass, |x, y| forward(*self, x, y))
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
-        unary_backward(pass, |x, dy, dx| backward(x, dy, dx))
+        unary_backward(pass, |x, dy, dx| backward(*self, x, dy, dx))
     }
 }
 
-/// Forward: y = max(x, 0).
-pub fn forward<T: Element>(x: ArrayViewD<T>, y: ArrayViewMutD<T>) -> Result<()> {
-    check_same(OP, "output", x.shape(), y.shape())?;
-    let relu = |(Along(x, _), Along(mut y, _)): (Along<ArrayViewD<T>>, Along<ArrayViewMutD<T>>)| {
-        Zip::from(&mut y)
-            .and(&x)
-            .for_each(|y, &x| *y = if x <= T::zero() { T::zero() } else { x });
-        Ok(())
-    };
+impl Relu {
+    fn name(self) -> &'static str {
+        match self {
+            Relu::Plain => "relu",
+            Relu::Six => "relu6",
+        }
+    }
+
+    /// y for x. A NaN stays NaN: every comparison with it is false.
+    fn value<T: Element>(self, x: T) -> T {
+        if x <= T::zero() {
+            T::zero()
+        } else if self == Relu::Six && x >= T::from_f64(6.0) {
+            T::from_f64(6.0)
+        } else {
+            x
+        }
+    }
+
+    /// Whether the gradient passes at x: strictly between the kinks.
+    fn passes<T: Element>(self, x: T) -> bool {
+        x > T::zero() && (self == Relu::Plain || x < T::from_f64(6.0))
+    }
+}
+
+// ---------------------------------------------------------------- forward and backward
+
+/// Forward: y = relu(x), the batch split between the threads (memory-bound work).
+pub fn forward<T: Element>(relu: Relu, x: ArrayViewD<T>, y: ArrayViewMutD<T>) -> Result<()> {
+    check_same(relu.name(), "output", x.shape(), y.shape())?;
     let parts = (Along(x, Axis(0)), Along(y, Axis(0)));
-    // Memory-bound: split the batch between the threads (a 0-d tensor has no axis to split).
-    if parts.0 .0.ndim() == 0 {
-        relu(parts)
-    } else {
-        in_parts(parts, &relu)
+    let apply = |relu: Relu| {
+        move |(Along(x, _), Along(mut y, _)): (Along<ArrayViewD<T>>, Along<ArrayViewMutD<T>>)| {
+            Zip::from(&mut y)
+                .and(&x)
+                .for_each(|y, &x| *y = relu.value(x));
+            Ok(())
+        }
+    };
+    // The variant is fixed outside the loop, so that each loop is compiled for one function.
+    match relu {
+        Relu::Plain => in_parts(parts, &apply(Relu::Plain)),
+        Relu::Six => in_parts(parts, &apply(Relu::Six)),
     }
 }
 
-/// Backward: dx += dy where x > 0.
+/// Backward: dx += dy where the gradient passes.
 pub fn backward<T: Element>(
+    relu: Relu,
     x: ArrayViewD<T>,
     dy: ArrayViewD<T>,
     dx: ArrayViewMutD<T>,
 ) -> Result<()> {
-    check_same(OP, "output gradient", x.shape(), dy.shape())?;
-    check_same(OP, "input gradient", x.shape(), dx.shape())?;
+    check_same(relu.name(), "output gradient", x.shape(), dy.shape())?;
+    check_same(relu.name(), "input gradient", x.shape(), dx.shape())?;
     type Parts<'a, T> = (
         Along<ArrayViewD<'a, T>>,
         Along<ArrayViewD<'a, T>>,
         Along<ArrayViewMutD<'a, T>>,
     );
-    let relu = |(Along(x, _), Along(dy, _), Along(mut dx, _)): Parts<T>| {
-        // A select, not a branch: with inputs of random sign a branch mispredicts half the time.
-        Zip::from(&mut dx)
-            .and(&x)
-            .and(&dy)
-            .for_each(|dx, &x, &dy| *dx += if x > T::zero() { dy } else { T::zero() });
-        Ok(())
-    };
     let parts = (Along(x, Axis(0)), Along(dy, Axis(0)), Along(dx, Axis(0)));
-    if parts.0 .0.ndim() == 0 {
-        relu(parts)
-    } else {
-        in_parts(parts, &relu)
+    let mask = |relu: Relu| {
+        move |(Along(x, _), Along(dy, _), Along(mut dx, _)): Parts<T>| {
+            // A select, not a branch: with inputs of random sign a branch mispredicts half
+            // the time.
+            Zip::from(&mut dx)
+                .and(&x)
+                .and(&dy)
+                .for_each(|dx, &x, &dy| *dx += if relu.passes(x) { dy } else { T::zero() });
+            Ok(())
+        }
+    };
+    match relu {
+        Relu::Plain => in_parts(parts, &mask(Relu::Plain)),
+        Relu::Six => in_parts(parts, &mask(Relu::Six)),
     }
 }
 
-/// The specification, as a loop over flat indices.
-pub fn forward_reference<T: Element>(x: ArrayViewD<T>, mut y: ArrayViewMutD<T>) -> Result<()> {
-    check_same(OP, "output", x.shape(), y.shape())?;
+// ---------------------------------------------------------------- reference loops
+
+/// The specification, one index at a time.
+pub fn forward_reference<T: Element>(
+    relu: Relu,
+    x: ArrayViewD<T>,
+    mut y: ArrayViewMutD<T>,
+) -> Result<()> {
+    check_same(relu.name(), "output", x.shape(), y.shape())?;
     for (index, &value) in x.indexed_iter() {
-        y[&index] = if value <= T::zero() { T::zero() } else { value };
+        y[&index] = if value <= T::zero() {
+            T::zero()
+        } else if relu == Relu::Six && value >= T::from_f64(6.0) {
+            T::from_f64(6.0)
+        } else {
+            value
+        };
     }
     Ok(())
 }
 
 /// The specification of the backward pass.
 pub fn backward_reference<T: Element>(
+    relu: Relu,
     x: ArrayViewD<T>,
     dy: ArrayViewD<T>,
     mut dx: ArrayViewMutD<T>,
 ) -> Result<()> {
-    check_same(OP, "output gradient", x.shape(), dy.shape())?;
-    check_same(OP, "input gradient", x.shape(), dx.shape())?;
+    check_same(relu.name(), "output gradient", x.shape(), dy.shape())?;
+    check_same(relu.name(), "input gradient", x.shape(), dx.shape())?;
     for (index, &value) in x.indexed_iter() {
-        if value > T::zero() {
+        if value > T::zero() && (relu == Relu::Plain || value < T::from_f64(6.0)) {
             dx[&index] += dy[&index];
         }
     }

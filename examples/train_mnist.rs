@@ -12,7 +12,6 @@
 //! (`"0.weight"`, `"1.running_mean"`, …), so the written `.safetensors` loads into it.
 
 use clap::{Parser, ValueEnum};
-use common::Curve;
 use ndarray::Axis;
 use plotters::prelude::*;
 use pointwise::data::Dataset;
@@ -54,14 +53,7 @@ const BATCH: usize = 64;
 const CLASSES: usize = 10;
 
 fn main() -> ExitCode {
-    let options = Options::parse();
-    match run(&options) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit_code(run(&Options::parse()))
 }
 
 /// The recipe's split of the digits, normalised: the first 8,000 train, the last 2,000 test.
@@ -154,28 +146,7 @@ fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
         pw.display()
     );
     let curves = options.out.join(format!("{name}_curves.svg"));
-    let loss_max = losses.iter().copied().fold(0.0, f64::max);
-    common::draw_curves(
-        &curves,
-        &[
-            (
-                "training loss",
-                loss_max,
-                vec![Curve {
-                    label: "loss",
-                    values: losses,
-                }],
-            ),
-            (
-                "test accuracy (%)",
-                100.0,
-                vec![Curve {
-                    label: "test",
-                    values: accuracies,
-                }],
-            ),
-        ],
-    )?;
+    common::draw_runs(&curves, &[("test", &losses, &accuracies)])?;
     let Some(evaluation) = evaluation else {
         return Ok(());
     };

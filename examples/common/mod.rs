@@ -68,26 +68,24 @@ pub fn train_epoch_with_progress<T: pointwise::Element>(
     Ok(report)
 }
 
-/// Per-epoch history of one network.
+/// Per-epoch history of one network: training loss, test accuracy (%).
 pub struct Run {
-    pub name: &'static str,
-    pub epochs: Vec<EpochReport>,
-    pub test_accuracy: Vec<f64>,
+    pub losses: Vec<f64>,
+    pub test_percent: Vec<f64>,
 }
 
 /// Trains `model` for `config.epochs` epochs, printing loss, accuracies and images/s per epoch
 /// (with a progress bar on a terminal); returns the history.
 pub fn train(
-    name: &'static str,
+    name: &str,
     model: &mut Model,
     data: &Synthetic,
     config: &TrainConfig,
 ) -> AnyResult<Run> {
     let mut trainer = Trainer::new(config.clone(), data.train.len())?;
     let mut run = Run {
-        name,
-        epochs: Vec::new(),
-        test_accuracy: Vec::new(),
+        losses: Vec::new(),
+        test_percent: Vec::new(),
     };
     println!(
         "\n{name}: {} epochs, batch {}, lr {}",
@@ -108,42 +106,44 @@ pub fn train(
             100.0 * test,
             report.images_per_second
         );
-        run.epochs.push(report);
-        run.test_accuracy.push(test);
+        run.losses.push(report.train_loss);
+        run.test_percent.push(100.0 * test);
     }
     Ok(run)
 }
 
-/// One named curve: a value per epoch (epochs count from 1).
-pub struct Curve<'a> {
-    pub label: &'a str,
-    pub values: Vec<f64>,
-}
+/// A run's curves: its label, the training loss and the test accuracy (%) of each epoch.
+pub type Curves<'a> = (&'a str, &'a [f64], &'a [f64]);
 
-/// Side-by-side panels of per-epoch curves, one line per curve, written as SVG. Each panel is
-/// (title, y maximum, curves).
-pub fn draw_curves(path: &Path, panels: &[(&str, f64, Vec<Curve>)]) -> AnyResult<()> {
-    let width = 480 * panels.len().max(1) as u32;
-    let root = SVGBackend::new(path, (width, 400)).into_drawing_area();
+/// Two panels side by side, training loss and test accuracy per epoch, a line per run, written
+/// as SVG.
+pub fn draw_runs(path: &Path, runs: &[Curves]) -> AnyResult<()> {
+    let max_loss = runs
+        .iter()
+        .flat_map(|run| run.1)
+        .fold(0.0, |m, &v| f64::max(m, v));
+    let panels = [
+        ("training loss", 1.1 * max_loss),
+        ("test accuracy (%)", 100.0),
+    ];
+    let root = SVGBackend::new(path, (960, 400)).into_drawing_area();
     root.fill(&WHITE)?;
-    for (area, (title, y_max, curves)) in root.split_evenly((1, panels.len())).iter().zip(panels) {
-        let epochs = curves.iter().map(|c| c.values.len()).max().unwrap_or(1) as f64;
+    for (panel, (area, (title, y_max))) in root.split_evenly((1, 2)).iter().zip(panels).enumerate()
+    {
+        let epochs = runs.iter().map(|run| run.1.len()).max().unwrap_or(1) as f64;
         let mut chart = ChartBuilder::on(area)
-            .caption(*title, ("sans-serif", 18))
+            .caption(title, ("sans-serif", 18))
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(45)
             .build_cartesian_2d(1.0..epochs.max(2.0), 0.0..y_max.max(1e-3))?;
         chart.configure_mesh().x_desc("epoch").draw()?;
-        for (curve, color) in curves.iter().zip([RED, BLUE, GREEN, MAGENTA]) {
-            let points = curve
-                .values
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| (i as f64 + 1.0, v));
+        for (&(label, losses, accuracies), color) in runs.iter().zip([RED, BLUE, GREEN, MAGENTA]) {
+            let values = if panel == 0 { losses } else { accuracies };
+            let points = (values.iter().enumerate()).map(|(i, &v)| (i as f64 + 1.0, v));
             chart
                 .draw_series(LineSeries::new(points, color))?
-                .label(curve.label)
+                .label(label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
         chart
@@ -154,6 +154,18 @@ pub fn draw_curves(path: &Path, panels: &[(&str, f64, Vec<Curve>)]) -> AnyResult
     }
     root.present()?;
     Ok(())
+}
+
+/// The exit code of an example: 0, or 1 after printing the error (clap itself exits with 2 on
+/// a bad flag).
+pub fn exit_code(result: AnyResult<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Blue (negative) – white – red (positive), scaled to the matrix's largest magnitude.

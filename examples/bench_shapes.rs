@@ -126,7 +126,8 @@ fn measure(shape: &Shape) -> pointwise::Result<(f64, f64)> {
     let mut failure = None;
     let timing = pointwise::parallel::install(|| {
         common::time(|| {
-            graph.zero_grad();
+            // As the PyTorch side sets `.grad = None`: dX is written, not added to zeros.
+            graph.clear_grads();
             let step = graph
                 .forward(y)
                 .and_then(|()| graph.backward_from(y, ones.view()));

@@ -35,6 +35,7 @@ impl<T: Element> Graph<T> {
     /// Every parameter with its value (to update) and its gradient, in creation order.
     pub fn params_mut(&mut self) -> impl Iterator<Item = ParamMut<'_, T>> {
         self.invalidate();
+        self.settle_cleared_grads();
         self.nodes
             .iter_mut()
             .filter(|node| node.is_param())
@@ -139,7 +140,7 @@ impl<T: Element> Graph<T> {
                 printable(&node.name)
             )));
         }
-        if !node.has_value {
+        if !node.has_value || node.grad_cleared {
             return Err(Error::graph(format!(
                 "the gradient of node \"{}\" is not there yet: run forward and backward first",
                 printable(&node.name)

@@ -109,7 +109,9 @@
 //!
 //! [`Graph`] is built once and re-run every step. Nodes are stored in creation order, so the
 //! reverse order is a valid backward order. Gradients accumulate with `+=` (a value used twice
-//! gets both contributions); leaf gradients keep accumulating until [`Graph::zero_grad`].
+//! gets both contributions); leaf gradients keep accumulating until [`Graph::zero_grad`]
+//! zeroes them, or [`Graph::clear_grads`] (PyTorch's `set_to_none`) lets the next pass write
+//! them without a pass of zeros first.
 //!
 //! ```
 //! use ndarray::{ArrayD, IxDyn};
@@ -130,7 +132,7 @@
 //! graph.set_input(x, ArrayD::from_elem(IxDyn(&[2, 4, 3, 3]), 1.0).view())?;
 //! graph.set_labels(loss, &[0, 2])?;
 //! for _ in 0..3 {
-//!     graph.zero_grad();
+//!     graph.clear_grads();
 //!     graph.forward(loss)?;
 //!     graph.backward(loss)?;
 //!     optimizer.step(&mut graph, 0.1)?;

@@ -351,7 +351,7 @@ impl<T: Element> Model<T> {
 
     fn step(&mut self) -> Result<T> {
         let loss_node = self.roles.loss;
-        self.graph.zero_grad();
+        self.graph.clear_grads();
         self.graph.forward(loss_node)?;
         let loss = self.graph.scalar(loss_node)?;
         if !loss.is_finite() {

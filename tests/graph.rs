@@ -45,6 +45,61 @@ fn a_value_used_twice_receives_the_sum_of_both_gradients() {
     assert_abs_diff_eq!(graph.grad(x).unwrap().to_owned(), expected, epsilon = 1e-12);
 }
 
+/// `clear_grads` (PyTorch's `set_to_none`) gives exactly the gradients of `zero_grad`, whether
+/// the pass runs on the whole batch or in chunks: the next pass overwrites each leaf's stale
+/// buffer, a leaf it does not reach reads as zero, and nothing reads a gradient in between.
+#[test]
+fn cleared_gradients_are_overwritten_by_the_next_pass() {
+    for chunk in [None, Some(2)] {
+        let mut graph = Graph::<f64>::new();
+        let x = graph.input_with_grad("x");
+        let weight = graph.param("weight", random(&[3, 4], 2)).unwrap();
+        let bias = graph.param("bias", random(&[3], 3)).unwrap();
+        let unused = graph.param("unused", random(&[5], 4)).unwrap();
+        let conv = graph.conv1x1(x, weight, Some(bias)).unwrap();
+        let hidden = graph.relu(conv).unwrap();
+        let pooled = graph.global_avg_pool(hidden).unwrap();
+        let target = graph.input("target");
+        let loss = graph.mse(pooled, target).unwrap();
+        graph.set_backward_chunk(chunk).unwrap();
+        let leaves = [x, weight, bias, unused];
+        let step = |graph: &mut Graph<f64>, seed: u64, clear: bool| {
+            graph
+                .set_input(x, random(&[5, 4, 3, 3], seed).view())
+                .unwrap();
+            graph
+                .set_input(target, random(&[5, 3], seed + 1).view())
+                .unwrap();
+            if clear {
+                graph.clear_grads();
+                for leaf in leaves {
+                    assert!(graph.grad(leaf).is_err(), "a cleared gradient was readable");
+                }
+            } else {
+                graph.zero_grad();
+            }
+            graph.forward(loss).unwrap();
+            graph.backward(loss).unwrap();
+            leaves.map(|leaf| graph.grad(leaf).unwrap().to_owned())
+        };
+        // Stale, non-zero buffers first (another batch), then the same step both ways.
+        step(&mut graph, 10, false);
+        let cleared = step(&mut graph, 20, true);
+        step(&mut graph, 30, false);
+        let zeroed = step(&mut graph, 20, false);
+        for (got, want) in cleared.iter().zip(&zeroed) {
+            assert_abs_diff_eq!(got, want, epsilon = 1e-12);
+        }
+        assert!(cleared[3].iter().all(|&g| g == 0.0), "{chunk:?}");
+        assert!(cleared[1].iter().any(|&g| g.abs() > 1e-6), "{chunk:?}");
+
+        // An optimizer reading gradients after clear_grads, with no pass since, sees zeros.
+        graph.clear_grads();
+        let grads: Vec<f64> = graph.params_mut().flat_map(|p| p.grad.clone()).collect();
+        assert!(grads.iter().all(|&g| g == 0.0));
+    }
+}
+
 #[test]
 fn leaf_gradients_accumulate_across_backward_calls_until_zeroed() {
     let mut graph = Graph::<f64>::new();

@@ -34,7 +34,17 @@ impl<T: Element> Graph<T> {
         )?;
         self.in_chunks(target, |graph, chunk| {
             graph.sweep(target, upstream.view(), chunk)
-        })
+        })?;
+        // Cleared gradients the pass did not reach hold no contribution: they read as zero.
+        for node in &mut self.nodes {
+            if node.grad_cleared {
+                if !node.grad_written {
+                    node.grad.fill(T::zero());
+                }
+                node.grad_cleared = false;
+            }
+        }
+        Ok(())
     }
 
     /// One reverse sweep over the samples of `chunk` (all of them for `None`).
@@ -46,8 +56,8 @@ impl<T: Element> Graph<T> {
     ) -> Result<()> {
         // Intermediate gradients are not zeroed: each is marked unwritten, and its first
         // contribution overwrites it or zeroes it first.
-        for node in &mut self.nodes[..=target.0] {
-            node.grad_written = node.is_leaf();
+        for node in &mut self.nodes {
+            node.grad_written = node.is_leaf() && !node.grad_cleared;
         }
         let seed = &mut self.nodes[target.0];
         if !seed.requires_grad {
@@ -109,7 +119,27 @@ impl<T: Element> Graph<T> {
         for node in &mut self.nodes {
             if node.is_leaf() {
                 node.grad.fill(T::zero());
+                node.grad_cleared = false;
             }
+        }
+    }
+
+    /// Forgets the accumulated gradients of every leaf without touching their buffers, as
+    /// PyTorch's `zero_grad(set_to_none=True)` does: the next backward pass writes each one
+    /// instead of adding to zeros, which saves a pass over every gradient (a whole batch's,
+    /// for an input's). Until that pass, [`Graph::grad`] of a leaf is an error, and an
+    /// optimizer sees zeros.
+    pub fn clear_grads(&mut self) {
+        for node in &mut self.nodes {
+            node.grad_cleared = node.is_leaf();
+        }
+    }
+
+    /// Zeroes the gradients that [`Graph::clear_grads`] forgot, for a reader that needs them.
+    pub(crate) fn settle_cleared_grads(&mut self) {
+        for node in self.nodes.iter_mut().filter(|node| node.grad_cleared) {
+            node.grad.fill(T::zero());
+            node.grad_cleared = false;
         }
     }
 }

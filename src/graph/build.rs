@@ -28,6 +28,7 @@ impl<T: Element> Graph<T> {
             has_value,
             batched,
             grad_written: false,
+            grad_cleared: false,
             time: Default::default(),
         });
         self.id(self.nodes.len() - 1)

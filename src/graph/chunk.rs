@@ -116,6 +116,11 @@ impl<T: Element> Graph<T> {
         mut sweep: impl FnMut(&mut Self, Option<Chunk>) -> Result<()>,
     ) -> Result<()> {
         let plan = self.chunk_plan(target);
+        if plan.is_some() {
+            // Each chunk writes its own rows of a batched leaf's gradient: no one pass can
+            // overwrite the whole of a cleared one.
+            self.settle_cleared_grads();
+        }
         for node in &mut self.nodes[..=target.0] {
             if !node.requires_grad {
                 continue;

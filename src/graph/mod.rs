@@ -19,8 +19,9 @@
 //! Gradients are accumulated with `+=`: a value read by two nodes receives both contributions.
 //! Intermediate gradients start each backward pass empty (the first contribution overwrites or
 //! zeroes the buffer, see [`GradWrite`]); the gradients of leaves (parameters and inputs) keep
-//! accumulating across backward calls until [`Graph::zero_grad`]. `chunk.rs` runs the backward
-//! pass a few samples at a time, to keep intermediate gradients small.
+//! accumulating across backward calls until [`Graph::zero_grad`] zeroes them, or
+//! [`Graph::clear_grads`] lets the next pass overwrite them. `chunk.rs` runs the backward pass
+//! a few samples at a time, to keep intermediate gradients small.
 
 mod backward;
 mod build;
@@ -84,6 +85,9 @@ pub(crate) struct Node<T> {
     /// content is stale, and the first contribution either overwrites it (ops that can) or
     /// zeroes it first. Leaves always count as written: they accumulate across passes.
     pub(crate) grad_written: bool,
+    /// A leaf whose gradient [`Graph::clear_grads`] forgot: the next backward pass writes it
+    /// instead of adding to it, and until then it reads as absent.
+    pub(crate) grad_cleared: bool,
     /// Time spent in this node's forward and backward passes while profiling.
     pub(crate) time: [std::time::Duration; 2],
 }

@@ -41,7 +41,7 @@ use super::{accumulating, check_image, check_same, dims, dims_mut, sum_pairs};
 use crate::cost::Cost;
 use crate::element::{count, Element};
 use crate::error::{Error, Result};
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation, Port};
 use crate::parallel::{in_parts, Along};
 use ndarray::{
     Array1, ArrayD, ArrayView1, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut4, Axis, Zip,
@@ -181,8 +181,7 @@ impl<T: Element> Operation<T> for BatchNorm<T> {
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
         let Backward { dy, mut inputs, .. } = pass;
-        let [x, weight, bias] = inputs.ports::<3>()?;
-        let (x, dx) = accumulating(OP, x)?;
+        let [Port { value: x, grad: dx }, weight, bias] = inputs.ports::<3>()?;
         let (weight, dweight) = accumulating(OP, weight)?;
         let (_, dbias) = accumulating(OP, bias)?;
         let saved = Saved {
@@ -190,7 +189,12 @@ impl<T: Element> Operation<T> for BatchNorm<T> {
             inv_std: self.inv_std.view(),
             batch_statistics: self.batch_statistics,
         };
-        backward(x, weight, saved, dims(OP, dy.view())?, dx, dweight, dbias)
+        let dx = match dx {
+            Some((dx, write)) => Some((dims_mut(OP, dx)?, write)),
+            None => None,
+        };
+        let (x, dy) = (dims(OP, x)?, dims(OP, dy.view())?);
+        gradients(x, weight, saved, dy, dx, dweight, dbias)
     }
 
     /// γ and β: no multiply-adds of the GEMM kind (about 5 operations per value, O(elements)).
@@ -304,8 +308,27 @@ pub fn backward<T: Element>(
     dweight: Option<ArrayViewMut1<T>>,
     dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
+    let dx = dx.map(|dx| (dx, GradWrite::Accumulate));
+    gradients(x, weight, saved, dy, dx, dweight, dbias)
+}
+
+/// The backward pass with dx written as its [`GradWrite`] says (`=` into a gradient that holds
+/// no contribution yet, so that it needs no pass of zeros first).
+fn gradients<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView1<T>,
+    saved: Saved<'_, T>,
+    dy: ArrayView4<T>,
+    dx: Option<(ArrayViewMut4<T>, GradWrite)>,
+    dweight: Option<ArrayViewMut1<T>>,
+    dbias: Option<ArrayViewMut1<T>>,
+) -> Result<()> {
     let expected = output_shape(x.shape(), weight.shape())?;
     check_same(OP, "output gradient", &expected, dy.shape())?;
+    let write = dx
+        .as_ref()
+        .map_or(GradWrite::Accumulate, |(_, write)| *write);
+    let dx = dx.map(|(dx, _)| dx);
     if let Some(dx) = &dx {
         check_same(OP, "input gradient", x.shape(), dx.shape())?;
     }
@@ -352,12 +375,12 @@ pub fn backward<T: Element>(
             } else {
                 (T::zero(), T::zero())
             };
-            Zip::from(dx.index_axis_mut(Axis(1), i))
-                .and(&x_c)
-                .and(&g_c)
-                .for_each(|dx, &x, &g| {
-                    *dx += scale * (g - mean_g - (x - mu) * s * mean_g_xhat);
-                });
+            let gradient = |x: T, g: T| scale * (g - mean_g - (x - mu) * s * mean_g_xhat);
+            let zip = Zip::from(dx.index_axis_mut(Axis(1), i)).and(&x_c).and(&g_c);
+            match write {
+                GradWrite::Overwrite => zip.for_each(|dx, &x, &g| *dx = gradient(x, g)),
+                GradWrite::Accumulate => zip.for_each(|dx, &x, &g| *dx += gradient(x, g)),
+            }
         }
         Ok(())
     })

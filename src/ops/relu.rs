@@ -26,10 +26,10 @@
 //! Forward: one compare per element (two for ReLU6), read x, write y. Backward: the same
 //! compares and one add per element, read x and dy, read-modify-write dx.
 
-use super::{check_same, elementwise_forward, unary_backward};
+use super::{check_same, elementwise_forward};
 use crate::element::Element;
 use crate::error::Result;
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation, Port};
 use crate::parallel::{in_parts, Along};
 use ndarray::{ArrayViewD, ArrayViewMutD, Axis, Zip};
 
@@ -65,7 +65,14 @@ impl<T: Element> Operation<T> for Relu {
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
-        unary_backward(pass, |x, dy, dx| backward(*self, x, dy, dx))
+        let Backward { dy, mut inputs, .. } = pass;
+        match inputs.port(0)? {
+            Port {
+                value: x,
+                grad: Some((dx, write)),
+            } => write_gradient(*self, x, dy.view(), dx, write),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -88,9 +95,15 @@ impl Relu {
         }
     }
 
-    /// Whether the gradient passes at x: strictly between the kinks.
-    fn passes<T: Element>(self, x: T) -> bool {
-        x > T::zero() && (self == Relu::Plain || x < T::from_f64(6.0))
+    /// The gradient that passes at x: g strictly between the kinks, else 0. A select, not a
+    /// branch: with inputs of random sign a branch mispredicts half the time.
+    fn gate<T: Element>(self, x: T, g: T) -> T {
+        let passes = x > T::zero() && (self == Relu::Plain || x < T::from_f64(6.0));
+        if passes {
+            g
+        } else {
+            T::zero()
+        }
     }
 }
 
@@ -122,6 +135,18 @@ pub fn backward<T: Element>(
     dy: ArrayViewD<T>,
     dx: ArrayViewMutD<T>,
 ) -> Result<()> {
+    write_gradient(relu, x, dy, dx, GradWrite::Accumulate)
+}
+
+/// The backward pass into dx as `write` says: `dx = gate` overwrites a gradient that holds no
+/// contribution yet, so that it needs no pass of zeros first.
+fn write_gradient<T: Element>(
+    relu: Relu,
+    x: ArrayViewD<T>,
+    dy: ArrayViewD<T>,
+    dx: ArrayViewMutD<T>,
+    write: GradWrite,
+) -> Result<()> {
     check_same(relu.name(), "output gradient", x.shape(), dy.shape())?;
     check_same(relu.name(), "input gradient", x.shape(), dx.shape())?;
     type Parts<'a, T> = (
@@ -130,21 +155,26 @@ pub fn backward<T: Element>(
         Along<ArrayViewMutD<'a, T>>,
     );
     let parts = (Along(x, Axis(0)), Along(dy, Axis(0)), Along(dx, Axis(0)));
-    let mask = |relu: Relu| {
-        move |(Along(x, _), Along(dy, _), Along(mut dx, _)): Parts<T>| {
-            // A select, not a branch: with inputs of random sign a branch mispredicts half
-            // the time.
-            Zip::from(&mut dx)
-                .and(&x)
-                .and(&dy)
-                .for_each(|dx, &x, &dy| *dx += if relu.passes(x) { dy } else { T::zero() });
-            Ok(())
+    let gradient = |(Along(x, _), Along(dy, _), Along(mut dx, _)): Parts<T>| {
+        let zip = Zip::from(&mut dx).and(&x).and(&dy);
+        // Each arm a loop of its own, compiled for one function and one write.
+        match (relu, write) {
+            (Relu::Plain, GradWrite::Overwrite) => {
+                zip.for_each(|dx, &x, &g| *dx = Relu::Plain.gate(x, g))
+            }
+            (Relu::Plain, GradWrite::Accumulate) => {
+                zip.for_each(|dx, &x, &g| *dx += Relu::Plain.gate(x, g))
+            }
+            (Relu::Six, GradWrite::Overwrite) => {
+                zip.for_each(|dx, &x, &g| *dx = Relu::Six.gate(x, g))
+            }
+            (Relu::Six, GradWrite::Accumulate) => {
+                zip.for_each(|dx, &x, &g| *dx += Relu::Six.gate(x, g))
+            }
         }
+        Ok(())
     };
-    match relu {
-        Relu::Plain => in_parts(parts, &mask(Relu::Plain)),
-        Relu::Six => in_parts(parts, &mask(Relu::Six)),
-    }
+    in_parts(parts, &gradient)
 }
 
 // ---------------------------------------------------------------- reference loops

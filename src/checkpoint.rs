@@ -777,7 +777,9 @@ fn check_against_description(
             NodeDescription::Param { name, shape, .. } => {
                 expected.push((name.clone(), Some(shape)))
             }
-            NodeDescription::Op { kind, inputs, .. } if kind == "batch_norm" => {
+            NodeDescription::Op { kind, inputs, .. }
+                if crate::ops::batch_norm::is_batch_norm(kind) =>
+            {
                 let weight = inputs.get(1).and_then(|&i| description.nodes.get(i));
                 if let Some(NodeDescription::Param { name, .. }) = weight {
                     let prefix = crate::state::buffer_prefix(name);

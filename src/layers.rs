@@ -198,9 +198,21 @@ impl<'g, T: Element> Layers<'g, T> {
 
     /// `nn.BatchNorm2d(channels)`: weight 1, bias 0, running mean 0 and variance 1.
     pub fn batch_norm(&mut self, name: &str, x: NodeId, channels: usize) -> Result<NodeId> {
+        let [weight, bias] = self.scale_and_shift(name, channels)?;
+        self.graph.batch_norm(x, weight, bias)
+    }
+
+    /// [`Layers::batch_norm`] then a ReLU, as one fused node ([`Graph::batch_norm_relu`]).
+    pub fn batch_norm_relu(&mut self, name: &str, x: NodeId, channels: usize) -> Result<NodeId> {
+        let [weight, bias] = self.scale_and_shift(name, channels)?;
+        self.graph.batch_norm_relu(x, weight, bias)
+    }
+
+    /// A batch norm's γ (ones) and β (zeros).
+    fn scale_and_shift(&mut self, name: &str, channels: usize) -> Result<[NodeId; 2]> {
         let weight = self.param(&format!("{name}.weight"), init::ones(&[channels]))?;
         let bias = self.param(&format!("{name}.bias"), init::zeros(&[channels]))?;
-        self.graph.batch_norm(x, weight, bias)
+        Ok([weight, bias])
     }
 }
 

@@ -25,8 +25,9 @@ fn conv_bn_relu(
         (1, false) => nn.conv1x1(&name, x, c_in, c_out, false)?,
         _ => nn.conv2d(&name, x, [c_in, c_out, kernel], [1, padding], false)?,
     };
-    let h = nn.batch_norm(&(i + 1).to_string(), h, c_out)?;
-    Ok((nn.relu(h)?, i + 3))
+    // Batch norm and ReLU as one node; nn.Sequential counts them as two modules.
+    let h = nn.batch_norm_relu(&(i + 1).to_string(), h, c_out)?;
+    Ok((h, i + 3))
 }
 
 /// Network-in-Network for 28×28 digits (N, 1, 28, 28), PyTorch's default initialisation from

@@ -47,7 +47,7 @@ pub(crate) fn buffer_prefix(weight: &str) -> &str {
 fn batch_norms<T: Element>(graph: &Graph<T>) -> Result<Vec<(NodeId, String)>> {
     let mut found = Vec::new();
     for id in graph.node_ids() {
-        if graph.kind(id)? == "batch_norm" {
+        if crate::ops::batch_norm::is_batch_norm(graph.kind(id)?) {
             let weight = graph.name(graph.inputs(id)?[1])?;
             found.push((id, buffer_prefix(weight).to_string()));
         }

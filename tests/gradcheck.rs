@@ -705,6 +705,77 @@ fn batch_norm_dx_dweight_dbias_match_finite_difference() {
     }
 }
 
+/// The fused batch norm + ReLU, in training and evaluation mode: the same derivative as
+/// relu(batch_norm(x)), checked where every pre-activation γ·x̂ + β is clear of the kink and
+/// both sides of it are exercised.
+#[test]
+fn batch_norm_relu_dx_dweight_dbias_match_finite_difference() {
+    use ndarray::Ix4;
+    use pointwise::ops::batch_norm;
+    for (i, case) in CASES.iter().enumerate() {
+        for training in [true, false] {
+            let [n, c, h, w] = case.image();
+            if training && n * h * w < 2 {
+                continue; // one value per channel has no variance (an error, as in PyTorch)
+            }
+            let seed = 500 + 10 * i as u64;
+            let x = random(&[n, c, h, w], seed);
+            let gamma = random(&[c], seed + 1) + 1.5;
+            let beta = random(&[c], seed + 2) * 0.5;
+            let mean = random(&[c], seed + 3);
+            let var = random(&[c], seed + 4) + 1.5;
+            let (gamma1, beta1) = (
+                gamma.view().into_dimensionality().unwrap(),
+                beta.view().into_dimensionality().unwrap(),
+            );
+            // The pre-activations the node will compute.
+            let z = if training {
+                let x4 = x.view().into_dimensionality::<Ix4>().unwrap();
+                batch_norm::forward_reference(x4, gamma1, beta1).unwrap().0
+            } else {
+                let mut z = x.clone();
+                for ((_, ch, _, _), v) in z
+                    .view_mut()
+                    .into_dimensionality::<Ix4>()
+                    .unwrap()
+                    .indexed_iter_mut()
+                {
+                    let s = 1.0 / (var[ch] + batch_norm::EPS).sqrt();
+                    *v = gamma[ch] * (*v - mean[ch]) * s + beta[ch];
+                }
+                z
+            };
+            let margin = z.iter().fold(f64::INFINITY, |m, v| m.min(v.abs()));
+            assert!(
+                margin > 1e-4,
+                "{case:?} training {training}: a pre-activation is within {margin:e} of the kink"
+            );
+            if z.len() > 2 {
+                assert!(
+                    z.iter().any(|&v| v < 0.0) && z.iter().any(|&v| v > 0.0),
+                    "{case:?}: both sides of the ReLU are exercised"
+                );
+            }
+            let name = format!("batch_norm_relu training {training} {case:?}");
+            check_graph(&name, i as u64, |graph| {
+                let xi = graph.input_with_grad("x");
+                graph.set_input(xi, x.view()).unwrap();
+                let g = graph.param("bn.weight", gamma.clone()).unwrap();
+                let b = graph.param("bn.bias", beta.clone()).unwrap();
+                let fed_x = fed(graph, xi);
+                let y = graph.batch_norm_relu(fed_x, g, b).unwrap();
+                let (mean, var) = (
+                    mean.view().into_dimensionality().unwrap(),
+                    var.view().into_dimensionality().unwrap(),
+                );
+                graph.set_running_stats(y, mean, var, 3).unwrap();
+                graph.set_training(training);
+                (y, vec![xi, g, b])
+            });
+        }
+    }
+}
+
 /// SqueezeNet's fire module: squeeze 1×1 + ReLU, then a 1×1 and a 3×3 (padding 1) expand side
 /// by side, each + ReLU, concatenated on channels; w.r.t. every parameter and the input.
 #[test]

@@ -1236,6 +1236,88 @@ fn grouped_conv1x1_matches_reference_loops() {
 
 /// NaN goes through ReLU (plain, fused into the 1×1 convolution, and ReLU6) as in PyTorch,
 /// so that NaN weights cannot produce a finite loss.
+/// The fused batch norm + ReLU gives the values of batch_norm then relu (the same bits), and
+/// their gradients w.r.t. x, γ and β up to the order of the sums, in both modes, in f64 and
+/// f32, with a NaN scale propagating to its channel's outputs as in the two nodes.
+#[test]
+fn batch_norm_relu_equals_batch_norm_then_relu() {
+    fn run<T: pointwise::Element>(
+        fused: bool,
+        training: bool,
+        x: &ArrayD<T>,
+        nan_channel: Option<usize>,
+    ) -> (ArrayD<T>, Vec<ArrayD<T>>) {
+        let mut graph = pointwise::Graph::<T>::new();
+        let input = graph.input_with_grad("x");
+        let c = x.shape()[1];
+        let mut gamma =
+            ArrayD::from_shape_fn(IxDyn(&[c]), |i| T::from_f64(0.5 + 0.3 * i[0] as f64));
+        if let Some(channel) = nan_channel {
+            gamma[[channel]] = T::from_f64(f64::NAN);
+        }
+        let beta = ArrayD::from_shape_fn(IxDyn(&[c]), |i| T::from_f64(0.2 - 0.15 * i[0] as f64));
+        let g = graph.param("bn.weight", gamma).unwrap();
+        let b = graph.param("bn.bias", beta).unwrap();
+        let y = if fused {
+            graph.batch_norm_relu(input, g, b).unwrap()
+        } else {
+            let z = graph.batch_norm(input, g, b).unwrap();
+            graph.relu(z).unwrap()
+        };
+        let mean = ndarray::Array1::from_elem(c, T::from_f64(0.1));
+        let var = ndarray::Array1::from_elem(c, T::from_f64(0.8));
+        let bn = graph.inputs(y).unwrap()[0];
+        let bn = if fused { y } else { bn };
+        graph
+            .set_running_stats(bn, mean.view(), var.view(), 1)
+            .unwrap();
+        graph.set_training(training);
+        graph.set_input(input, x.view()).unwrap();
+        graph.forward(y).unwrap();
+        if nan_channel.is_some() {
+            return (graph.value(y).unwrap().to_owned(), Vec::new());
+        }
+        let upstream = ArrayD::from_shape_fn(x.raw_dim(), |i| {
+            T::from_f64(((i[0] * 7 + i[1] * 3 + i[2] * 5 + i[3]) % 11) as f64 / 11.0 - 0.4)
+        });
+        graph.backward_from(y, upstream.view()).unwrap();
+        let grads = [input, g, b].map(|id| graph.grad(id).unwrap().to_owned());
+        (graph.value(y).unwrap().to_owned(), grads.to_vec())
+    }
+    for case in CASES.iter() {
+        for training in [true, false] {
+            let [n, _, h, w] = case.image();
+            if training && n * h * w < 2 {
+                continue;
+            }
+            let x = random(&case.image(), 9);
+            let (y_fused, grads_fused) = run(true, training, &x, None);
+            let (y_plain, grads_plain) = run(false, training, &x, None);
+            assert_eq!(y_fused, y_plain, "{case:?} training {training}");
+            for (fused, plain) in grads_fused.iter().zip(&grads_plain) {
+                assert_abs_diff_eq!(fused, plain, epsilon = 1e-12);
+            }
+            let x32 = x.mapv(|v| v as f32);
+            let (y_fused, grads_fused) = run(true, training, &x32, None);
+            let (y_plain, grads_plain) = run(false, training, &x32, None);
+            assert_eq!(y_fused, y_plain, "f32 {case:?} training {training}");
+            for (fused, plain) in grads_fused.iter().zip(&grads_plain) {
+                assert_abs_diff_eq!(fused, plain, epsilon = 1e-5);
+            }
+        }
+    }
+    let x = random(&[2, 3, 4, 4], 10);
+    for training in [true, false] {
+        let (y, _) = run(true, training, &x, Some(2));
+        let (nan, finite): (Vec<_>, Vec<_>) = y.indexed_iter().partition(|(i, _)| i[1] == 2);
+        assert!(nan.iter().all(|(_, v)| v.is_nan()), "training {training}");
+        assert!(
+            finite.iter().all(|(_, v)| v.is_finite()),
+            "training {training}"
+        );
+    }
+}
+
 #[test]
 fn relu_and_fused_relu_propagate_nan() {
     for fused in [false, true] {

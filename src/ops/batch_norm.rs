@@ -33,6 +33,12 @@
 //! ```
 //! In evaluation mode μ and s are constants: ∂L/∂xⱼ = γ·s·gⱼ.
 //!
+//! ## Fused ReLU
+//! Batch norm is nearly always followed by a ReLU; `batch_norm_relu` computes
+//! y = max(γ·x̂ + β, 0) in the same pass. Its backward replaces g by g·𝟙(y > 0) in every
+//! formula above, and finds where y > 0 by computing γ·x̂ + β again from x, which it reads anyway
+//! (the same operations, so the same bits): the ReLU costs no pass and no buffer of its own.
+//!
 //! ## Cost
 //! Forward: two passes over x for the statistics (training) and one to normalise; about 5
 //! operations per value. Backward: two passes (the two sums, then dx). No GEMM.
@@ -44,7 +50,8 @@ use crate::error::{Error, Result};
 use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation, Port};
 use crate::parallel::{in_parts, Along};
 use ndarray::{
-    Array1, ArrayD, ArrayView1, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut4, Axis, Zip,
+    Array1, ArrayD, ArrayView1, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut4, Axis, Ix1,
+    Zip,
 };
 
 const OP: &str = "batch_norm";
@@ -63,6 +70,8 @@ pub struct BatchNorm<T> {
     mean: Array1<T>,
     inv_std: Array1<T>,
     batch_statistics: bool,
+    /// The fused max(·, 0) after the shift.
+    relu: bool,
 }
 
 impl<T: Element> Graph<T> {
@@ -70,6 +79,27 @@ impl<T: Element> Graph<T> {
     /// β (C), both parameters; running mean 0 and variance 1 to start, ε = 1e-5, momentum 0.1.
     /// Training or evaluation mode follows [`Graph::set_training`].
     pub fn batch_norm(&mut self, input: NodeId, weight: NodeId, bias: NodeId) -> Result<NodeId> {
+        self.push_batch_norm(input, weight, bias, false)
+    }
+
+    /// The fused max(batch_norm(...), 0): the same values as `relu(batch_norm(...))` with one
+    /// buffer and one pass instead of two.
+    pub fn batch_norm_relu(
+        &mut self,
+        input: NodeId,
+        weight: NodeId,
+        bias: NodeId,
+    ) -> Result<NodeId> {
+        self.push_batch_norm(input, weight, bias, true)
+    }
+
+    fn push_batch_norm(
+        &mut self,
+        input: NodeId,
+        weight: NodeId,
+        bias: NodeId,
+        relu: bool,
+    ) -> Result<NodeId> {
         let channels = self.param_shape(OP, "weight", weight)?.to_vec();
         check_weights(&channels, Some(self.param_shape(OP, "bias", bias)?))?;
         let op = BatchNorm {
@@ -79,6 +109,7 @@ impl<T: Element> Graph<T> {
             mean: Array1::zeros(channels[0]),
             inv_std: Array1::zeros(channels[0]),
             batch_statistics: true,
+            relu,
         };
         self.push_layer(op, [input, weight], Some(bias), check_weights)
     }
@@ -124,7 +155,11 @@ impl<T: Element> Graph<T> {
 
 impl<T: Element> Operation<T> for BatchNorm<T> {
     fn kind(&self) -> &'static str {
-        OP
+        if self.relu {
+            "batch_norm+relu"
+        } else {
+            OP
+        }
     }
 
     /// In training mode every output depends on the whole batch (through μ and σ²).
@@ -169,32 +204,25 @@ impl<T: Element> Operation<T> for BatchNorm<T> {
                 .for_each(|s, &var| *s = T::one() / (var + eps).sqrt());
         }
         let y = dims_mut(OP, pass.output(&shape)?)?;
-        forward(
-            x,
-            dims(OP, weight)?,
-            dims(OP, bias)?,
-            self.mean.view(),
-            self.inv_std.view(),
-            y,
-        )
+        let (weight, bias) = (dims(OP, weight)?, dims(OP, bias)?);
+        let saved = self.saved();
+        normalize(x, weight, bias, saved, self.relu, y)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
         let Backward { dy, mut inputs, .. } = pass;
         let [Port { value: x, grad: dx }, weight, bias] = inputs.ports::<3>()?;
         let (weight, dweight) = accumulating(OP, weight)?;
-        let (_, dbias) = accumulating(OP, bias)?;
-        let saved = Saved {
-            mean: self.mean.view(),
-            inv_std: self.inv_std.view(),
-            batch_statistics: self.batch_statistics,
-        };
+        let (bias, dbias) = accumulating::<T, Ix1>(OP, bias)?;
+        // With the fused ReLU, β too: where γ·x̂ + β ≤ 0 the gradient stops.
+        let relu = self.relu.then_some(bias);
+        let saved = self.saved();
         let dx = match dx {
             Some((dx, write)) => Some((dims_mut(OP, dx)?, write)),
             None => None,
         };
         let (x, dy) = (dims(OP, x)?, dims(OP, dy.view())?);
-        gradients(x, weight, saved, dy, dx, dweight, dbias)
+        gradients(x, weight, relu, saved, dy, dx, dweight, dbias)
     }
 
     /// γ and β: no multiply-adds of the GEMM kind (about 5 operations per value, O(elements)).
@@ -208,6 +236,22 @@ impl<T: Element> Operation<T> for BatchNorm<T> {
     fn saved_elements(&self) -> usize {
         4 * self.mean.len()
     }
+}
+
+impl<T: Element> BatchNorm<T> {
+    fn saved(&self) -> Saved<'_, T> {
+        Saved {
+            mean: self.mean.view(),
+            inv_std: self.inv_std.view(),
+            batch_statistics: self.batch_statistics,
+        }
+    }
+}
+
+/// Whether a node of `kind` is a batch norm (plain or with the fused ReLU): both keep running
+/// statistics.
+pub(crate) fn is_batch_norm(kind: &str) -> bool {
+    kind == OP || kind == "batch_norm+relu"
 }
 
 /// Checks x (N, C, H, W) against γ (C); returns the output shape.
@@ -273,6 +317,23 @@ pub fn forward<T: Element>(
     inv_std: ArrayView1<T>,
     y: ArrayViewMut4<T>,
 ) -> Result<()> {
+    let saved = Saved {
+        mean,
+        inv_std,
+        batch_statistics: true,
+    };
+    normalize(x, weight, bias, saved, false, y)
+}
+
+/// y = γ·(x − μ)·s + β, and with `relu` max(·, 0) in the same pass.
+fn normalize<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView1<T>,
+    bias: ArrayView1<T>,
+    Saved { mean, inv_std, .. }: Saved<'_, T>,
+    relu: bool,
+    y: ArrayViewMut4<T>,
+) -> Result<()> {
     let expected = output_shape(x.shape(), weight.shape())?;
     check_same(OP, "output", &expected, y.shape())?;
     for (what, values) in [
@@ -289,9 +350,16 @@ pub fn forward<T: Element>(
         for (i, c) in channels.enumerate() {
             let scale = weight[c] * inv_std[c];
             let shift = bias[c] - scale * mean[c];
-            Zip::from(y.index_axis_mut(Axis(1), i))
-                .and(x.index_axis(Axis(1), c))
-                .for_each(|y, &x| *y = scale * x + shift);
+            let zip = Zip::from(y.index_axis_mut(Axis(1), i)).and(x.index_axis(Axis(1), c));
+            if relu {
+                // max(v, 0) that keeps NaN (as PyTorch's ReLU does): a NaN is not ≤ 0.
+                zip.for_each(|y, &x| {
+                    let v = scale * x + shift;
+                    *y = if v <= T::zero() { T::zero() } else { v };
+                });
+            } else {
+                zip.for_each(|y, &x| *y = scale * x + shift);
+            }
         }
         Ok(())
     })
@@ -309,14 +377,17 @@ pub fn backward<T: Element>(
     dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
     let dx = dx.map(|dx| (dx, GradWrite::Accumulate));
-    gradients(x, weight, saved, dy, dx, dweight, dbias)
+    gradients(x, weight, None, saved, dy, dx, dweight, dbias)
 }
 
 /// The backward pass with dx written as its [`GradWrite`] says (`=` into a gradient that holds
-/// no contribution yet, so that it needs no pass of zeros first).
+/// no contribution yet, so that it needs no pass of zeros first); `relu` holds β for the fused
+/// ReLU, whose gate g·𝟙(γ·x̂ + β > 0) replaces g.
+#[allow(clippy::too_many_arguments)]
 fn gradients<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView1<T>,
+    relu: Option<ArrayView1<T>>,
     saved: Saved<'_, T>,
     dy: ArrayView4<T>,
     dx: Option<(ArrayViewMut4<T>, GradWrite)>,
@@ -334,6 +405,9 @@ fn gradients<T: Element>(
     }
     for (what, values) in [("mean", &saved.mean), ("inverse deviation", &saved.inv_std)] {
         check_same(OP, what, weight.shape(), values.shape())?;
+    }
+    if let Some(bias) = &relu {
+        check_same(OP, "bias", weight.shape(), bias.shape())?;
     }
     for (what, buffer) in [("weight gradient", &dweight), ("bias gradient", &dbias)] {
         if let Some(buffer) = buffer {
@@ -354,11 +428,24 @@ fn gradients<T: Element>(
     )| {
         for (i, c) in channels.enumerate() {
             let (mu, s) = (saved.mean[c], saved.inv_std[c]);
+            let scale = weight[c] * s;
+            // The forward pass's own expression for y before the ReLU, so the same bits.
+            let shift = relu.as_ref().map(|bias| bias[c] - scale * mu);
+            let gate = |x: T, g: T| {
+                if shift.is_none_or(|shift| scale * x + shift > T::zero()) {
+                    g
+                } else {
+                    T::zero()
+                }
+            };
             let (x_c, g_c) = (x.index_axis(Axis(1), c), dy.index_axis(Axis(1), c));
             let planes = || x_c.outer_iter().zip(g_c.outer_iter());
-            let sum_g: T = g_c.outer_iter().map(|g| g.sum()).sum();
+            let sum_g: T = match shift {
+                None => g_c.outer_iter().map(|g| g.sum()).sum(),
+                Some(_) => planes().map(|(x, g)| sum_pairs(x, g, gate)).sum(),
+            };
             let sum_g_xhat = s * planes()
-                .map(|(x, g)| sum_pairs(x, g, |x, g| g * (x - mu)))
+                .map(|(x, g)| sum_pairs(x, g, |x, g| gate(x, g) * (x - mu)))
                 .sum::<T>();
             if let Some(Along(dbias, _)) = dbias.as_mut() {
                 dbias[i] += sum_g;
@@ -369,13 +456,12 @@ fn gradients<T: Element>(
             let Some(Along(dx, _)) = dx.as_mut() else {
                 continue;
             };
-            let scale = weight[c] * s;
             let (mean_g, mean_g_xhat) = if saved.batch_statistics {
                 (sum_g / values, sum_g_xhat / values)
             } else {
                 (T::zero(), T::zero())
             };
-            let gradient = |x: T, g: T| scale * (g - mean_g - (x - mu) * s * mean_g_xhat);
+            let gradient = |x: T, g: T| scale * (gate(x, g) - mean_g - (x - mu) * s * mean_g_xhat);
             let zip = Zip::from(dx.index_axis_mut(Axis(1), i)).and(&x_c).and(&g_c);
             match write {
                 GradWrite::Overwrite => zip.for_each(|dx, &x, &g| *dx = gradient(x, g)),

@@ -73,8 +73,7 @@ fn build(batch: usize) -> Network {
                 ArrayD::zeros(IxDyn(&[channels])),
             )
             .unwrap();
-        let y = graph.batch_norm(x, gamma, beta).unwrap();
-        graph.relu(y).unwrap()
+        graph.batch_norm_relu(x, gamma, beta).unwrap()
     };
     let input = graph.input("image");
     let w = param(&mut graph, "stem.weight".into(), &[32, 3, 3, 3]);

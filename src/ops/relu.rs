@@ -24,7 +24,8 @@
 //!
 //! ## Cost
 //! Forward: one compare per element (two for ReLU6), read x, write y. Backward: the same
-//! compares and one add per element, read x and dy, read-modify-write dx.
+//! compares, read x and dy, write dx (or add to it, one more read, when an earlier contribution
+//! is there).
 
 use super::{check_same, elementwise_forward};
 use crate::element::Element;

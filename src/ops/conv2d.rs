@@ -206,17 +206,22 @@ struct Block {
 }
 
 /// im2col for one sample: fills its block of `columns` (F·K·K rows), a row segment at a time.
+/// `padded` is scratch for the stride-1 path.
 fn im2col<T: Element>(
     x: ArrayView3<T>,
     kernel: usize,
     window: Window,
     block: Block,
     columns: &mut Array2<T>,
+    padded: &mut Vec<T>,
 ) {
     let x_dims = x.dim();
     let (Some(x), Some(columns)) = (x.to_slice(), columns.as_slice_mut()) else {
         unreachable!("both are in standard layout")
     };
+    if window.stride == 1 {
+        return im2col_padded(x, x_dims, kernel, window.padding, block, columns, padded);
+    }
     let (_, height, width) = x_dims;
     let out_width = block.out.1;
     segments(x_dims, kernel, window, block.out, |row, c, oh, segment| {
@@ -238,6 +243,50 @@ fn im2col<T: Element>(
     });
 }
 
+/// im2col at stride 1: the sample's planes copied once into zero-bordered planes, so that each
+/// row segment is one straight copy from them, with no bounds to find and no zeros to fill.
+/// Segment (row (c·K + i)·K + j, output row h′) is padded plane c's row h′ + i from column j.
+fn im2col_padded<T: Element>(
+    x: &[T],
+    (channels, height, width): (usize, usize, usize),
+    kernel: usize,
+    padding: usize,
+    block: Block,
+    columns: &mut [T],
+    padded: &mut Vec<T>,
+) {
+    let (padded_height, padded_width) = (height + 2 * padding, width + 2 * padding);
+    let plane = padded_height * padded_width;
+    if padded.len() != channels * plane {
+        padded.clear();
+        padded.resize(channels * plane, T::zero());
+    }
+    // The interior of every plane; the border stays zero (nothing writes it).
+    let planes = x
+        .chunks_exact(height * width)
+        .zip(padded.chunks_exact_mut(plane));
+    for (source, target) in planes {
+        for (h, row) in source.chunks_exact(width).enumerate() {
+            let start = (h + padding) * padded_width + padding;
+            target[start..start + width].copy_from_slice(row);
+        }
+    }
+    let (out_height, out_width) = block.out;
+    for (c, source) in padded.chunks_exact(plane).enumerate() {
+        for i in 0..kernel {
+            for j in 0..kernel {
+                let row = (c * kernel + i) * kernel + j;
+                let start = row * block.stride + block.offset;
+                let target = &mut columns[start..start + out_height * out_width];
+                for (oh, segment) in target.chunks_exact_mut(out_width).enumerate() {
+                    let from = (oh + i) * padded_width + j;
+                    segment.copy_from_slice(&source[from..from + out_width]);
+                }
+            }
+        }
+    }
+}
+
 /// col2im for one sample: dx[pixel] += dC[row, column] for every entry of its block that came
 /// from a pixel, a row segment at a time.
 fn col2im<T: Element>(
@@ -246,12 +295,16 @@ fn col2im<T: Element>(
     window: Window,
     block: Block,
     mut dx: ArrayViewMut3<T>,
+    padded: &mut Vec<T>,
 ) {
     let dims = dx.dim();
     let (_, height, width) = dims;
     let (Some(columns), Some(target)) = (columns.as_slice(), dx.as_slice_mut()) else {
         unreachable!("both are in standard layout")
     };
+    if window.stride == 1 {
+        return col2im_padded(columns, dims, kernel, window.padding, block, target, padded);
+    }
     segments(dims, kernel, window, block.out, |row, c, oh, segment| {
         let Some((h, range, w)) = segment else { return };
         let start = row * block.stride + block.offset + oh * block.out.1;
@@ -262,6 +315,48 @@ fn col2im<T: Element>(
             .zip(source)
             .for_each(|(t, &s)| *t += s);
     });
+}
+
+/// col2im at stride 1: every segment added straight into zero-bordered planes (the border
+/// collects what the padding received, which reaches no pixel), whose interior is then added to
+/// dx: no bounds to find per segment.
+fn col2im_padded<T: Element>(
+    columns: &[T],
+    (channels, height, width): (usize, usize, usize),
+    kernel: usize,
+    padding: usize,
+    block: Block,
+    dx: &mut [T],
+    padded: &mut Vec<T>,
+) {
+    let (padded_height, padded_width) = (height + 2 * padding, width + 2 * padding);
+    let plane = padded_height * padded_width;
+    padded.clear();
+    padded.resize(channels * plane, T::zero());
+    let (out_height, out_width) = block.out;
+    for (c, target) in padded.chunks_exact_mut(plane).enumerate() {
+        for i in 0..kernel {
+            for j in 0..kernel {
+                let start = ((c * kernel + i) * kernel + j) * block.stride + block.offset;
+                let source = &columns[start..start + out_height * out_width];
+                for (oh, segment) in source.chunks_exact(out_width).enumerate() {
+                    let from = (oh + i) * padded_width + j;
+                    let pixels = target[from..from + out_width].iter_mut();
+                    pixels.zip(segment).for_each(|(t, &s)| *t += s);
+                }
+            }
+        }
+    }
+    let planes = padded
+        .chunks_exact(plane)
+        .zip(dx.chunks_exact_mut(height * width));
+    for (source, target) in planes {
+        for (h, row) in target.chunks_exact_mut(width).enumerate() {
+            let start = (h + padding) * padded_width + padding;
+            let sums = &source[start..start + width];
+            row.iter_mut().zip(sums).for_each(|(t, &s)| *t += s);
+        }
+    }
 }
 
 /// Sample g's block in a matrix of `group` samples side by side.
@@ -315,13 +410,20 @@ pub fn forward<T: Element>(
         )| {
             let group = samples_per_group(pixels, x.shape()[0]);
             let mut columns = Array2::zeros((weight.ncols(), group * pixels));
-            let mut product = Array2::zeros((c_out, group * pixels));
+            let (mut product, mut padded) = (Array2::zeros((c_out, group * pixels)), Vec::new());
             for (x_g, mut y_g) in x
                 .axis_chunks_iter(Axis(0), group)
                 .zip(y.axis_chunks_iter_mut(Axis(0), group))
             {
                 for (g, x_n) in x_g.outer_iter().enumerate() {
-                    im2col(x_n, kernel, window, block(group, g, out), &mut columns);
+                    im2col(
+                        x_n,
+                        kernel,
+                        window,
+                        block(group, g, out),
+                        &mut columns,
+                        &mut padded,
+                    );
                 }
                 let first = ndarray::s![.., ..x_g.shape()[0] * pixels];
                 // (F1×FKK)·(FKK×G·P′) → (F1×G·P′), the bias added as it is stored
@@ -378,14 +480,21 @@ pub fn backward<T: Element>(
             let rows = dweight.shape()[1] * kernel * kernel;
             // This part of dW̃ is not contiguous in dW: summed here, then added to it.
             let mut part = Array2::zeros((c_out, rows));
-            let mut columns = Array2::zeros((rows, group * pixels));
+            let (mut columns, mut padded) = (Array2::zeros((rows, group * pixels)), Vec::new());
             let mut gathered = Array2::zeros((c_out, group * pixels));
             for (x_g, dy_g) in x
                 .axis_chunks_iter(Axis(0), group)
                 .zip(dy.axis_chunks_iter(Axis(0), group))
             {
                 for (g, x_n) in x_g.outer_iter().enumerate() {
-                    im2col(x_n, kernel, window, block(group, g, out), &mut columns);
+                    im2col(
+                        x_n,
+                        kernel,
+                        window,
+                        block(group, g, out),
+                        &mut columns,
+                        &mut padded,
+                    );
                 }
                 let first = ndarray::s![.., ..x_g.shape()[0] * pixels];
                 side_by_side(dy_g, gathered.slice_mut(first))?;
@@ -417,6 +526,7 @@ pub fn backward<T: Element>(
             Along(mut dx, _),
         )| {
             let mut dcolumns = Array2::zeros((weight.ncols(), group * pixels));
+            let mut padded = Vec::new();
             let mut gathered = Array2::zeros((c_out, group * pixels));
             for (dy_g, mut dx_g) in dy
                 .axis_chunks_iter(Axis(0), group)
@@ -428,7 +538,14 @@ pub fn backward<T: Element>(
                 let (dy_g, dc_g) = (gathered.slice(first), dcolumns.slice_mut(first));
                 gemm(T::one(), weight.t(), dy_g, T::zero(), dc_g)?;
                 for (g, dx_n) in dx_g.outer_iter_mut().enumerate() {
-                    col2im(&dcolumns, kernel, window, block(group, g, out), dx_n);
+                    col2im(
+                        &dcolumns,
+                        kernel,
+                        window,
+                        block(group, g, out),
+                        dx_n,
+                        &mut padded,
+                    );
                 }
             }
             Ok(())

@@ -245,42 +245,86 @@ fn im2col<T: Element>(
 
 /// im2col at stride 1: the sample's planes copied once into zero-bordered planes, so that each
 /// row segment is one straight copy from them, with no bounds to find and no zeros to fill.
-/// Segment (row (c·K + i)·K + j, output row h′) is padded plane c's row h′ + i from column j.
 fn im2col_padded<T: Element>(
     x: &[T],
-    (channels, height, width): (usize, usize, usize),
+    dims: (usize, usize, usize),
     kernel: usize,
     padding: usize,
     block: Block,
     columns: &mut [T],
     padded: &mut Vec<T>,
 ) {
-    let (padded_height, padded_width) = (height + 2 * padding, width + 2 * padding);
-    let plane = padded_height * padded_width;
-    if padded.len() != channels * plane {
+    let planes = Bordered::new(dims, padding);
+    if padded.len() != planes.len() {
         padded.clear();
-        padded.resize(channels * plane, T::zero());
+        padded.resize(planes.len(), T::zero());
     }
     // The interior of every plane; the border stays zero (nothing writes it).
-    let planes = x
-        .chunks_exact(height * width)
-        .zip(padded.chunks_exact_mut(plane));
-    for (source, target) in planes {
-        for (h, row) in source.chunks_exact(width).enumerate() {
-            let start = (h + padding) * padded_width + padding;
-            target[start..start + width].copy_from_slice(row);
+    planes.interior(|inside, pixels, len| {
+        padded[inside..inside + len].copy_from_slice(&x[pixels..pixels + len]);
+    });
+    planes.segments(kernel, block, |column, inside, len| {
+        columns[column..column + len].copy_from_slice(&padded[inside..inside + len]);
+    });
+}
+
+/// A sample's planes with a zero border of `padding` on every side, one after another: what a
+/// stride-1 window reads without bounds checks.
+struct Bordered {
+    channels: usize,
+    height: usize,
+    width: usize,
+    padding: usize,
+}
+
+impl Bordered {
+    fn new((channels, height, width): (usize, usize, usize), padding: usize) -> Self {
+        Bordered {
+            channels,
+            height,
+            width,
+            padding,
         }
     }
-    let (out_height, out_width) = block.out;
-    for (c, source) in padded.chunks_exact(plane).enumerate() {
-        for i in 0..kernel {
-            for j in 0..kernel {
-                let row = (c * kernel + i) * kernel + j;
-                let start = row * block.stride + block.offset;
-                let target = &mut columns[start..start + out_height * out_width];
-                for (oh, segment) in target.chunks_exact_mut(out_width).enumerate() {
-                    let from = (oh + i) * padded_width + j;
-                    segment.copy_from_slice(&source[from..from + out_width]);
+
+    fn padded_width(&self) -> usize {
+        self.width + 2 * self.padding
+    }
+
+    fn plane(&self) -> usize {
+        (self.height + 2 * self.padding) * self.padded_width()
+    }
+
+    /// Values of all the bordered planes.
+    fn len(&self) -> usize {
+        self.channels * self.plane()
+    }
+
+    /// Every image row: `visit(start in the bordered planes, start in the plain planes, W)`.
+    fn interior(&self, mut visit: impl FnMut(usize, usize, usize)) {
+        for c in 0..self.channels {
+            for h in 0..self.height {
+                let inside = c * self.plane() + (h + self.padding) * self.padded_width();
+                let pixels = (c * self.height + h) * self.width;
+                visit(inside + self.padding, pixels, self.width);
+            }
+        }
+    }
+
+    /// Every row segment of a sample's block of the column matrix: row (c·K + i)·K + j and
+    /// output row h′ read bordered plane c's row h′ + i from column j, as
+    /// `visit(start in the columns, start in the bordered planes, W′)`.
+    fn segments(&self, kernel: usize, block: Block, mut visit: impl FnMut(usize, usize, usize)) {
+        let (out_height, out_width) = block.out;
+        for c in 0..self.channels {
+            for i in 0..kernel {
+                for j in 0..kernel {
+                    let row = (c * kernel + i) * kernel + j;
+                    for oh in 0..out_height {
+                        let column = row * block.stride + block.offset + oh * out_width;
+                        let inside = c * self.plane() + (oh + i) * self.padded_width() + j;
+                        visit(column, inside, out_width);
+                    }
                 }
             }
         }
@@ -322,41 +366,28 @@ fn col2im<T: Element>(
 /// dx: no bounds to find per segment.
 fn col2im_padded<T: Element>(
     columns: &[T],
-    (channels, height, width): (usize, usize, usize),
+    dims: (usize, usize, usize),
     kernel: usize,
     padding: usize,
     block: Block,
     dx: &mut [T],
     padded: &mut Vec<T>,
 ) {
-    let (padded_height, padded_width) = (height + 2 * padding, width + 2 * padding);
-    let plane = padded_height * padded_width;
+    let planes = Bordered::new(dims, padding);
     padded.clear();
-    padded.resize(channels * plane, T::zero());
-    let (out_height, out_width) = block.out;
-    for (c, target) in padded.chunks_exact_mut(plane).enumerate() {
-        for i in 0..kernel {
-            for j in 0..kernel {
-                let start = ((c * kernel + i) * kernel + j) * block.stride + block.offset;
-                let source = &columns[start..start + out_height * out_width];
-                for (oh, segment) in source.chunks_exact(out_width).enumerate() {
-                    let from = (oh + i) * padded_width + j;
-                    let pixels = target[from..from + out_width].iter_mut();
-                    pixels.zip(segment).for_each(|(t, &s)| *t += s);
-                }
-            }
-        }
-    }
-    let planes = padded
-        .chunks_exact(plane)
-        .zip(dx.chunks_exact_mut(height * width));
-    for (source, target) in planes {
-        for (h, row) in target.chunks_exact_mut(width).enumerate() {
-            let start = (h + padding) * padded_width + padding;
-            let sums = &source[start..start + width];
-            row.iter_mut().zip(sums).for_each(|(t, &s)| *t += s);
-        }
-    }
+    padded.resize(planes.len(), T::zero());
+    let add = |target: &mut [T], source: &[T]| {
+        target.iter_mut().zip(source).for_each(|(t, &s)| *t += s);
+    };
+    planes.segments(kernel, block, |column, inside, len| {
+        add(
+            &mut padded[inside..inside + len],
+            &columns[column..column + len],
+        );
+    });
+    planes.interior(|inside, pixels, len| {
+        add(&mut dx[pixels..pixels + len], &padded[inside..inside + len]);
+    });
 }
 
 /// Sample g's block in a matrix of `group` samples side by side.

@@ -20,7 +20,7 @@
 use super::check_same;
 use crate::element::Element;
 use crate::error::Result;
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation};
 use ndarray::{ArrayViewD, ArrayViewMutD, Zip};
 
 const OP: &str = "add";
@@ -56,8 +56,8 @@ impl<T: Element> Operation<T> for Add {
         let Backward { dy, mut inputs, .. } = pass;
         // One side at a time, so that `x + x` (both sides one node) simply receives dy twice.
         for side in 0..2 {
-            if let (_, Some(d_side)) = inputs.port(side)?.accumulating()? {
-                backward(dy.view(), d_side)?;
+            if let Some((d_side, write)) = inputs.port(side)?.grad {
+                write_gradient(dy.view(), d_side, write)?;
             }
         }
         Ok(())
@@ -85,9 +85,22 @@ pub fn forward<T: Element>(
 }
 
 /// Backward for one operand: d(operand) += dy. Called once for each side.
-pub fn backward<T: Element>(dy: ArrayViewD<T>, mut d_operand: ArrayViewMutD<T>) -> Result<()> {
+pub fn backward<T: Element>(dy: ArrayViewD<T>, d_operand: ArrayViewMutD<T>) -> Result<()> {
+    write_gradient(dy, d_operand, GradWrite::Accumulate)
+}
+
+/// d(operand) = dy into a gradient that holds no contribution yet (no pass of zeros first),
+/// else d(operand) += dy.
+fn write_gradient<T: Element>(
+    dy: ArrayViewD<T>,
+    mut d_operand: ArrayViewMutD<T>,
+    write: GradWrite,
+) -> Result<()> {
     check_same(OP, "operand gradient", dy.shape(), d_operand.shape())?;
-    d_operand += &dy;
+    match write {
+        GradWrite::Overwrite => d_operand.assign(&dy),
+        GradWrite::Accumulate => d_operand += &dy,
+    }
     Ok(())
 }
 

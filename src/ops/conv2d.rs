@@ -37,7 +37,7 @@
 use super::{
     check_image, check_layer_gradients, check_ndim, check_same, grad_shapes, in_standard_layout,
     layer_forward, shape_text, window_backward, window_backward_reference,
-    window_forward_reference, LayerForward, Window,
+    window_forward_reference, Border, LayerForward, Window,
 };
 use crate::cost::{self, Cost};
 use crate::element::Element;
@@ -260,55 +260,35 @@ fn im2col_padded<T: Element>(
         padded.resize(planes.len(), T::zero());
     }
     // The interior of every plane; the border stays zero (nothing writes it).
-    planes.interior(|inside, pixels, len| {
-        padded[inside..inside + len].copy_from_slice(&x[pixels..pixels + len]);
-    });
+    let plane = planes.border.padded_len();
+    let sources = x.chunks_exact(dims.1 * dims.2);
+    for (source, target) in sources.zip(padded.chunks_exact_mut(plane)) {
+        planes.border.pad(source, target);
+    }
     planes.segments(kernel, block, |column, inside, len| {
         columns[column..column + len].copy_from_slice(&padded[inside..inside + len]);
     });
 }
 
-/// A sample's planes with a zero border of `padding` on every side, one after another: what a
-/// stride-1 window reads without bounds checks.
+/// A sample's planes, each with a zero border ([`Border`]), one after another.
 struct Bordered {
     channels: usize,
-    height: usize,
-    width: usize,
-    padding: usize,
+    border: Border,
 }
 
 impl Bordered {
     fn new((channels, height, width): (usize, usize, usize), padding: usize) -> Self {
-        Bordered {
-            channels,
+        let border = Border {
             height,
             width,
             padding,
-        }
-    }
-
-    fn padded_width(&self) -> usize {
-        self.width + 2 * self.padding
-    }
-
-    fn plane(&self) -> usize {
-        (self.height + 2 * self.padding) * self.padded_width()
+        };
+        Bordered { channels, border }
     }
 
     /// Values of all the bordered planes.
     fn len(&self) -> usize {
-        self.channels * self.plane()
-    }
-
-    /// Every image row: `visit(start in the bordered planes, start in the plain planes, W)`.
-    fn interior(&self, mut visit: impl FnMut(usize, usize, usize)) {
-        for c in 0..self.channels {
-            for h in 0..self.height {
-                let inside = c * self.plane() + (h + self.padding) * self.padded_width();
-                let pixels = (c * self.height + h) * self.width;
-                visit(inside + self.padding, pixels, self.width);
-            }
-        }
+        self.channels * self.border.padded_len()
     }
 
     /// Every row segment of a sample's block of the column matrix: row (c·K + i)·K + j and
@@ -316,14 +296,14 @@ impl Bordered {
     /// `visit(start in the columns, start in the bordered planes, W′)`.
     fn segments(&self, kernel: usize, block: Block, mut visit: impl FnMut(usize, usize, usize)) {
         let (out_height, out_width) = block.out;
+        let (plane, padded_width) = (self.border.padded_len(), self.border.padded_width());
         for c in 0..self.channels {
             for i in 0..kernel {
                 for j in 0..kernel {
                     let row = (c * kernel + i) * kernel + j;
                     for oh in 0..out_height {
                         let column = row * block.stride + block.offset + oh * out_width;
-                        let inside = c * self.plane() + (oh + i) * self.padded_width() + j;
-                        visit(column, inside, out_width);
+                        visit(column, c * plane + (oh + i) * padded_width + j, out_width);
                     }
                 }
             }
@@ -376,18 +356,16 @@ fn col2im_padded<T: Element>(
     let planes = Bordered::new(dims, padding);
     padded.clear();
     padded.resize(planes.len(), T::zero());
-    let add = |target: &mut [T], source: &[T]| {
-        target.iter_mut().zip(source).for_each(|(t, &s)| *t += s);
-    };
     planes.segments(kernel, block, |column, inside, len| {
-        add(
-            &mut padded[inside..inside + len],
-            &columns[column..column + len],
-        );
+        let sums = padded[inside..inside + len].iter_mut();
+        sums.zip(&columns[column..column + len])
+            .for_each(|(t, &s)| *t += s);
     });
-    planes.interior(|inside, pixels, len| {
-        add(&mut dx[pixels..pixels + len], &padded[inside..inside + len]);
-    });
+    let plane = planes.border.padded_len();
+    let targets = dx.chunks_exact_mut(dims.1 * dims.2);
+    for (source, target) in padded.chunks_exact(plane).zip(targets) {
+        planes.border.add_interior(source, target);
+    }
 }
 
 /// Sample g's block in a matrix of `group` samples side by side.

@@ -32,7 +32,7 @@
 pub use super::Window;
 use super::{
     check_image, check_ndim, check_same, in_standard_layout, layer_forward, shape_text, sum_pairs,
-    window_backward, window_backward_reference, window_forward_reference, LayerForward,
+    window_backward, window_backward_reference, window_forward_reference, Border, LayerForward,
 };
 use crate::cost::Cost;
 use crate::element::Element;
@@ -185,7 +185,9 @@ pub fn forward<T: Element>(
             for (x_n, mut y_n) in x.outer_iter().zip(y.outer_iter_mut()) {
                 for (o, mut y_plane) in y_n.outer_iter_mut().enumerate() {
                     if o % multiplier == 0 {
-                        plane.pad(flat(x_n.index_axis(Axis(0), o / multiplier)), &mut padded);
+                        plane
+                            .border()
+                            .pad(flat(x_n.index_axis(Axis(0), o / multiplier)), &mut padded);
                     }
                     work.fill(bias.as_ref().map_or(T::zero(), |b| b[o]));
                     for ((a, b), &w) in weight.slice(s![o, 0, .., ..]).indexed_iter() {
@@ -246,7 +248,9 @@ pub fn backward<T: Element>(
                 let Some(Along(dweight, _)) = dweight.as_mut() else {
                     continue;
                 };
-                plane.pad(flat(x_n.index_axis(Axis(0), o / multiplier)), &mut padded);
+                plane
+                    .border()
+                    .pad(flat(x_n.index_axis(Axis(0), o / multiplier)), &mut padded);
                 plane.widen(grad, &mut work);
                 for ((a, b), dw) in dweight.slice_mut(s![i, 0, .., ..]).indexed_iter_mut() {
                     // dW[o,0,a,b] += Σ_{i,j} dy[i,j]·x[source(i,j)]
@@ -278,7 +282,9 @@ pub fn backward<T: Element>(
                                 });
                             }
                         }
-                        plane.add_interior(&padded, flat_mut(&mut dx_plane));
+                        plane
+                            .border()
+                            .add_interior(&padded, flat_mut(&mut dx_plane));
                         padded.fill(T::zero());
                     }
                 }
@@ -309,9 +315,17 @@ impl Plane {
         }
     }
 
-    /// W + 2p: the distance between rows of a padded plane.
+    /// The input plane with its zero border.
+    fn border(&self) -> Border {
+        Border {
+            height: self.height,
+            width: self.width,
+            padding: self.window.padding,
+        }
+    }
+
     fn padded_width(&self) -> usize {
-        self.width + 2 * self.window.padding
+        self.border().padded_width()
     }
 
     /// The distance between rows of the work grid: the padded width at stride 1 (so that a
@@ -325,7 +339,7 @@ impl Plane {
 
     /// A zeroed padded plane and a zeroed work grid.
     fn scratch<T: Element>(&self) -> (Vec<T>, Vec<T>) {
-        let padded = (self.height + 2 * self.window.padding) * self.padded_width();
+        let padded = self.border().padded_len();
         let work = (self.out_height.max(1) - 1) * self.work_width() + self.out_width;
         (vec![T::zero(); padded], vec![T::zero(); work])
     }
@@ -347,23 +361,6 @@ impl Plane {
                 start..start + self.out_width,
                 i * stride * padded_width + tap,
             );
-        }
-    }
-
-    /// Copies a plane into the interior of a padded one (whose border stays 0).
-    fn pad<T: Element>(&self, plane: &[T], padded: &mut [T]) {
-        let (p, padded_width) = (self.window.padding, self.padded_width());
-        for (r, row) in plane.chunks_exact(self.width.max(1)).enumerate() {
-            padded[(r + p) * padded_width + p..][..self.width].copy_from_slice(row);
-        }
-    }
-
-    /// Adds the interior of a padded plane into a plane.
-    fn add_interior<T: Element>(&self, padded: &[T], plane: &mut [T]) {
-        let (p, padded_width) = (self.window.padding, self.padded_width());
-        for (r, row) in plane.chunks_exact_mut(self.width.max(1)).enumerate() {
-            let source = &padded[(r + p) * padded_width + p..][..self.width];
-            row.iter_mut().zip(source).for_each(|(x, &s)| *x += s);
         }
     }
 

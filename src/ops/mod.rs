@@ -241,6 +241,45 @@ impl Window {
     }
 }
 
+/// A plane of H×W with a zero border of `padding` on every side, row-major in (H + 2p)×(W + 2p):
+/// what a window reads at stride 1 with no bounds to check (conv2d's im2col and col2im, the
+/// depthwise passes).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Border {
+    pub(crate) height: usize,
+    pub(crate) width: usize,
+    pub(crate) padding: usize,
+}
+
+impl Border {
+    /// W + 2p: the distance between rows of a bordered plane.
+    pub(crate) fn padded_width(self) -> usize {
+        self.width + 2 * self.padding
+    }
+
+    /// (H + 2p)·(W + 2p) values.
+    pub(crate) fn padded_len(self) -> usize {
+        (self.height + 2 * self.padding) * self.padded_width()
+    }
+
+    /// Copies a plane into the interior of a bordered one (whose border stays 0).
+    pub(crate) fn pad<T: Copy>(self, plane: &[T], padded: &mut [T]) {
+        let (p, padded_width) = (self.padding, self.padded_width());
+        for (r, row) in plane.chunks_exact(self.width.max(1)).enumerate() {
+            padded[(r + p) * padded_width + p..][..self.width].copy_from_slice(row);
+        }
+    }
+
+    /// Adds the interior of a bordered plane into a plane.
+    pub(crate) fn add_interior<T: Element>(self, padded: &[T], plane: &mut [T]) {
+        let (p, padded_width) = (self.padding, self.padded_width());
+        for (r, row) in plane.chunks_exact_mut(self.width.max(1)).enumerate() {
+            let source = &padded[(r + p) * padded_width + p..][..self.width];
+            row.iter_mut().zip(source).for_each(|(x, &s)| *x += s);
+        }
+    }
+}
+
 /// The output shape (N, C, H′, W′) of a `window`×`window` pooling every `stride` pixels.
 pub(crate) fn pooled_shape(
     op: &'static str,

@@ -368,13 +368,40 @@ fn col2im_padded<T: Element>(
     }
 }
 
-/// Sample g's block in a matrix of `group` samples side by side.
-fn block(group: usize, g: usize, out: (usize, usize)) -> Block {
-    let pixels = out.0 * out.1;
-    Block {
-        stride: group * pixels,
-        offset: g * pixels,
-        out,
+/// A group of samples laid side by side in one column matrix: the kernel and window, the
+/// samples per group, and each sample's output size (H′, W′).
+#[derive(Clone, Copy)]
+struct Grouping {
+    kernel: usize,
+    window: Window,
+    group: usize,
+    out: (usize, usize),
+}
+
+impl Grouping {
+    /// Sample g's block.
+    fn block(self, g: usize) -> Block {
+        let pixels = self.out.0 * self.out.1;
+        Block {
+            stride: self.group * pixels,
+            offset: g * pixels,
+            out: self.out,
+        }
+    }
+
+    /// im2col of every sample of `x_g` into its block of `columns`; `padded` is scratch for
+    /// the stride-1 path.
+    fn im2col<T: Element>(self, x_g: ArrayView4<T>, columns: &mut Array2<T>, padded: &mut Vec<T>) {
+        for (g, x_n) in x_g.outer_iter().enumerate() {
+            im2col(
+                x_n,
+                self.kernel,
+                self.window,
+                self.block(g),
+                columns,
+                padded,
+            );
+        }
     }
 }
 
@@ -418,22 +445,19 @@ pub fn forward<T: Element>(
             Along(mut y, _),
         )| {
             let group = samples_per_group(pixels, x.shape()[0]);
+            let grouping = Grouping {
+                kernel,
+                window,
+                group,
+                out,
+            };
             let mut columns = Array2::zeros((weight.ncols(), group * pixels));
             let (mut product, mut padded) = (Array2::zeros((c_out, group * pixels)), Vec::new());
             for (x_g, mut y_g) in x
                 .axis_chunks_iter(Axis(0), group)
                 .zip(y.axis_chunks_iter_mut(Axis(0), group))
             {
-                for (g, x_n) in x_g.outer_iter().enumerate() {
-                    im2col(
-                        x_n,
-                        kernel,
-                        window,
-                        block(group, g, out),
-                        &mut columns,
-                        &mut padded,
-                    );
-                }
+                grouping.im2col(x_g, &mut columns, &mut padded);
                 let first = ndarray::s![.., ..x_g.shape()[0] * pixels];
                 // (F1×FKK)·(FKK×G·P′) → (F1×G·P′), the bias added as it is stored
                 gemm_bias_relu(
@@ -477,6 +501,12 @@ pub fn backward<T: Element>(
     crate::graph::check_elements(OP, &[weight.ncols(), pixels])?;
     let out = (out_height, out_width);
     let group = samples_per_group(pixels, x.shape()[0]);
+    let grouping = Grouping {
+        kernel,
+        window,
+        group,
+        out,
+    };
     // dW̃ sums over the samples, so the threads split dW itself, by input channel: the rows
     // of the column matrix that belong to channels c₀..c₁ are the im2col of those channels
     // alone, so each thread builds only its own rows and runs, per group of samples,
@@ -495,16 +525,7 @@ pub fn backward<T: Element>(
                 .axis_chunks_iter(Axis(0), group)
                 .zip(dy.axis_chunks_iter(Axis(0), group))
             {
-                for (g, x_n) in x_g.outer_iter().enumerate() {
-                    im2col(
-                        x_n,
-                        kernel,
-                        window,
-                        block(group, g, out),
-                        &mut columns,
-                        &mut padded,
-                    );
-                }
+                grouping.im2col(x_g, &mut columns, &mut padded);
                 let first = ndarray::s![.., ..x_g.shape()[0] * pixels];
                 side_by_side(dy_g, gathered.slice_mut(first))?;
                 // (F1×G·P′)·(G·P′×FKK) += into (F1×FKK)
@@ -547,14 +568,8 @@ pub fn backward<T: Element>(
                 let (dy_g, dc_g) = (gathered.slice(first), dcolumns.slice_mut(first));
                 gemm(T::one(), weight.t(), dy_g, T::zero(), dc_g)?;
                 for (g, dx_n) in dx_g.outer_iter_mut().enumerate() {
-                    col2im(
-                        &dcolumns,
-                        kernel,
-                        window,
-                        block(group, g, out),
-                        dx_n,
-                        &mut padded,
-                    );
+                    let block = grouping.block(g);
+                    col2im(&dcolumns, kernel, window, block, dx_n, &mut padded);
                 }
             }
             Ok(())

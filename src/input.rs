@@ -1,12 +1,39 @@
-//! Feeding data to the tape: an input's values, copied and checked for finiteness as they go.
+//! Feeding data to the tape: an input's values, copied and checked for finiteness as they go,
+//! and a parameter's value.
 
 use crate::element::Element;
 use crate::error::{printable, Error, Result};
-use crate::graph::{resize, Graph, NodeId};
+use crate::graph::{resize, Graph, Node, NodeId, Source};
 use crate::parallel::Along;
 use ndarray::{ArrayViewD, ArrayViewMutD, Axis, Zip};
 
 impl<T: Element> Graph<T> {
+    /// The input node `id`, about to change: the values computed from it are out of date.
+    pub(crate) fn input_node(&mut self, id: NodeId) -> Result<&mut Node<T>> {
+        self.node(id)?;
+        self.invalidate();
+        let node = &mut self.nodes[id.0];
+        if !matches!(node.source, Source::Input) {
+            let reason = format!(
+                "node \"{}\" is a {} node, not an input",
+                printable(&node.name),
+                node.kind()
+            );
+            return Err(Error::graph(reason));
+        }
+        Ok(node)
+    }
+
+    /// Replaces a parameter's value; the new value must have the parameter's shape.
+    pub fn set_param(&mut self, id: NodeId, value: ArrayViewD<T>) -> Result<()> {
+        self.param_shape("set_param", "node", id)?;
+        self.invalidate();
+        let node = &mut self.nodes[id.0];
+        crate::graph::same_shape("set_param", node.value.shape(), value.shape())?;
+        node.value.assign(&value);
+        Ok(())
+    }
+
     /// Copies `value` into an input node (its buffer is reused when the shape is unchanged),
     /// checking as it copies that every value is finite: one pass over the batch, split between
     /// the threads. A NaN or ±Inf is an [`Error::NonFinite`] naming its position, and the

@@ -15,6 +15,28 @@ pub struct ParamMut<'a, T> {
 }
 
 impl<T: Element> Graph<T> {
+    /// Bytes the gradients of the intermediate nodes up to `target` take when the backward
+    /// pass runs on the whole batch (their values' sizes, after a forward pass): what running
+    /// it in chunks would save.
+    pub fn intermediate_gradient_bytes(&self, target: NodeId) -> Result<usize> {
+        self.node(target)?;
+        Ok(self.nodes[..=target.0]
+            .iter()
+            .filter(|node| node.requires_grad && !node.is_leaf())
+            .map(|node| node.value.len() * std::mem::size_of::<T>())
+            .sum())
+    }
+
+    /// Times every op's forward and backward pass from now on (`true`) or stops (`false`);
+    /// [`Graph::time`] reads the sums. Either call clears them: read them before turning
+    /// profiling off. Off by default: two clock reads per op and pass.
+    pub fn set_profiling(&mut self, profiling: bool) {
+        self.profiling = profiling;
+        for node in &mut self.nodes {
+            node.time = Default::default();
+        }
+    }
+
     /// The time a node's forward and backward passes took in all, since profiling started.
     pub fn time(&self, id: NodeId) -> Result<[std::time::Duration; 2]> {
         Ok(self.node(id)?.time)

@@ -2,7 +2,7 @@
 //! adding its contribution to its inputs' gradients.
 
 use super::chunk::{cut, Chunk};
-use super::op::{Backward, Ports};
+use super::pass::{Backward, Ports};
 use super::{Graph, Node, NodeId, Source};
 use crate::element::Element;
 use crate::error::Result;

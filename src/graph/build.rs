@@ -1,10 +1,11 @@
 //! Building the tape (leaves, and ops through one `push_op`), and setting the data a step runs
 //! on. Each op's builder method (`Graph::conv1x1`, ...) lives in the op's own file.
 
-use super::{Graph, Node, NodeId, Operation, Source};
+use super::{Graph, Node, NodeId, Source};
 use crate::element::Element;
 use crate::error::{printable, Error, Result};
-use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use crate::ops::Operation;
+use ndarray::{ArrayD, IxDyn};
 
 impl<T: Element> Graph<T> {
     fn push(&mut self, name: String, source: Source<T>, inputs: Vec<NodeId>) -> NodeId {
@@ -49,21 +50,6 @@ impl<T: Element> Graph<T> {
         Ok(self.push(name, Source::Op(Box::new(op)), inputs.to_vec()))
     }
 
-    /// The shape of parameter `id`, checked to be a parameter playing `role` in `op`.
-    pub(crate) fn param_shape(&self, op: &'static str, role: &str, id: NodeId) -> Result<&[usize]> {
-        let node = self.node(id)?;
-        if !node.is_param() {
-            return Err(Error::invalid_config(
-                op,
-                format!(
-                    "the {role} must be a parameter node, found a {} node",
-                    node.kind()
-                ),
-            ));
-        }
-        Ok(node.value.shape())
-    }
-
     /// A data input that needs no gradient (the common case: a batch of images). Its
     /// gradient can be asked for later with [`Graph::require_grad`].
     pub fn input(&mut self, name: &str) -> NodeId {
@@ -99,31 +85,5 @@ impl<T: Element> Graph<T> {
         // Standard layout, so that every buffer can be read as a flat slice in logical order.
         self.nodes[id.0].value = value.as_standard_layout().into_owned();
         Ok(id)
-    }
-
-    /// The input node `id`, about to change: the values computed from it are out of date.
-    pub(crate) fn input_node(&mut self, id: NodeId) -> Result<&mut Node<T>> {
-        self.node(id)?;
-        self.invalidate();
-        let node = &mut self.nodes[id.0];
-        if !matches!(node.source, Source::Input) {
-            let reason = format!(
-                "node \"{}\" is a {} node, not an input",
-                printable(&node.name),
-                node.kind()
-            );
-            return Err(Error::graph(reason));
-        }
-        Ok(node)
-    }
-
-    /// Replaces a parameter's value; the new value must have the parameter's shape.
-    pub fn set_param(&mut self, id: NodeId, value: ArrayViewD<T>) -> Result<()> {
-        self.param_shape("set_param", "node", id)?;
-        self.invalidate();
-        let node = &mut self.nodes[id.0];
-        super::same_shape("set_param", node.value.shape(), value.shape())?;
-        node.value.assign(&value);
-        Ok(())
     }
 }

@@ -77,18 +77,6 @@ impl<T: Element> Graph<T> {
         Ok(())
     }
 
-    /// Bytes the gradients of the intermediate nodes up to `target` take when the backward
-    /// pass runs on the whole batch (their values' sizes, after a forward pass): what running
-    /// it in chunks would save.
-    pub fn intermediate_gradient_bytes(&self, target: NodeId) -> Result<usize> {
-        self.node(target)?;
-        Ok(self.nodes[..=target.0]
-            .iter()
-            .filter(|node| node.requires_grad && !node.is_leaf())
-            .map(|node| node.value.len() * std::mem::size_of::<T>())
-            .sum())
-    }
-
     /// `Some((batch, samples per chunk))` when the pass from `target` can run in chunks: a
     /// chunk size is set and smaller than the batch, the target is an op, and every node up to
     /// it other than the parameters (and a scalar loss target) carries the batch on axis 0.

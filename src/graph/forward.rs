@@ -1,6 +1,6 @@
 //! The forward pass: every node up to the target, in creation order.
 
-use super::op::{Forward, Inputs};
+use super::pass::{Forward, Inputs};
 use super::{Graph, Node, NodeId, Source};
 use crate::element::Element;
 use crate::error::{printable, Error, Result};

@@ -6,9 +6,9 @@
 //!
 //! A node is a leaf (an input set from outside, or a trained parameter) or an op: a boxed
 //! [`Operation`] that owns its settings, its saved state, its forward and its backward pass
-//! (one file each under `src/ops/`). The tape knows no op: `forward.rs` and `backward.rs` are
-//! each one loop that calls every node's `forward` or `backward` through that interface
-//! (`op.rs`).
+//! (one file each under `src/ops/`, the interface in `ops/operation.rs`). The tape knows no
+//! op: `forward.rs` and `backward.rs` are each one loop that calls every node's `forward` or
+//! `backward` through that interface, handing it the buffers it may touch (`pass.rs`).
 //!
 //! The graph is **built once and re-run**: you declare inputs, parameters and ops once, then for
 //! every step set the inputs, call [`Graph::forward`] and [`Graph::backward`]. Every node keeps its
@@ -18,8 +18,8 @@
 //!
 //! Gradients are accumulated with `+=`: a value read by two nodes receives both contributions.
 //! Intermediate gradients start each backward pass empty (the first contribution overwrites or
-//! zeroes the buffer, see [`GradWrite`]); the gradients of leaves (parameters and inputs) keep
-//! accumulating across backward calls until [`Graph::zero_grad`] zeroes them, or
+//! zeroes the buffer, see [`crate::ops::GradWrite`]); the gradients of leaves (parameters and
+//! inputs) keep accumulating across backward calls until [`Graph::zero_grad`] zeroes them, or
 //! [`Graph::clear_grads`] lets the next pass overwrite them. `chunk.rs` runs the backward pass
 //! a few samples at a time, to keep intermediate gradients small.
 
@@ -27,14 +27,15 @@ mod backward;
 mod build;
 mod chunk;
 mod forward;
-mod op;
+mod pass;
 
 pub use crate::buffer::MAX_BUFFER_ELEMENTS;
 pub(crate) use crate::buffer::{check_elements, resize};
-pub use op::{Backward, CloneOperation, Forward, GradWrite, Inputs, Operation, Port, Ports};
+pub use pass::{Backward, Forward, Inputs, Port, Ports};
 
 use crate::element::Element;
-use crate::error::{printable, Error, Result};
+use crate::error::{Error, Result};
+use crate::ops::Operation;
 use ndarray::ArrayD;
 
 /// A node of one graph: its position on the tape, and which graph it belongs to (an id of
@@ -137,7 +138,7 @@ impl<T: Element> Default for Graph<T> {
 }
 
 /// The error for a value (a parameter's, an upstream gradient) of the wrong shape.
-fn same_shape(action: &'static str, expected: &[usize], found: &[usize]) -> Result<()> {
+pub(crate) fn same_shape(action: &'static str, expected: &[usize], found: &[usize]) -> Result<()> {
     if expected == found {
         return Ok(());
     }
@@ -163,16 +164,6 @@ impl<T: Element> Graph<T> {
             profiling: false,
             tag,
             current_to: None,
-        }
-    }
-
-    /// Times every op's forward and backward pass from now on (`true`) or stops (`false`);
-    /// [`Graph::time`] reads the sums. Either call clears them: read them before turning
-    /// profiling off. Off by default: two clock reads per op and pass.
-    pub fn set_profiling(&mut self, profiling: bool) {
-        self.profiling = profiling;
-        for node in &mut self.nodes {
-            node.time = Default::default();
         }
     }
 
@@ -217,33 +208,6 @@ impl<T: Element> Graph<T> {
                 "node {} does not exist (the graph has {} nodes)",
                 id.0,
                 self.nodes.len()
-            ))
-        })
-    }
-
-    /// The op of node `id` as its own type `O`, to read, if it is one.
-    pub(crate) fn op_ref<O: 'static>(&self, id: NodeId) -> Option<&O> {
-        match &self.node(id).ok()?.source {
-            Source::Op(op) => op.as_any().downcast_ref::<O>(),
-            _ => None,
-        }
-    }
-
-    /// The op of node `id` as its own type `O`: how an op's methods reach their node (a loss's
-    /// labels, say). The error names `what` the caller expected.
-    pub(crate) fn op_mut<O: 'static>(&mut self, id: NodeId, what: &str) -> Result<&mut O> {
-        self.node(id)?;
-        self.invalidate();
-        let node = &mut self.nodes[id.0];
-        let kind = node.kind();
-        let op = match &mut node.source {
-            Source::Op(op) => op.as_any_mut().downcast_mut::<O>(),
-            _ => None,
-        };
-        op.ok_or_else(|| {
-            Error::graph(format!(
-                "{what}: node \"{}\" is a {kind}",
-                printable(&node.name)
             ))
         })
     }

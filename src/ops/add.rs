@@ -20,7 +20,8 @@
 use super::check_same;
 use crate::element::Element;
 use crate::error::Result;
-use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::{GradWrite, Operation};
 use ndarray::{ArrayViewD, ArrayViewMutD, Zip};
 
 const OP: &str = "add";

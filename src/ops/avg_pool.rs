@@ -21,7 +21,8 @@
 use super::{accumulating, check_same, dims, dims_mut, each_window, pooled_shape};
 use crate::element::{count, Element};
 use crate::error::Result;
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::Operation;
 use ndarray::{s, ArrayView4, ArrayViewMut4, Zip};
 
 const OP: &str = "avg_pool";

@@ -47,7 +47,8 @@ use super::{accumulating, check_image, check_same, dims, dims_mut, sum_pairs};
 use crate::cost::Cost;
 use crate::element::{count, Element};
 use crate::error::{Error, Result};
-use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation, Port};
+use crate::graph::{Backward, Forward, Graph, NodeId, Port};
+use crate::ops::{GradWrite, Operation};
 use crate::parallel::{in_parts, Along};
 use ndarray::{
     Array1, ArrayD, ArrayView1, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut4, Axis, Ix1,

@@ -23,7 +23,8 @@
 use super::{check_image, check_same, dims, dims_mut};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::Operation;
 use ndarray::{ArrayView4, ArrayViewMut4, Axis, Ix4};
 
 const OP: &str = "channel_shuffle";

@@ -51,7 +51,8 @@ use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gemm::{gemm, gemm_bias_relu};
-use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation, Port};
+use crate::graph::{Backward, Forward, Graph, NodeId, Port};
+use crate::ops::{GradWrite, Operation};
 use crate::parallel::{
     each_sample, in_parts, sample_matrix, sample_matrix_mut, samples_per_group, side_by_side, Along,
 };

@@ -43,7 +43,8 @@ use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gemm::{gemm, gemm_bias_relu};
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::Operation;
 use crate::parallel::{
     in_parts, sample_matrix, sample_matrix_mut, samples_per_group, side_by_side, Along,
 };

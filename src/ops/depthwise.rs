@@ -37,7 +37,8 @@ use super::{
 use crate::cost::Cost;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::Operation;
 use crate::parallel::{in_parts, Along};
 use ndarray::{
     s, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4, Axis,

@@ -21,7 +21,8 @@
 use super::{check_same, shape_text, unary_backward};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::Operation;
 use ndarray::{ArrayView2, ArrayViewD, ArrayViewMut2, ArrayViewMutD, Zip};
 
 const OP: &str = "flatten";

@@ -21,7 +21,8 @@
 use super::{accumulating, check_image, check_same, dims, dims_mut};
 use crate::element::{count, Element};
 use crate::error::Result;
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::Operation;
 use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis};
 
 const OP: &str = "global_avg_pool";

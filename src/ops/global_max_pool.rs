@@ -23,7 +23,8 @@ use super::max_pool::{check_positions, Position};
 use super::{check_same, dims, dims_mut};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::Operation;
 use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4};
 
 const OP: &str = "global_max_pool";

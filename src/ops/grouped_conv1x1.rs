@@ -33,7 +33,8 @@ use super::{
 use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::{GradWrite, Operation};
 use ndarray::{s, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4};
 
 const OP: &str = "grouped_conv1x1";

@@ -30,7 +30,8 @@ use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::Result;
 use crate::gemm::gemm;
-use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::{GradWrite, Operation};
 use crate::parallel::{in_parts, Along};
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 

@@ -26,7 +26,8 @@
 use super::{check_image, check_same, dims, dims_mut, each_window, pooled_shape, GradWrite};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::Operation;
 use crate::parallel::{in_parts, Along, Items};
 use ndarray::{ArrayView4, ArrayViewMut4, Axis};
 

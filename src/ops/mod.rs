@@ -20,6 +20,7 @@ pub mod grouped_conv1x1;
 pub mod linear;
 pub mod max_pool;
 pub mod mse;
+pub mod operation;
 pub mod relu;
 pub mod softmax_cross_entropy;
 
@@ -30,8 +31,8 @@ use ndarray::{
 };
 
 use crate::element::Element;
-pub use crate::graph::GradWrite;
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation, Port};
+use crate::graph::{Backward, Forward, Graph, NodeId, Port};
+pub use operation::{CloneOperation, GradWrite, Operation};
 
 /// A buffer seen with the number of dimensions `op` expects (checked once by its forward).
 pub(crate) fn dims<'a, T, D: Dimension>(
@@ -368,47 +369,6 @@ pub(crate) fn grad_shapes<'a, T, A: Dimension, B: Dimension, C: Dimension>(
         dweight.as_ref().map(|d| d.shape()),
         dbias.as_ref().map(|d| d.shape()),
     ]
-}
-
-/// Building helpers the ops' builder methods share.
-impl<T: Element> Graph<T> {
-    /// Checks that `ids` are pairwise distinct: an op that reads several inputs at once (a
-    /// layer's input, weight and bias; a loss's prediction and target) needs distinct nodes.
-    pub(crate) fn check_distinct(&self, op: &'static str, ids: &[NodeId]) -> Result<()> {
-        for (i, id) in ids.iter().enumerate() {
-            if ids[..i].contains(id) {
-                return Err(Error::invalid_config(
-                    op,
-                    format!("node {} is used for two different inputs", id.0),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Adds a layer: `op` reading `input`, a `weight` and an optional `bias`, both parameters
-    /// whose shapes `check_weights` accepts.
-    pub(crate) fn push_layer(
-        &mut self,
-        op: impl Operation<T> + 'static,
-        [input, weight]: [NodeId; 2],
-        bias: Option<NodeId>,
-        check_weights: impl FnOnce(&[usize], Option<&[usize]>) -> Result<()>,
-    ) -> Result<NodeId> {
-        let kind = op.kind();
-        let ids: Vec<NodeId> = [Some(input), Some(weight), bias]
-            .into_iter()
-            .flatten()
-            .collect();
-        self.node(input)?;
-        self.check_distinct(kind, &ids)?;
-        let weight_shape = self.param_shape(kind, "weight", weight)?;
-        let bias_shape = bias
-            .map(|b| self.param_shape(kind, "bias", b))
-            .transpose()?;
-        check_weights(weight_shape, bias_shape)?;
-        self.push_op(op, &ids)
-    }
 }
 
 /// Adds the op of `kind` with `attributes` reading `inputs` to `graph`, through its builder:

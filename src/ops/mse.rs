@@ -18,7 +18,8 @@
 use super::check_same;
 use crate::element::{count, Element};
 use crate::error::{Error, Result};
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::Operation;
 use ndarray::{ArrayViewD, ArrayViewMutD, Zip};
 
 const OP: &str = "mse";

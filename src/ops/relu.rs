@@ -30,7 +30,8 @@
 use super::{check_same, elementwise_forward};
 use crate::element::Element;
 use crate::error::Result;
-use crate::graph::{Backward, Forward, GradWrite, Graph, NodeId, Operation, Port};
+use crate::graph::{Backward, Forward, Graph, NodeId, Port};
+use crate::ops::{GradWrite, Operation};
 use crate::parallel::{in_parts, Along};
 use ndarray::{ArrayViewD, ArrayViewMutD, Axis, Zip};
 

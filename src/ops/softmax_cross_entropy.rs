@@ -24,7 +24,8 @@
 use super::{accumulating, check_ndim, check_same, dims, dims_mut};
 use crate::element::{count, Element};
 use crate::error::{Error, Result};
-use crate::graph::{Backward, Forward, Graph, NodeId, Operation};
+use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::Operation;
 use ndarray::{ArrayD, ArrayView2, ArrayViewMut2, Axis, IxDyn, Slice};
 
 const OP: &str = "softmax_cross_entropy";

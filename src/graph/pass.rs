@@ -1,106 +1,18 @@
-//! The one interface between the tape and an op.
-//!
-//! An op is a struct that holds its settings (a pool's window, whether a bias is added) and
-//! the state its backward pass needs (max pool's arg-max, the softmax probabilities), and
-//! implements [`Operation`]: `forward` reads its inputs and writes its output, `backward` reads
-//! the output gradient and adds into its inputs' gradients. The tape walks its nodes and calls
-//! these two methods; it never looks inside.
-//!
-//! Each method receives a small context that hands out exactly the buffers the op may touch:
-//! [`Forward`] gives the inputs' values and the output buffer (sized by the op); [`Backward`]
-//! gives the node's output and its gradient dY, and one [`Port`] per input, with the input's
-//! value and, when it wants one, its gradient buffer. When the tape runs the backward pass a
-//! few samples at a time (see `chunk.rs`), every view is already cut to the chunk's rows, and
-//! [`Backward::rows`] says which rows they are, for state saved for the whole batch.
+//! What the tape hands an op's forward and backward pass: exactly the buffers the op may
+//! touch. [`Forward`] gives the inputs' values and the output buffer (sized by the op);
+//! [`Backward`] gives the node's output and its gradient dY, and one [`Port`] per input, with
+//! the input's value and, when it wants one, its gradient buffer. When the tape runs the
+//! backward pass a few samples at a time (see `chunk.rs`), every view is already cut to the
+//! chunk's rows, and [`Backward::rows`] says which rows they are, for state saved for the whole
+//! batch.
 
 use super::chunk::{cut, Chunk};
 use super::{resize, Node, NodeId};
-use crate::cost::Cost;
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::ops::GradWrite;
 use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD};
-use std::any::Any;
-use std::fmt::Debug;
 use std::ops::Range;
-
-/// How a backward pass writes an input's gradient buffer.
-///
-/// Backward passes accumulate (`+=`), so that a value read by two nodes receives both
-/// contributions. When the tape knows that a buffer holds no contribution yet, a pass that
-/// supports it may overwrite it instead (`=`), which saves zeroing the buffer first and reading
-/// it back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GradWrite {
-    /// gradient += contribution
-    Accumulate,
-    /// gradient = contribution (whatever the buffer held is ignored)
-    Overwrite,
-}
-
-/// An op on the tape: its forward and backward pass, and what the tape may ask about it.
-pub trait Operation<T>: Debug + Send + Sync + CloneOperation<T> {
-    /// The op's name in messages and summaries (`"conv1x1"`).
-    fn kind(&self) -> &'static str;
-
-    /// Computes the output from the inputs, saving in `self` what backward needs.
-    fn forward(&mut self, pass: Forward<'_, T>) -> Result<()>;
-
-    /// Adds the op's contribution to the gradient of every input that wants one.
-    fn backward(&self, pass: Backward<'_, T>) -> Result<()>;
-
-    /// Whether sample n of the output depends on sample n of the inputs alone, given which
-    /// inputs carry a batch on their first axis: what lets the backward pass run in chunks of
-    /// samples. The default is a layer: the data input (the first) carries it, the rest are
-    /// parameters. Ops that mix samples (losses) return false.
-    fn batched(&self, inputs_batched: &[bool]) -> bool {
-        inputs_batched.first() == Some(&true)
-    }
-
-    /// Parameters, multiply-adds and GEMM shapes, from the shapes of the last forward pass
-    /// (`inputs` in input order); `input_grad` says whether the data input needs a gradient.
-    fn cost(&self, _inputs: &[&[usize]], _output: &[usize], _input_grad: bool) -> Cost {
-        Cost::default()
-    }
-
-    /// The op's settings by name (a window, a stride, a group count): with its kind and its
-    /// inputs they rebuild the node (see `describe.rs`).
-    fn attributes(&self) -> Vec<(&'static str, usize)> {
-        Vec::new()
-    }
-
-    /// Elements held in saved state (beyond the node's value and gradient).
-    fn saved_elements(&self) -> usize {
-        0
-    }
-}
-
-/// Cloning and downcasting a boxed op; implemented for every `Clone` op.
-pub trait CloneOperation<T> {
-    /// A boxed copy.
-    fn clone_box(&self) -> Box<dyn Operation<T>>;
-    /// The op as `Any`, to reach its own methods (e.g. setting a loss's labels).
-    fn as_any_mut(&mut self) -> &mut dyn Any;
-    /// The same, to read.
-    fn as_any(&self) -> &dyn Any;
-}
-
-impl<T, O: Operation<T> + Clone + 'static> CloneOperation<T> for O {
-    fn clone_box(&self) -> Box<dyn Operation<T>> {
-        Box::new(self.clone())
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
-impl<T> Clone for Box<dyn Operation<T>> {
-    fn clone(&self) -> Self {
-        self.clone_box()
-    }
-}
 
 /// What an op's forward pass may touch: its inputs' values, and its own output buffer.
 pub struct Forward<'a, T> {
@@ -231,24 +143,20 @@ impl<T: Element> Ports<'_, T> {
     /// Inputs 0..K at once (a layer's input, weight and bias). A slot past the node's inputs
     /// (a bias the layer was built without) is an empty port with no gradient.
     pub fn ports<const K: usize>(&mut self) -> Result<[Port<'_, T>; K]> {
-        // Distinct nodes, found with one split per input: sort the ids, and cut the slice
-        // just after each in turn.
-        let count = self.inputs.len().min(K);
-        let mut order: [usize; K] = std::array::from_fn(|slot| slot);
-        order[..count].sort_unstable_by_key(|&slot| self.inputs[slot].0);
+        let wanted = &self.inputs[..self.inputs.len().min(K)];
         let mut found: [Option<&mut Node<T>>; K] = std::array::from_fn(|_| None);
-        let (mut rest, mut offset) = (&mut *self.nodes, 0);
-        for &slot in &order[..count] {
-            let index = self.inputs[slot].0;
-            if index < offset || index >= offset + rest.len() {
-                return Err(Error::graph(format!(
-                    "the inputs {:?} of a node must be distinct earlier nodes",
-                    self.inputs
-                )));
+        // One walk over the earlier nodes lends each wanted one to its slot; a node named
+        // twice fills only its first slot.
+        for (index, node) in self.nodes.iter_mut().enumerate() {
+            if let Some(slot) = wanted.iter().position(|id| id.0 == index) {
+                found[slot] = Some(node);
             }
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(index - offset + 1);
-            found[slot] = head.last_mut();
-            (rest, offset) = (tail, index + 1);
+        }
+        if found[..wanted.len()].iter().any(Option::is_none) {
+            return Err(Error::graph(format!(
+                "the inputs {:?} of a node must be distinct earlier nodes",
+                self.inputs
+            )));
         }
         let chunk = self.chunk;
         Ok(found.map(|node| match node {

@@ -122,15 +122,16 @@ fn measure(shape: &Shape) -> pointwise::Result<(f64, f64)> {
         graph.conv1x1(x, weight, Some(bias))?
     };
     graph.set_input(x, fill(&input_shape, 3).view())?;
-    let ones = ArrayD::<f32>::ones(output_shape);
+    let mut ones = ArrayD::<f32>::ones(output_shape);
     let mut failure = None;
     let timing = pointwise::parallel::install(|| {
         common::time(|| {
-            // As the PyTorch side sets `.grad = None`: dX is written, not added to zeros.
+            // As the PyTorch side sets `.grad = None`: dX is written, not added to zeros. And
+            // as `y.backward(ones)` hands `ones` to autograd, dY is lent, not copied.
             graph.clear_grads();
             let step = graph
                 .forward(y)
-                .and_then(|()| graph.backward_from(y, ones.view()));
+                .and_then(|()| graph.backward_from_mut(y, &mut ones));
             if let Err(error) = step {
                 failure.get_or_insert(error);
             }

@@ -168,6 +168,13 @@ impl<T: Element> Graph<T> {
                 printable(&node.name)
             )));
         }
+        if !node.is_leaf() && !node.grad_written {
+            return Err(Error::graph(format!(
+                "the gradient of node \"{}\" is not held by the graph: the last backward pass \
+                 did not reach it, or lent it (backward_from_mut)",
+                printable(&node.name)
+            )));
+        }
         if node.grad.shape() != node.value.shape() {
             let reason = if node.batched && node.grad.shape().first() < node.value.shape().first() {
                 "is not kept: the backward pass ran in chunks of samples and it holds only the \

@@ -352,3 +352,48 @@ fn buffers_start_on_a_cache_line() {
         assert!(is_aligned(graph.grad(id).unwrap()));
     }
 }
+
+/// A lent upstream gradient gives the same gradients as a copied one, bit for bit, and comes
+/// back to the caller: whole, in chunks (where it is copied), and from a target whose fused
+/// ReLU masks dY in place.
+#[test]
+fn a_lent_upstream_gradient_gives_the_gradients_of_a_copied_one() {
+    for chunk in [None, Some(2)] {
+        let mut graph = Graph::<f64>::new();
+        let x = graph.input_with_grad("x");
+        graph
+            .set_input(x, random(&[5, 3, 4, 4], 11).view())
+            .unwrap();
+        let w1 = graph.param("w1", random(&[6, 3], 12)).unwrap();
+        let b1 = graph.param("b1", random(&[6], 13)).unwrap();
+        let w2 = graph.param("w2", random(&[2, 6], 14)).unwrap();
+        let hidden = graph.conv1x1_relu(x, w1, Some(b1)).unwrap();
+        let y = graph.conv1x1(hidden, w2, None).unwrap();
+        graph.set_backward_chunk(chunk).unwrap();
+        for target in [y, hidden] {
+            graph.forward(target).unwrap();
+            let shape = graph.value(target).unwrap().shape().to_vec();
+            let upstream = random(&shape, 15);
+            let leaves = [x, w1, b1, w2];
+            let read = |graph: &Graph<f64>| -> Vec<ArrayD<f64>> {
+                let grads = leaves.iter().map(|&id| graph.grad(id).unwrap().to_owned());
+                grads.collect()
+            };
+            graph.clear_grads();
+            graph.backward_from(target, upstream.view()).unwrap();
+            let copied = read(&graph);
+            assert_eq!(chunk.is_none(), graph.grad(target).is_ok());
+            let mut lent = upstream.clone();
+            let address = lent.as_ptr();
+            graph.clear_grads();
+            graph.backward_from_mut(target, &mut lent).unwrap();
+            assert_eq!(read(&graph), copied, "chunk {chunk:?}");
+            assert_eq!(lent.as_ptr(), address, "the caller's buffer comes back");
+            if target == y {
+                assert_eq!(lent, upstream, "a plain conv1x1 leaves dY as it was");
+            }
+            // Not the graph's to show: the caller holds it (or, in chunks, it is not kept).
+            assert!(graph.grad(target).is_err());
+        }
+    }
+}

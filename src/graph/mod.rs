@@ -85,6 +85,7 @@ pub(crate) struct Node<T> {
     /// During a backward pass: whether `grad` holds a contribution yet. Until it does, its
     /// content is stale, and the first contribution either overwrites it (ops that can) or
     /// zeroes it first. Leaves count as written (they accumulate across passes) unless cleared.
+    /// After a pass, false for an op node whose gradient the pass did not leave in `grad`.
     pub(crate) grad_written: bool,
     /// A leaf whose gradient [`Graph::clear_grads`] forgot: the next backward pass writes it
     /// instead of adding to it, and until then it reads as absent.

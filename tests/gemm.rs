@@ -1,4 +1,5 @@
-//! The crate's GEMM (AVX-512 kernels for f32 where the CPU has them, ndarray otherwise) against
+//! The crate's GEMM (its AVX-512 kernels for f32 where the CPU has them, its AVX2 kernel for
+//! shallow f32 products elsewhere, the gemm crate and ndarray otherwise) against
 //! an f64 triple loop, on shapes that hit every tile size and edge, with transposed and strided
 //! operands and several α, β.
 
@@ -179,7 +180,10 @@ fn gemm_in_f64_goes_through_ndarray_unchanged() {
 #[test]
 fn gemm_bias_relu_adds_the_bias_to_every_column_then_clamps() {
     let mut rng = StdRng::seed_from_u64(3);
-    for (m, n, k) in [(1, 1, 1), (7, 70, 13), (64, 784, 256), (6, 17, 300)] {
+    // Shallow products (K ≤ 32: the AVX2 kernel where there is no AVX-512) across a column
+    // block with a masked tail, and deep ones.
+    let shapes = [(1, 1, 1), (7, 70, 13), (13, 300, 32), (6, 16, 16)];
+    for (m, n, k) in shapes.into_iter().chain([(64, 784, 256), (6, 17, 300)]) {
         let (a, b) = (random(m, k, &mut rng), random(k, n, &mut rng));
         let bias = random(1, m, &mut rng).into_shape_with_order(m).unwrap();
         let (mut value, scale) = expected(1.0, a.view(), b.view(), 0.0, &Array2::zeros((m, n)));

@@ -139,6 +139,19 @@ fn gemm_handles_long_depths_strided_views_and_other_layouts() {
             &format!("NT {m}×{k}·{k}×{n}"),
         );
     }
+    // Long products with B transposed (dW = dYₙ·Xₙᵀ of a small layer on a large map), with
+    // α and β.
+    for (m, n, k) in [(13, 11, 1100), (16, 32, 784), (1, 1, 256)] {
+        let (a, bt, c) = (
+            random(m, k, &mut rng),
+            random(n, k, &mut rng),
+            random(m, n, &mut rng),
+        );
+        for (alpha, beta) in [(1.0, 0.0), (0.5, -2.0)] {
+            let context = format!("dots {m}×{k}·{k}×{n} α {alpha} β {beta}");
+            check(alpha, a.view(), bt.t(), beta, c.clone(), &context);
+        }
+    }
     // Every other column / row: strided operands, and a column-major C (the fallback path).
     let big_a = random(20, 40, &mut rng);
     let big_b = random(40, 60, &mut rng);

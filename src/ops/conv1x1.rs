@@ -218,8 +218,23 @@ fn weight_gradient<T: Element>(
     dy: ArrayView4<T>,
     dweight: ArrayViewMut2<T>,
 ) -> Result<()> {
+    // With fewer output than input channels (a projection), the products run faster with the
+    // longer side as C's rows: dWᵀ = Σₙ Xₙ·dYₙᵀ, added to dW transposed once per call. Chosen
+    // from the whole of dW, so that every thread count computes each element the same way.
+    let transposed = dweight.nrows() < dweight.ncols();
     split_weight_gradient((x, dy, dweight), &|(x, dy, mut dweight)| {
-        for (x_block, dy_block) in x.outer_iter().zip(dy.outer_iter()) {
+        let samples = x.outer_iter().zip(dy.outer_iter());
+        if transposed {
+            let mut sum = Array2::zeros(dweight.t().raw_dim());
+            for (x_block, dy_block) in samples {
+                let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
+                // (F×P)·(P×F1) += into (F×F1)
+                gemm(T::one(), x_n, dy_n.t(), T::one(), sum.view_mut())?;
+            }
+            dweight += &sum.t();
+            return Ok(());
+        }
+        for (x_block, dy_block) in samples {
             let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
             // (F1×P)·(P×F) += into (F1×F); Xₙᵀ is a transposed view, not a copy.
             gemm(T::one(), dy_n, x_n.t(), T::one(), dweight.view_mut())?;

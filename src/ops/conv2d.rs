@@ -512,14 +512,20 @@ pub fn backward<T: Element>(
     // of the column matrix that belong to channels c₀..c₁ are the im2col of those channels
     // alone, so each thread builds only its own rows and runs, per group of samples,
     // (F1×G·P′)·(G·P′×(c₁−c₀)·K²).
+    // With fewer output channels than F·K², dW̃ᵀ = Σ columns·dYᵀ is the faster product (as in
+    // conv1x1's dW), chosen from the whole of dW so that every thread count computes alike.
+    let transposed = c_out < weight.ncols();
     if let Some(dweight) = dweight {
         in_parts((Along(x, Axis(1)), Along(dweight, Axis(1))), &|(
             Along(x, _),
             Along(dweight, _),
         )| {
             let rows = dweight.shape()[1] * kernel * kernel;
-            // This part of dW̃ is not contiguous in dW: summed here, then added to it.
-            let mut part = Array2::zeros((c_out, rows));
+            // This part of dW̃ (or of dW̃ᵀ) is not contiguous in dW: summed here, then added.
+            let mut part = match transposed {
+                true => Array2::zeros((rows, c_out)),
+                false => Array2::zeros((c_out, rows)),
+            };
             let (mut columns, mut padded) = (Array2::zeros((rows, group * pixels)), Vec::new());
             let mut gathered = Array2::zeros((c_out, group * pixels));
             for (x_g, dy_g) in x
@@ -529,9 +535,17 @@ pub fn backward<T: Element>(
                 grouping.im2col(x_g, &mut columns, &mut padded);
                 let first = ndarray::s![.., ..x_g.shape()[0] * pixels];
                 side_by_side(dy_g, gathered.slice_mut(first))?;
-                // (F1×G·P′)·(G·P′×FKK) += into (F1×FKK)
                 let (dy_g, c_g) = (gathered.slice(first), columns.slice(first));
-                gemm(T::one(), dy_g, c_g.t(), T::one(), part.view_mut())?;
+                if transposed {
+                    // (FKK×G·P′)·(G·P′×F1) += into (FKK×F1)
+                    gemm(T::one(), c_g, dy_g.t(), T::one(), part.view_mut())?;
+                } else {
+                    // (F1×G·P′)·(G·P′×FKK) += into (F1×FKK)
+                    gemm(T::one(), dy_g, c_g.t(), T::one(), part.view_mut())?;
+                }
+            }
+            if transposed {
+                part = part.t().as_standard_layout().into_owned();
             }
             let mut dweight = dweight;
             let part = part

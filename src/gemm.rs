@@ -300,14 +300,14 @@ pub struct Operands {
 /// product of a 1×1 layer with few input channels on a large map (MobileNetV2's 16 → 96 at
 /// 112×112: Yₙ = W·Xₙ with K = 16), and its dX, with M = 16. There the arithmetic per
 /// element of C, or per element of B, is short and the gemm crate's packing of B costs as
-/// much as the product; this kernel reads B in place. A tile of C, 6 rows × 16 columns, lives in 12
-/// ymm registers; each step k loads 2 vectors of B's row k and broadcasts 6 values of A (any
-/// strides, so Wᵀ is not copied); the whole depth runs in registers, then the tile is stored
-/// once, bias and ReLU applied on the way. Columns go in blocks (of 256 for K ≤ 32: at most
-/// 32 KiB of B), so that the block's rows of B stay in cache for every row tile after the
-/// first. Edges use
-/// smaller tiles and masked loads and stores. Each element is the sum over k in order, then
-/// α, the bias, β·C: the same bits whichever columns a thread is given.
+/// much as the product; this kernel reads B in place. A tile of C, 6 rows × 16 columns, lives
+/// in 12 ymm registers; each step k loads 2 vectors of B's row k and broadcasts 6 values of A
+/// (any strides, so Wᵀ is not copied); the whole depth runs in registers, then the tile is
+/// stored once, bias and ReLU applied on the way. Columns go in blocks (of 16384 / K for
+/// K ≤ 32: 64 KiB of B, in L2), so that the block's rows of B stay in cache for every row
+/// tile after the first. Edges use smaller tiles and masked loads and stores. Each element is
+/// the sum over k in order, then α, the bias, β·C: the same bits whichever columns a thread
+/// is given. (The AVX-512 module's NN tile is the same design at twice the width.)
 #[cfg(target_arch = "x86_64")]
 mod shallow {
     use super::Operands;
@@ -316,7 +316,8 @@ mod shallow {
 
     /// The products taken, measured against the gemm crate on MobileNetV2's layers (batch 16,
     /// 1 thread): any of depth K ≤ 32 (5–25 % faster at K = 16, 24, 32, in column blocks of
-    /// 256), and those of at most 24 rows up to K = 160 (dX of 16 → 96 at 112×112: 11.2 ms
+    /// 256; blocks of 16384 / K were faster still on the 56×56 layers), and those of at most
+    /// 24 rows up to K = 160 (dX of 16 → 96 at 112×112: 11.2 ms
     /// against 14.2), there one 16-column strip at a time: B's strip is read from memory by
     /// the first row tile and from L1 by the few others.
     const MAX_DEPTH: usize = 32;
@@ -342,7 +343,7 @@ mod shallow {
         let [m, n, k] = operands.shape;
         let contiguous = |[_, column]: [isize; 2]| column == 1 || n == 1;
         let block = if k <= MAX_DEPTH {
-            256
+            (16384 / k) / WIDTH * WIDTH
         } else if m <= FEW_ROWS && k <= MAX_DEPTH_FEW_ROWS {
             WIDTH
         } else {

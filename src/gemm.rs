@@ -354,6 +354,16 @@ mod shallow {
         }
         for first in (0..n).step_by(block) {
             let end = (first + block).min(n);
+            if block == WIDTH {
+                // One strip reads a cache line from each of K rows of B: more streams than the
+                // hardware prefetcher follows, so ask for the strip after next ahead of time.
+                let ahead = operands.b.wrapping_add(first + 2 * WIDTH);
+                for p in 0..k {
+                    let line = ahead.wrapping_offset(p as isize * operands.b_strides[0]);
+                    // SAFETY: a prefetch reads nothing and never faults, wherever it points.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(line.cast::<i8>()) };
+                }
+            }
             for row in (0..m).step_by(ROWS) {
                 for column in (first..end).step_by(WIDTH) {
                     let tile = Tile {

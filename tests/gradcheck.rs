@@ -104,6 +104,33 @@ fn conv1x1_dx_dweight_dbias_match_finite_difference() {
     }
 }
 
+/// Maps of 64 pixels or more take conv1x1's per-sample path (the CASES take the grouped one
+/// for small maps): dX one product per sample, db's row sums right after it.
+#[test]
+fn conv1x1_on_larger_maps_matches_finite_difference() {
+    let cases = [
+        Case {
+            batch: 2,
+            c_in: 3,
+            c_out: 5,
+            height: 9,
+            width: 8,
+        },
+        Case {
+            batch: 1,
+            c_in: 5,
+            c_out: 2,
+            height: 8,
+            width: 8,
+        },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        check_graph(&format!("conv1x1 {case:?}"), 50 + i as u64, |g| {
+            conv_graph(g, case, 60 + 10 * i as u64, true)
+        });
+    }
+}
+
 #[test]
 fn conv1x1_without_bias_matches_finite_difference() {
     for (i, case) in CASES.iter().enumerate() {

@@ -203,11 +203,24 @@ pub(crate) fn gradients<T: Element>(
     if let Some(dweight) = dweight {
         weight_gradient(x, dy, dweight)?; // dW += Σₙ dYₙ·Xₙᵀ
     }
+    // With dX wanted too, db's row sums of each dYₙ are taken right after its dXₙ, while dYₙ
+    // is still in cache (a large map's dY is read from memory once less), then added in sample
+    // order: the same arithmetic as bias_gradient.
+    let pixels = dy.shape()[2] * dy.shape()[3];
+    let mut row_sums = (dx.is_some() && dbias.is_some() && pixels >= GROUP_BELOW_PIXELS)
+        .then(|| Array2::zeros((dy.shape()[0], dy.shape()[1])));
     if let Some((dx, write)) = dx {
-        input_gradient(weight, dy, dx, write)?; // dXₙ += Wᵀ·dYₙ
+        let sums = row_sums.as_mut().map(|sums| sums.view_mut());
+        input_gradient_and_row_sums(weight, dy, dx, write, sums)?; // dXₙ += Wᵀ·dYₙ
     }
-    if let Some(dbias) = dbias {
-        bias_gradient(dy, dbias)?; // db += Σₙ Σₚ dYₙ[:, p]
+    match (dbias, row_sums) {
+        (Some(mut dbias), Some(row_sums)) => {
+            for sums_n in row_sums.outer_iter() {
+                dbias += &sums_n; // db += Σₚ dYₙ[:, p]
+            }
+        }
+        (Some(dbias), None) => bias_gradient(dy, dbias)?, // db += Σₙ Σₚ dYₙ[:, p]
+        (None, _) => {}
     }
     Ok(())
 }
@@ -251,6 +264,18 @@ pub fn input_gradient<T: Element>(
     dx: ArrayViewMut4<T>,
     write: GradWrite,
 ) -> Result<()> {
+    input_gradient_and_row_sums(weight, dy, dx, write, None)
+}
+
+/// The same, also writing each sample's row sums Σₚ dYₙ[:, p] into row n of `row_sums`
+/// (N×F1) when given, right after dXₙ (maps of at least [`GROUP_BELOW_PIXELS`] pixels).
+fn input_gradient_and_row_sums<T: Element>(
+    weight: ArrayView2<T>,
+    dy: ArrayView4<T>,
+    dx: ArrayViewMut4<T>,
+    write: GradWrite,
+    row_sums: Option<ArrayViewMut2<T>>,
+) -> Result<()> {
     check_same(
         OP,
         "output gradient channels",
@@ -260,6 +285,10 @@ pub fn input_gradient<T: Element>(
     let expected = [dy.shape()[0], weight.ncols(), dy.shape()[2], dy.shape()[3]];
     check_same(OP, "input gradient", &expected, dx.shape())?;
     if dy.shape()[2] * dy.shape()[3] < GROUP_BELOW_PIXELS {
+        debug_assert!(
+            row_sums.is_none(),
+            "row sums are taken on the per-sample path"
+        );
         return in_groups(
             dy,
             dx,
@@ -276,9 +305,29 @@ pub fn input_gradient<T: Element>(
     } else {
         T::zero()
     };
-    each_sample(dy, dx, &|dy_n, dx_n| {
-        // (F×F1)·(F1×P) += into (F×P)
-        gemm(T::one(), weight.t(), dy_n, beta, dx_n)
+    let row_sums = row_sums.map(|sums| Along(sums, Axis(0)));
+    in_parts((Along(dy, Axis(0)), Along(dx, Axis(0)), row_sums), &|(
+        Along(dy, _),
+        Along(mut dx, _),
+        mut row_sums,
+    )| {
+        for (n, (dy_block, dx_block)) in dy.outer_iter().zip(dx.outer_iter_mut()).enumerate() {
+            let dy_n = sample_matrix(dy_block)?;
+            // (F×F1)·(F1×P) += into (F×P)
+            gemm(
+                T::one(),
+                weight.t(),
+                dy_n,
+                beta,
+                sample_matrix_mut(dx_block)?,
+            )?;
+            if let Some(Along(sums, _)) = row_sums.as_mut() {
+                for (sum, row) in sums.row_mut(n).iter_mut().zip(dy_n.outer_iter()) {
+                    *sum = row.sum();
+                }
+            }
+        }
+        Ok(())
     })
 }
 

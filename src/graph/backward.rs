@@ -146,33 +146,4 @@ impl<T: Element> Graph<T> {
         }
         Ok(())
     }
-
-    /// Sets the accumulated gradients of every leaf (parameters, inputs) to zero.
-    pub fn zero_grad(&mut self) {
-        for node in &mut self.nodes {
-            if node.is_leaf() {
-                node.grad.fill(T::zero());
-                node.grad_cleared = false;
-            }
-        }
-    }
-
-    /// Forgets the accumulated gradients of every leaf without touching their buffers, as
-    /// PyTorch's `zero_grad(set_to_none=True)` does: the next backward pass writes each one
-    /// instead of adding to zeros, which saves a pass over every gradient (a whole batch's,
-    /// for an input's). Until that pass, [`Graph::grad`] of a leaf is an error, and an
-    /// optimizer sees zeros.
-    pub fn clear_grads(&mut self) {
-        for node in &mut self.nodes {
-            node.grad_cleared = node.is_leaf();
-        }
-    }
-
-    /// Zeroes the gradients that [`Graph::clear_grads`] forgot, for a reader that needs them.
-    pub(crate) fn settle_cleared_grads(&mut self) {
-        for node in self.nodes.iter_mut().filter(|node| node.grad_cleared) {
-            node.grad.fill(T::zero());
-            node.grad_cleared = false;
-        }
-    }
 }

@@ -205,6 +205,13 @@ fn gemm_serial<T: Element>(
     Ok(())
 }
 
+/// Whether a product of few rows and many columns should be asked for transposed (Cᵀ = BᵀAᵀ,
+/// the longer side as C's rows): faster on the gemm crate and on ndarray (measured on dW of
+/// the 1×1 and 3×3 layers); the AVX-512 kernel orients a transposed product itself.
+pub(crate) fn longer_side_as_rows<T: Element>() -> bool {
+    backend::<T>() != "avx512"
+}
+
 /// Which implementation [`gemm()`] uses for element type `T` on this CPU: `"avx512"` for the
 /// kernels of this module, `"avx2+gemm"` for this module's AVX2 kernel on products of small
 /// depth and the gemm crate's on the others, `"gemm"` for the gemm crate's alone, `"ndarray"`

@@ -50,7 +50,7 @@ use super::{
 use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::gemm::{gemm, gemm_bias_relu};
+use crate::gemm::{gemm, gemm_bias_relu, longer_side_as_rows};
 use crate::graph::{Backward, Forward, Graph, NodeId, Port};
 use crate::ops::{GradWrite, Operation};
 use crate::parallel::{
@@ -234,7 +234,7 @@ fn weight_gradient<T: Element>(
     // With fewer output than input channels (a projection), the products run faster with the
     // longer side as C's rows: dWᵀ = Σₙ Xₙ·dYₙᵀ, added to dW transposed once per call. Chosen
     // from the whole of dW, so that every thread count computes each element the same way.
-    let transposed = dweight.nrows() < dweight.ncols();
+    let transposed = dweight.nrows() < dweight.ncols() && longer_side_as_rows::<T>();
     split_weight_gradient((x, dy, dweight), &|(x, dy, mut dweight)| {
         let samples = x.outer_iter().zip(dy.outer_iter());
         if transposed {

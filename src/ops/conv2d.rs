@@ -42,7 +42,7 @@ use super::{
 use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::gemm::{gemm, gemm_bias_relu};
+use crate::gemm::{gemm, gemm_bias_relu, longer_side_as_rows};
 use crate::graph::{Backward, Forward, Graph, NodeId};
 use crate::ops::Operation;
 use crate::parallel::{
@@ -514,7 +514,7 @@ pub fn backward<T: Element>(
     // (F1×G·P′)·(G·P′×(c₁−c₀)·K²).
     // With fewer output channels than F·K², dW̃ᵀ = Σ columns·dYᵀ is the faster product (as in
     // conv1x1's dW), chosen from the whole of dW so that every thread count computes alike.
-    let transposed = c_out < weight.ncols();
+    let transposed = c_out < weight.ncols() && longer_side_as_rows::<T>();
     if let Some(dweight) = dweight {
         in_parts((Along(x, Axis(1)), Along(dweight, Axis(1))), &|(
             Along(x, _),

@@ -25,9 +25,11 @@
 //! Edges (M not a multiple of the tile height, N or K not a multiple of 16) use smaller tiles
 //! and masked loads and stores, so no element is read or written outside its matrix.
 //!
-//! f32 on CPUs without AVX-512 (and layouts the kernels do not take) goes to the gemm crate,
-//! whose kernels are picked at run time for the CPU (AVX2 + FMA on most x86-64); f64, which the
-//! gradient checks use, goes to ndarray's `general_mat_mul`. `tests/gemm.rs` compares every
+//! f32 on CPUs without AVX-512 runs products of small depth (K ≤ 32) or few rows (M ≤ 24,
+//! K ≤ 160) on an AVX2 version of the NN tile (6 rows × 16 columns in 12 ymm registers), where
+//! packing would cost as much as the arithmetic, and the rest (and layouts the kernels do not
+//! take) on the gemm crate, whose kernels are picked at run time for the CPU (AVX2 + FMA on
+//! most x86-64); f64, which the gradient checks use, goes to ndarray's `general_mat_mul`. `tests/gemm.rs` compares every
 //! path with an f64 triple loop on many shapes, strides and α, β.
 //!
 //! A large product called outside the ops' own parallel parts splits C's columns between the

@@ -56,9 +56,9 @@
 //! (ε_mach ≈ 6e-8), which leaves at most one significant digit. The whole crate is generic over
 //! [`Element`] (f32 or f64): the ops' code checked in f64 is the code that trains in f32, except
 //! the matrix products, which run on ndarray's GEMM in f64 and, in f32, on the crate's own
-//! AVX-512 kernel or the gemm crate's (tested against a triple loop). The tests check every input of every op on
-//! shapes with batch 1, odd channel counts, F1 < F and F1 > F, H ≠ W and 1×1 maps, to a
-//! relative error of 1e-7.
+//! AVX-512 or AVX2 kernels or the gemm crate's (tested against a triple loop). The tests check
+//! every input of every op on shapes with batch 1, odd channel counts, F1 < F and F1 > F,
+//! H ≠ W and 1×1 maps, to a relative error of 1e-7.
 //!
 //! ```
 //! use ndarray::{ArrayD, IxDyn};

@@ -511,9 +511,9 @@ pub fn backward<T: Element>(
     // dW̃ sums over the samples, so the threads split dW itself, by input channel: the rows
     // of the column matrix that belong to channels c₀..c₁ are the im2col of those channels
     // alone, so each thread builds only its own rows and runs, per group of samples,
-    // (F1×G·P′)·(G·P′×(c₁−c₀)·K²).
-    // With fewer output channels than F·K², dW̃ᵀ = Σ columns·dYᵀ is the faster product (as in
-    // conv1x1's dW), chosen from the whole of dW so that every thread count computes alike.
+    // (F1×G·P′)·(G·P′×(c₁−c₀)·K²) — or, with fewer output channels than F·K², the faster
+    // dW̃ᵀ = Σ columns·dYᵀ (as in conv1x1's dW), chosen from the whole of dW so that every
+    // thread count computes alike.
     let transposed = c_out < weight.ncols() && longer_side_as_rows::<T>();
     if let Some(dweight) = dweight {
         in_parts((Along(x, Axis(1)), Along(dweight, Axis(1))), &|(

@@ -14,8 +14,9 @@
 //! shape (64×256)·(256×25088) and a 2048³ GEMM, through the crate's GEMM.
 //!
 //! Each thread count runs in a child process of its own, because the thread count of the GEMM
-//! backend is fixed when a process first uses it. Peaks: an FMA loop with 16 independent
-//! accumulators (AVX-512 and AVX2, the best counts), the same measure as ../shared/peers/peak_bench.
+//! backend is fixed when a process first uses it. Peaks: an FMA loop with independent
+//! accumulators (12 with AVX2, 16 with AVX-512: as many as stay in registers; see
+//! `common/peak.rs`).
 
 use ndarray::{Array2, Array4, ArrayD, Ix2, Ix4, IxDyn};
 use pointwise::ops::{conv1x1, GradWrite};

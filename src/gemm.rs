@@ -25,12 +25,13 @@
 //! Edges (M not a multiple of the tile height, N or K not a multiple of 16) use smaller tiles
 //! and masked loads and stores, so no element is read or written outside its matrix.
 //!
-//! f32 on CPUs without AVX-512 runs products of small depth (K ≤ 32) or few rows (M ≤ 24,
-//! K ≤ 160) on an AVX2 version of the NN tile (6 rows × 16 columns in 12 ymm registers), where
-//! packing would cost as much as the arithmetic, and the rest (and layouts the kernels do not
-//! take) on the gemm crate, whose kernels are picked at run time for the CPU (AVX2 + FMA on
-//! most x86-64); f64, which the gradient checks use, goes to ndarray's `general_mat_mul`. `tests/gemm.rs` compares every
-//! path with an f64 triple loop on many shapes, strides and α, β.
+//! f32 on CPUs without AVX-512 runs products of small depth (K ≤ 32, or ≤ 64 with a bias or
+//! ReLU to apply) or few rows (M ≤ 24, K ≤ 160) on an AVX2 version of the NN tile (6 rows ×
+//! 16 columns in 12 ymm registers), where packing would cost as much as the arithmetic, and
+//! the rest (and layouts the kernels do not take) on the gemm crate, whose kernels are picked
+//! at run time for the CPU (AVX2 + FMA on most x86-64); f64, which the gradient checks use,
+//! goes to ndarray's `general_mat_mul`. `tests/gemm.rs` compares every path with an f64 triple
+//! loop on many shapes, strides and α, β.
 //!
 //! A large product called outside the ops' own parallel parts splits C's columns between the
 //! threads (see [`crate::parallel`]); inside them, each call runs on one thread.
@@ -330,6 +331,9 @@ mod shallow {
     /// against 14.2), there one 16-column strip at a time: B's strip is read from memory by
     /// the first row tile and from L1 by the few others.
     const MAX_DEPTH: usize = 32;
+    /// With a bias or ReLU epilogue, up to K = 64: the W2 step's 64 → 256 forward (bias and
+    /// ReLU) 12.7 → 10.1 ms; a plain product at K = 64 (W1's dX) was slower than the crate's.
+    const MAX_DEPTH_EPILOGUE: usize = 64;
     const FEW_ROWS: usize = 24;
     const MAX_DEPTH_FEW_ROWS: usize = 160;
     const ROWS: usize = 6;
@@ -351,7 +355,10 @@ mod shallow {
     pub unsafe fn gemm_f32(operands: &Operands) -> bool {
         let [m, n, k] = operands.shape;
         let contiguous = |[_, column]: [isize; 2]| column == 1 || n == 1;
-        let block = if k <= MAX_DEPTH {
+        // With a bias or a ReLU to apply, the kernel pays deeper too: the gemm crate's path adds
+        // a pass over C for each.
+        let epilogue = !operands.bias.is_null() || operands.relu;
+        let block = if k <= MAX_DEPTH || (epilogue && k <= MAX_DEPTH_EPILOGUE) {
             (16384 / k) / WIDTH * WIDTH
         } else if m <= FEW_ROWS && k <= MAX_DEPTH_FEW_ROWS {
             WIDTH

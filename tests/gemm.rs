@@ -193,14 +193,16 @@ fn gemm_in_f64_goes_through_ndarray_unchanged() {
 #[test]
 fn gemm_bias_relu_adds_the_bias_to_every_column_then_clamps() {
     let mut rng = StdRng::seed_from_u64(3);
-    // Shallow products (K ≤ 32: the AVX2 kernel where there is no AVX-512) across a column
-    // block with a masked tail, and deep ones.
+    // Shallow products (K ≤ 32, or ≤ 64 with this epilogue: the AVX2 kernel where there is no
+    // AVX-512) across a column block with a masked tail, and deep ones.
     let shapes = [
         (1, 1, 1),
         (7, 70, 13),
         (13, 300, 32),
         (7, 1100, 32),
         (6, 16, 16),
+        (11, 300, 64),
+        (5, 40, 48),
     ];
     for (m, n, k) in shapes.into_iter().chain([(64, 784, 256), (6, 17, 300)]) {
         let (a, b) = (random(m, k, &mut rng), random(k, n, &mut rng));

@@ -313,9 +313,9 @@ pub struct Operands {
 /// much as the product; this kernel reads B in place. A tile of C, 6 rows × 16 columns, lives
 /// in 12 ymm registers; each step k loads 2 vectors of B's row k and broadcasts 6 values of A
 /// (any strides, so Wᵀ is not copied); the whole depth runs in registers, then the tile is
-/// stored once, bias and ReLU applied on the way. Columns go in blocks (of 16384 / K for
-/// K ≤ 32: 64 KiB of B, in L2), so that the block's rows of B stay in cache for every row
-/// tile after the first. Edges use smaller tiles and masked loads and stores. Each element is
+/// stored once, bias and ReLU applied on the way. Columns go in blocks (of 16384 / K for the
+/// shallow products: 64 KiB of B, in L2), so that the block's rows of B stay in cache for
+/// every row tile after the first; products of few rows go one strip at a time. Edges use smaller tiles and masked loads and stores. Each element is
 /// the sum over k in order, then α, the bias, β·C: the same bits whichever columns a thread
 /// is given. (The AVX-512 module's NN tile is the same design at twice the width.)
 #[cfg(target_arch = "x86_64")]
@@ -327,9 +327,9 @@ mod shallow {
     /// The products taken, measured against the gemm crate on MobileNetV2's layers (batch 16,
     /// 1 thread): any of depth K ≤ 32 (5–25 % faster at K = 16, 24, 32, in column blocks of
     /// 256; blocks of 16384 / K were faster still on the 56×56 layers), and those of at most
-    /// 24 rows up to K = 160 (dX of 16 → 96 at 112×112: 11.2 ms
-    /// against 14.2), there one 16-column strip at a time: B's strip is read from memory by
-    /// the first row tile and from L1 by the few others.
+    /// 24 rows up to K = 160 (dX of 16 → 96 at 112×112: 11.2 ms against 14.2), there one
+    /// 16-column strip at a time: B's strip is read from memory by the first row tile and from
+    /// L1 by the few others.
     const MAX_DEPTH: usize = 32;
     /// With a bias or ReLU epilogue, up to K = 64: the W2 step's 64 → 256 forward (bias and
     /// ReLU) 12.7 → 10.1 ms; a plain product at K = 64 (W1's dX) was slower than the crate's.
@@ -346,8 +346,8 @@ mod shallow {
             .get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
     }
 
-    /// Runs the product if it is shallow and B's and C's rows are contiguous; returns false
-    /// to let the caller fall back.
+    /// Runs the product if it is shallow (K ≤ 32, or ≤ 64 with a bias or ReLU) or of few rows,
+    /// and B's and C's rows are contiguous; returns false to let the caller fall back.
     ///
     /// # Safety
     /// The operands must describe valid, non-empty matrices (M, N, K > 0) of the stated shapes,
@@ -358,10 +358,10 @@ mod shallow {
         // With a bias or a ReLU to apply, the kernel pays deeper too: the gemm crate's path adds
         // a pass over C for each.
         let epilogue = !operands.bias.is_null() || operands.relu;
-        let block = if k <= MAX_DEPTH || (epilogue && k <= MAX_DEPTH_EPILOGUE) {
-            (16384 / k) / WIDTH * WIDTH
+        let (block, strips) = if k <= MAX_DEPTH || (epilogue && k <= MAX_DEPTH_EPILOGUE) {
+            ((16384 / k) / WIDTH * WIDTH, false)
         } else if m <= FEW_ROWS && k <= MAX_DEPTH_FEW_ROWS {
-            WIDTH
+            (WIDTH, true)
         } else {
             return false;
         };
@@ -370,7 +370,7 @@ mod shallow {
         }
         for first in (0..n).step_by(block) {
             let end = (first + block).min(n);
-            if block == WIDTH {
+            if strips {
                 // One strip reads a cache line from each of K rows of B: more streams than the
                 // hardware prefetcher follows, so ask for the strip after next ahead of time.
                 let ahead = operands.b.wrapping_add(first + 2 * WIDTH);

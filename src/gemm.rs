@@ -193,7 +193,10 @@ fn gemm_serial<T: Element>(
     let beta = match bias {
         Some(bias) => {
             // β = 0 with a bias (gemm_bias_relu): C = bias·1ᵀ, then the product added onto it.
-            c.assign(&bias.insert_axis(Axis(1)));
+            // Row by row: a contiguous fill, where assigning the broadcast column is not.
+            for (mut row, &value) in c.rows_mut().into_iter().zip(&bias) {
+                row.fill(value);
+            }
             T::one()
         }
         None => beta,

@@ -105,7 +105,8 @@ fn conv1x1_dx_dweight_dbias_match_finite_difference() {
 }
 
 /// Maps of 64 pixels or more take conv1x1's per-sample path (the CASES take the grouped one
-/// for small maps): dX one product per sample, db's row sums right after it.
+/// for small maps): dX one product per sample, db's row sums right after it; on one thread
+/// each sample's dW, dX and db one after the other, on two the passes apart. Both are checked.
 #[test]
 fn conv1x1_on_larger_maps_matches_finite_difference() {
     let cases = [
@@ -124,11 +125,18 @@ fn conv1x1_on_larger_maps_matches_finite_difference() {
             width: 8,
         },
     ];
-    for (i, case) in cases.iter().enumerate() {
-        check_graph(&format!("conv1x1 {case:?}"), 50 + i as u64, |g| {
-            conv_graph(g, case, 60 + 10 * i as u64, true)
-        });
+    let before = pointwise::parallel::threads();
+    for threads in [1, 2] {
+        pointwise::parallel::set_threads(threads).unwrap();
+        for (i, case) in cases.iter().enumerate() {
+            check_graph(
+                &format!("conv1x1 {case:?}, {threads} threads"),
+                50 + i as u64,
+                |g| conv_graph(g, case, 60 + 10 * i as u64, true),
+            );
+        }
     }
+    pointwise::parallel::set_threads(before).unwrap();
 }
 
 #[test]

@@ -300,6 +300,29 @@ fn an_empty_batch_flows_through_pools_forward_and_backward() {
     }
 }
 
+/// The same through conv1x1 on maps small (one product for a group of samples) and large
+/// (one per sample, dW's terms added after), with every gradient asked for.
+#[test]
+fn an_empty_batch_flows_through_conv1x1_forward_and_backward() {
+    use ndarray::{ArrayD, IxDyn};
+    for side in [4, 8] {
+        let mut graph = pointwise::Graph::<f64>::new();
+        let x = graph.input_with_grad("x");
+        let weight = graph.param("w", ArrayD::ones(IxDyn(&[3, 4]))).unwrap();
+        let bias = graph.param("b", ArrayD::ones(IxDyn(&[3]))).unwrap();
+        let y = graph.conv1x1(x, weight, Some(bias)).unwrap();
+        graph
+            .set_input(x, ArrayD::zeros(IxDyn(&[0, 4, side, side])).view())
+            .unwrap();
+        graph.forward(y).unwrap();
+        let upstream = ArrayD::zeros(graph.value(y).unwrap().raw_dim());
+        graph.backward_from(y, upstream.view()).unwrap();
+        assert_eq!(graph.grad(x).unwrap().shape(), &[0, 4, side, side]);
+        assert!(graph.grad(weight).unwrap().iter().all(|&g| g == 0.0));
+        assert!(graph.grad(bias).unwrap().iter().all(|&g| g == 0.0));
+    }
+}
+
 /// Sizes that cannot exist are typed errors before anything is allocated: no abort, no panic
 /// (each of these once aborted on an allocation of terabytes or panicked in ndarray).
 #[test]

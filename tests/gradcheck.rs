@@ -105,8 +105,8 @@ fn conv1x1_dx_dweight_dbias_match_finite_difference() {
 }
 
 /// Maps of 64 pixels or more take conv1x1's per-sample path (the CASES take the grouped one
-/// for small maps): dX one product per sample, db's row sums right after it; on one thread
-/// each sample's dW, dX and db one after the other, on two the passes apart. Both are checked.
+/// for small maps): each sample's term of dW, its dXₙ and its row sums for db one after the
+/// other, the terms added after; checked on one thread and with the samples split on two.
 #[test]
 fn conv1x1_on_larger_maps_matches_finite_difference() {
     let cases = [

@@ -175,8 +175,8 @@ fn wide_layer_gradients<T: pointwise::Element>() -> Vec<f64> {
 /// Same seed, same bits, whatever the thread count — where the matrix products run on
 /// ndarray's GEMM (always in f64) or the gemm crate's (f32 on CPUs without AVX-512): the
 /// threads split samples, channels or the columns of dW, and each element is summed in the
-/// same order either way. (On the AVX-512 kernel, dW of a layer with H·W > 128 may round
-/// differently between thread counts; README, "Determinism".)
+/// same order either way. (On the AVX-512 kernel, dW of a layer with H·W > 128 could round
+/// differently between thread counts; not checked there: README, "Determinism".)
 #[test]
 fn results_do_not_depend_on_the_thread_count_off_the_avx512_kernel() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

@@ -54,11 +54,10 @@ use crate::gemm::{gemm, gemm_bias_relu, longer_side_as_rows};
 use crate::graph::{Backward, Forward, Graph, NodeId, Port};
 use crate::ops::{GradWrite, Operation};
 use crate::parallel::{
-    each_sample, in_parts, sample_matrix, sample_matrix_mut, samples_per_group, side_by_side,
-    threads, Along,
+    each_sample, in_parts, sample_matrix, sample_matrix_mut, samples_per_group, side_by_side, Along,
 };
 use ndarray::{
-    Array2, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
+    Array2, Array3, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
     ArrayViewMut3, ArrayViewMut4, Axis, Zip,
 };
 
@@ -201,126 +200,153 @@ pub(crate) fn gradients<T: Element>(
     dweight: Option<ArrayViewMut2<T>>,
     dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
-    let pixels = dy.shape()[2] * dy.shape()[3];
-    let (dx, dweight) = match (dx, dweight) {
-        (Some(dx), Some(dweight)) if pixels >= GROUP_BELOW_PIXELS && threads() == 1 => {
-            return sample_by_sample(x, weight, dy, dx, dweight, dbias);
-        }
-        pair => pair,
-    };
+    if dy.shape()[2] * dy.shape()[3] >= GROUP_BELOW_PIXELS {
+        return sample_by_sample(x, weight, dy, dx, dweight, dbias);
+    }
     if let Some(dweight) = dweight {
         weight_gradient(x, dy, dweight)?; // dW += Σₙ dYₙ·Xₙᵀ
     }
-    // With dX wanted too, db's row sums of each dYₙ are taken right after its dXₙ, while dYₙ
-    // is still in cache (a large map's dY is read from memory once less), then added in sample
-    // order: the same arithmetic as bias_gradient.
-    let mut row_sums = (dx.is_some() && dbias.is_some() && pixels >= GROUP_BELOW_PIXELS)
-        .then(|| Array2::zeros((dy.shape()[0], dy.shape()[1])));
     if let Some((dx, write)) = dx {
-        let sums = row_sums.as_mut().map(|sums| sums.view_mut());
-        input_gradient_and_row_sums(weight, dy, dx, write, sums)?; // dXₙ += Wᵀ·dYₙ
+        input_gradient(weight, dy, dx, write)?; // dXₙ += Wᵀ·dYₙ
     }
-    match (dbias, row_sums) {
-        (Some(mut dbias), Some(row_sums)) => {
-            for sums_n in row_sums.outer_iter() {
-                dbias += &sums_n; // db += Σₚ dYₙ[:, p]
-            }
-        }
-        (Some(dbias), None) => bias_gradient(dy, dbias)?, // db += Σₙ Σₚ dYₙ[:, p]
-        (None, _) => {}
+    if let Some(dbias) = dbias {
+        bias_gradient(dy, dbias)?; // db += Σₙ Σₚ dYₙ[:, p]
     }
     Ok(())
 }
 
-/// On one thread: each sample's products one after the other — dW += dYₙ·Xₙᵀ, dXₙ += Wᵀ·dYₙ,
-/// db += its row sums — so that dYₙ is read from memory once and from cache twice (on large
-/// maps dY is the largest operand: 77 MB on MobileNetV2's 16 → 96 layer at 112×112, batch
-/// 16). Every element is computed as in the separate passes, in the same order, bit for bit.
+/// Maps of [`GROUP_BELOW_PIXELS`] pixels or more: the samples split between the threads, and
+/// each sample's three products run one after the other — its term of dW, dXₙ = Wᵀ·dYₙ, its
+/// row sums for db — so that dYₙ is read from memory once and from cache after (on large maps
+/// dY is the largest operand: 77 MB on MobileNetV2's 16 → 96 layer at 112×112, batch 16).
+/// dW and db are sums over the samples: each sample's term is kept apart, then the terms are
+/// added in sample order, so that the sums do not depend on how the threads split the batch.
 fn sample_by_sample<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,
     dy: ArrayView4<T>,
-    (mut dx, write): (ArrayViewMut4<T>, GradWrite),
-    dweight: ArrayViewMut2<T>,
-    mut dbias: Option<ArrayViewMut1<T>>,
+    dx: Option<(ArrayViewMut4<T>, GradWrite)>,
+    dweight: Option<ArrayViewMut2<T>>,
+    dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
-    let expected = [dy.shape()[0], weight.ncols(), dy.shape()[2], dy.shape()[3]];
-    check_same(OP, "input gradient", &expected, dx.shape())?;
-    let mut weight_sum = WeightSum::new(dweight);
-    let samples = x.outer_iter().zip(dy.outer_iter()).zip(dx.outer_iter_mut());
-    for ((x_block, dy_block), dx_block) in samples {
-        let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
-        weight_sum.add(x_n, dy_n)?;
-        sample_input_gradient(weight, dy_n, write, dx_block)?;
-        if let Some(dbias) = dbias.as_mut() {
-            for (b, row) in dbias.iter_mut().zip(dy_n.outer_iter()) {
-                *b += row.sum();
+    let (batch, outputs) = (dy.shape()[0], dy.shape()[1]);
+    if let Some((dx, _)) = &dx {
+        let expected = [batch, weight.ncols(), dy.shape()[2], dy.shape()[3]];
+        check_same(OP, "input gradient", &expected, dx.shape())?;
+    }
+    // With fewer output than input channels (a projection), the products run faster with the
+    // longer side as C's rows: each term is then dWₙᵀ = Xₙ·dYₙᵀ.
+    let transposed = dweight
+        .as_ref()
+        .is_some_and(|dw| dw.nrows() < dw.ncols() && longer_side_as_rows::<T>());
+    let mut terms = dweight.as_ref().map(|dw| {
+        let (rows, columns) = if transposed {
+            (dw.ncols(), dw.nrows())
+        } else {
+            dw.dim()
+        };
+        Array3::zeros((batch, rows, columns))
+    });
+    let mut row_sums = dbias.as_ref().map(|_| Array2::zeros((batch, outputs)));
+    let write = dx
+        .as_ref()
+        .map_or(GradWrite::Overwrite, |(_, write)| *write);
+    let parts = (
+        (Along(x, Axis(0)), Along(dy, Axis(0))),
+        (
+            dx.map(|(dx, _)| Along(dx, Axis(0))),
+            terms.as_mut().map(|terms| Along(terms.view_mut(), Axis(0))),
+            row_sums
+                .as_mut()
+                .map(|sums| Along(sums.view_mut(), Axis(0))),
+        ),
+    );
+    in_parts(parts, &|(
+        (Along(x, _), Along(dy, _)),
+        (mut dx, mut terms, mut sums),
+    )| {
+        for (n, (x_block, dy_block)) in x.outer_iter().zip(dy.outer_iter()).enumerate() {
+            let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
+            if let Some(Along(terms, _)) = terms.as_mut() {
+                let term = terms.index_axis_mut(Axis(0), n);
+                if transposed {
+                    gemm(T::one(), x_n, dy_n.t(), T::zero(), term)?; // (F×P)·(P×F1) → (F×F1)
+                } else {
+                    // (F1×P)·(P×F) → (F1×F); Xₙᵀ is a transposed view, not a copy.
+                    gemm(T::one(), dy_n, x_n.t(), T::zero(), term)?;
+                }
+            }
+            if let Some(Along(dx, _)) = dx.as_mut() {
+                sample_input_gradient(weight, dy_n, write, dx.index_axis_mut(Axis(0), n))?;
+            }
+            if let Some(Along(sums, _)) = sums.as_mut() {
+                for (sum, row) in sums.row_mut(n).iter_mut().zip(dy_n.outer_iter()) {
+                    *sum = row.sum(); // Σₚ dYₙ[:, p]
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if let (Some(mut dweight), Some(mut terms)) = (dweight, terms) {
+        add_in_order(terms.view_mut())?;
+        if let Some(sum) = terms.outer_iter().next() {
+            match transposed {
+                true => dweight += &sum.t(),
+                false => dweight += &sum,
             }
         }
     }
-    weight_sum.finish();
+    if let (Some(mut dbias), Some(row_sums)) = (dbias, row_sums) {
+        for sums_n in row_sums.outer_iter() {
+            dbias += &sums_n;
+        }
+    }
     Ok(())
 }
 
-/// dW += Σₙ dYₙ·Xₙᵀ.
+/// terms[0] ← Σₙ terms[n], added in sample order; the threads split the rows.
+fn add_in_order<T: Element>(terms: ArrayViewMut3<T>) -> Result<()> {
+    in_parts(Along(terms, Axis(1)), &|Along(terms, _)| {
+        let samples = terms.len_of(Axis(0));
+        let (mut first, rest) = terms.split_at(Axis(0), samples.min(1));
+        for mut sum in first.outer_iter_mut() {
+            for term in rest.outer_iter() {
+                sum += &term;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// dW += Σₙ dYₙ·Xₙᵀ (maps below [`GROUP_BELOW_PIXELS`] pixels).
 fn weight_gradient<T: Element>(
     x: ArrayView4<T>,
     dy: ArrayView4<T>,
     dweight: ArrayViewMut2<T>,
 ) -> Result<()> {
-    let transposed = WeightSum::transposed(&dweight);
-    split_weight_gradient((x, dy, dweight), &|(x, dy, dweight)| {
-        let mut weight_sum = WeightSum::with_orientation(dweight, transposed);
-        for (x_block, dy_block) in x.outer_iter().zip(dy.outer_iter()) {
-            weight_sum.add(sample_matrix(x_block)?, sample_matrix(dy_block)?)?;
+    // As above, the longer side as C's rows: dWᵀ = Σₙ Xₙ·dYₙᵀ summed in a scratch, added to
+    // dW transposed once. Chosen from the whole of dW, so that every thread count computes
+    // each element the same way.
+    let transposed = dweight.nrows() < dweight.ncols() && longer_side_as_rows::<T>();
+    split_weight_gradient((x, dy, dweight), &|(x, dy, mut dweight)| {
+        let samples = x.outer_iter().zip(dy.outer_iter());
+        if transposed {
+            let mut sum = Array2::zeros(dweight.t().raw_dim());
+            for (x_block, dy_block) in samples {
+                let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
+                // (F×P)·(P×F1) += into (F×F1)
+                gemm(T::one(), x_n, dy_n.t(), T::one(), sum.view_mut())?;
+            }
+            dweight += &sum.t();
+            return Ok(());
         }
-        weight_sum.finish();
+        for (x_block, dy_block) in samples {
+            let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
+            // (F1×P)·(P×F) += into (F1×F); Xₙᵀ is a transposed view, not a copy.
+            gemm(T::one(), dy_n, x_n.t(), T::one(), dweight.view_mut())?;
+        }
         Ok(())
     })
-}
-
-/// dW's running sum over the samples. With fewer output than input channels (a projection),
-/// the products run faster with the longer side as C's rows: dWᵀ = Σₙ Xₙ·dYₙᵀ is summed in a
-/// scratch and added to dW transposed once, when all samples are in. The orientation is chosen
-/// from the whole of dW, so that every thread count computes each element the same way.
-struct WeightSum<'a, T> {
-    dweight: ArrayViewMut2<'a, T>,
-    transposed: Option<Array2<T>>,
-}
-
-impl<'a, T: Element> WeightSum<'a, T> {
-    fn transposed(dweight: &ArrayViewMut2<T>) -> bool {
-        dweight.nrows() < dweight.ncols() && longer_side_as_rows::<T>()
-    }
-
-    fn new(dweight: ArrayViewMut2<'a, T>) -> Self {
-        let transposed = Self::transposed(&dweight);
-        Self::with_orientation(dweight, transposed)
-    }
-
-    fn with_orientation(dweight: ArrayViewMut2<'a, T>, transposed: bool) -> Self {
-        let transposed = transposed.then(|| Array2::zeros(dweight.t().raw_dim()));
-        WeightSum {
-            dweight,
-            transposed,
-        }
-    }
-
-    /// Adds one sample's dYₙ·Xₙᵀ.
-    fn add(&mut self, x_n: ArrayView2<T>, dy_n: ArrayView2<T>) -> Result<()> {
-        match &mut self.transposed {
-            // (F×P)·(P×F1) += into (F×F1)
-            Some(sum) => gemm(T::one(), x_n, dy_n.t(), T::one(), sum.view_mut()),
-            // (F1×P)·(P×F) += into (F1×F); Xₙᵀ is a transposed view, not a copy.
-            None => gemm(T::one(), dy_n, x_n.t(), T::one(), self.dweight.view_mut()),
-        }
-    }
-
-    fn finish(mut self) {
-        if let Some(sum) = self.transposed {
-            self.dweight += &sum.t();
-        }
-    }
 }
 
 /// dXₙ += Wᵀ·dYₙ for every sample, or = with [`GradWrite::Overwrite`] (β = 0, so that dX
@@ -331,18 +357,6 @@ pub fn input_gradient<T: Element>(
     dx: ArrayViewMut4<T>,
     write: GradWrite,
 ) -> Result<()> {
-    input_gradient_and_row_sums(weight, dy, dx, write, None)
-}
-
-/// The same, also writing each sample's row sums Σₚ dYₙ[:, p] into row n of `row_sums`
-/// (N×F1) when given, right after dXₙ (maps of at least [`GROUP_BELOW_PIXELS`] pixels).
-fn input_gradient_and_row_sums<T: Element>(
-    weight: ArrayView2<T>,
-    dy: ArrayView4<T>,
-    dx: ArrayViewMut4<T>,
-    write: GradWrite,
-    row_sums: Option<ArrayViewMut2<T>>,
-) -> Result<()> {
     check_same(
         OP,
         "output gradient channels",
@@ -352,10 +366,6 @@ fn input_gradient_and_row_sums<T: Element>(
     let expected = [dy.shape()[0], weight.ncols(), dy.shape()[2], dy.shape()[3]];
     check_same(OP, "input gradient", &expected, dx.shape())?;
     if dy.shape()[2] * dy.shape()[3] < GROUP_BELOW_PIXELS {
-        debug_assert!(
-            row_sums.is_none(),
-            "row sums are taken on the per-sample path"
-        );
         return in_groups(
             dy,
             dx,
@@ -367,20 +377,12 @@ fn input_gradient_and_row_sums<T: Element>(
             },
         );
     }
-    let row_sums = row_sums.map(|sums| Along(sums, Axis(0)));
-    in_parts((Along(dy, Axis(0)), Along(dx, Axis(0)), row_sums), &|(
+    in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
         Along(dy, _),
         Along(mut dx, _),
-        mut row_sums,
     )| {
-        for (n, (dy_block, dx_block)) in dy.outer_iter().zip(dx.outer_iter_mut()).enumerate() {
-            let dy_n = sample_matrix(dy_block)?;
-            sample_input_gradient(weight, dy_n, write, dx_block)?;
-            if let Some(Along(sums, _)) = row_sums.as_mut() {
-                for (sum, row) in sums.row_mut(n).iter_mut().zip(dy_n.outer_iter()) {
-                    *sum = row.sum();
-                }
-            }
+        for (dy_block, dx_block) in dy.outer_iter().zip(dx.outer_iter_mut()) {
+            sample_input_gradient(weight, sample_matrix(dy_block)?, write, dx_block)?;
         }
         Ok(())
     })

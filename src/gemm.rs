@@ -131,11 +131,13 @@ fn product<T: Element>(
             &[m, k, n],
         ));
     }
-    // A large product called from outside the ops' own parallel parts (which already use
-    // every thread) splits C's columns between the threads.
+    // A product called from outside the ops' own parallel parts (which already use every
+    // thread) splits C's columns between the threads when each part still has work for tens
+    // of microseconds: 2²¹ multiply-adds (a batch-1 layer such as 32 → 16 on 112×112 maps
+    // has 6.4 million; with 2²⁴ as the bar it ran on one thread).
     if rayon::current_thread_index().is_none()
         && crate::parallel::threads() > 1
-        && m * n * k >= 1 << 24
+        && m * n * k >= 1 << 21
     {
         let parts = (Along(b, Axis(1)), Along(c, Axis(1)));
         return in_parts(parts, &|(Along(b, _), Along(c, _))| {

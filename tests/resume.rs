@@ -172,10 +172,36 @@ fn wide_layer_gradients<T: pointwise::Element>() -> Vec<f64> {
     bits
 }
 
+/// One sample, 16 → 96 → 16 on 48×48 maps: each product runs outside the ops' parallel parts,
+/// so at two or three threads it splits its columns instead. Values and every gradient's bits.
+fn batch_one_gradients<T: pointwise::Element>() -> Vec<f64> {
+    let mut graph = Graph::<T>::new();
+    let mut nn = Layers::new(&mut graph, 9);
+    let x = nn.input_with_grad("x");
+    let y = nn.conv1x1("expand", x, 16, 96, true).unwrap();
+    let y = nn.conv1x1("project", y, 96, 16, true).unwrap();
+    let input = ndarray::ArrayD::from_shape_fn(vec![1, 16, 48, 48], |i| {
+        T::from_f64(((i[1] * 13 + i[2] * 3 + i[3]) % 17) as f64 / 17.0 - 0.5)
+    });
+    graph.set_input(x, input.view()).unwrap();
+    graph.forward(y).unwrap();
+    let upstream = ndarray::ArrayD::from_shape_fn(vec![1, 16, 48, 48], |i| {
+        T::from_f64(((i[1] * 5 + i[2] + 7 * i[3]) % 11) as f64 / 11.0 - 0.4)
+    });
+    graph.backward_from(y, upstream.view()).unwrap();
+    let mut bits: Vec<f64> = graph.value(y).unwrap().iter().map(|v| v.as_f64()).collect();
+    for id in graph.node_ids() {
+        if let Ok(grad) = graph.grad(id) {
+            bits.extend(grad.iter().map(|v| v.as_f64()));
+        }
+    }
+    bits
+}
+
 /// Same seed, same bits, whatever the thread count — where the matrix products run on
 /// ndarray's GEMM (always in f64) or the gemm crate's (f32 on CPUs without AVX-512): the
-/// threads split samples, channels or the columns of dW, and each element is summed in the
-/// same order either way. (On the AVX-512 kernel, dW of a layer with H·W > 128 could round
+/// threads split samples, channels, the columns of dW or a batch-1 product's columns, and each
+/// element is summed in the same order either way. (On the AVX-512 kernel, dW of a layer with H·W > 128 could round
 /// differently between thread counts; not checked there: README, "Determinism".)
 #[test]
 fn results_do_not_depend_on_the_thread_count_off_the_avx512_kernel() {
@@ -184,9 +210,9 @@ fn results_do_not_depend_on_the_thread_count_off_the_avx512_kernel() {
     let (mut wide64, mut wide32, mut runs) = (Vec::new(), Vec::new(), Vec::new());
     for threads in [1, 2, 3] {
         pointwise::parallel::set_threads(threads).unwrap();
-        wide64.push(wide_layer_gradients::<f64>());
+        wide64.push((wide_layer_gradients::<f64>(), batch_one_gradients::<f64>()));
         if f32_checked {
-            wide32.push(wide_layer_gradients::<f32>());
+            wide32.push((wide_layer_gradients::<f32>(), batch_one_gradients::<f32>()));
             let mut model = network();
             let mut trainer =
                 Trainer::new(config(OptimizerKind::adam()), data().train.len()).unwrap();

@@ -108,6 +108,21 @@ impl<T: Sync> Split for Items<&[T]> {
     }
 }
 
+/// Work cut only between whole groups of `.1` items (the samples that share a slot of a
+/// sum, say); the last group may be shorter.
+pub(crate) struct Groups<S>(pub S, pub usize);
+
+impl<S: Split> Split for Groups<S> {
+    fn len(&self) -> usize {
+        self.0.len().div_ceil(self.1.max(1))
+    }
+    fn split(self, mid: usize) -> (Self, Self) {
+        let at = (mid * self.1.max(1)).min(self.0.len());
+        let (first, second) = self.0.split(at);
+        (Groups(first, self.1), Groups(second, self.1))
+    }
+}
+
 /// Indices (the channels a part covers, say), cut with the views they index: a part reads
 /// per-channel constants by index and writes only its own views.
 impl Split for std::ops::Range<usize> {

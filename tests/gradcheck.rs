@@ -106,7 +106,8 @@ fn conv1x1_dx_dweight_dbias_match_finite_difference() {
 
 /// Maps of 64 pixels or more take conv1x1's per-sample path (the CASES take the grouped one
 /// for small maps): each sample's term of dW, its dXₙ and its row sums for db one after the
-/// other, the terms added after; checked on one thread and with the samples split on two.
+/// other, the terms of dW summed in slots and the slots added after; checked on one thread and
+/// with the samples split on two.
 #[test]
 fn conv1x1_on_larger_maps_matches_finite_difference() {
     let cases = [
@@ -121,6 +122,14 @@ fn conv1x1_on_larger_maps_matches_finite_difference() {
             batch: 1,
             c_in: 5,
             c_out: 2,
+            height: 8,
+            width: 8,
+        },
+        // More output channels than pixels: two samples share a slot of dW's sum.
+        Case {
+            batch: 3,
+            c_in: 2,
+            c_out: 80,
             height: 8,
             width: 8,
         },

@@ -172,21 +172,28 @@ fn wide_layer_gradients<T: pointwise::Element>() -> Vec<f64> {
     bits
 }
 
-/// One sample, 16 → 96 → 16 on 48×48 maps: each product runs outside the ops' parallel parts,
-/// so at two or three threads it splits its columns instead. Values and every gradient's bits.
-fn batch_one_gradients<T: pointwise::Element>() -> Vec<f64> {
+/// A 1×1 expansion then projection, `channels` → `wide` → `channels` on `side`×`side` maps:
+/// values and every gradient's bits. With one sample each product runs outside the ops'
+/// parallel parts, so at two or three threads it splits its columns instead; with more output
+/// channels than pixels, several samples share a slot of dW's sum.
+fn pair_gradients<T: pointwise::Element>(
+    batch: usize,
+    channels: usize,
+    wide: usize,
+    side: usize,
+) -> Vec<f64> {
     let mut graph = Graph::<T>::new();
     let mut nn = Layers::new(&mut graph, 9);
     let x = nn.input_with_grad("x");
-    let y = nn.conv1x1("expand", x, 16, 96, true).unwrap();
-    let y = nn.conv1x1("project", y, 96, 16, true).unwrap();
-    let input = ndarray::ArrayD::from_shape_fn(vec![1, 16, 48, 48], |i| {
-        T::from_f64(((i[1] * 13 + i[2] * 3 + i[3]) % 17) as f64 / 17.0 - 0.5)
+    let y = nn.conv1x1("expand", x, channels, wide, true).unwrap();
+    let y = nn.conv1x1("project", y, wide, channels, true).unwrap();
+    let input = ndarray::ArrayD::from_shape_fn(vec![batch, channels, side, side], |i| {
+        T::from_f64(((i[0] * 7 + i[1] * 13 + i[2] * 3 + i[3]) % 17) as f64 / 17.0 - 0.5)
     });
     graph.set_input(x, input.view()).unwrap();
     graph.forward(y).unwrap();
-    let upstream = ndarray::ArrayD::from_shape_fn(vec![1, 16, 48, 48], |i| {
-        T::from_f64(((i[1] * 5 + i[2] + 7 * i[3]) % 11) as f64 / 11.0 - 0.4)
+    let upstream = ndarray::ArrayD::from_shape_fn(vec![batch, channels, side, side], |i| {
+        T::from_f64(((i[0] + i[1] * 5 + i[2] + 7 * i[3]) % 11) as f64 / 11.0 - 0.4)
     });
     graph.backward_from(y, upstream.view()).unwrap();
     let mut bits: Vec<f64> = graph.value(y).unwrap().iter().map(|v| v.as_f64()).collect();
@@ -196,6 +203,15 @@ fn batch_one_gradients<T: pointwise::Element>() -> Vec<f64> {
         }
     }
     bits
+}
+
+/// The layers above on one sample (48×48 maps) and on five whose expansion has more output
+/// channels (160) than pixels (64).
+fn pairs<T: pointwise::Element>() -> [Vec<f64>; 2] {
+    [
+        pair_gradients::<T>(1, 16, 96, 48),
+        pair_gradients::<T>(5, 16, 160, 8),
+    ]
 }
 
 /// Same seed, same bits, whatever the thread count — where the matrix products run on
@@ -210,9 +226,9 @@ fn results_do_not_depend_on_the_thread_count_off_the_avx512_kernel() {
     let (mut wide64, mut wide32, mut runs) = (Vec::new(), Vec::new(), Vec::new());
     for threads in [1, 2, 3] {
         pointwise::parallel::set_threads(threads).unwrap();
-        wide64.push((wide_layer_gradients::<f64>(), batch_one_gradients::<f64>()));
+        wide64.push((wide_layer_gradients::<f64>(), pairs::<f64>()));
         if f32_checked {
-            wide32.push((wide_layer_gradients::<f32>(), batch_one_gradients::<f32>()));
+            wide32.push((wide_layer_gradients::<f32>(), pairs::<f32>()));
             let mut model = network();
             let mut trainer =
                 Trainer::new(config(OptimizerKind::adam()), data().train.len()).unwrap();

@@ -54,7 +54,8 @@ use crate::gemm::{gemm, gemm_bias_relu, longer_side_as_rows};
 use crate::graph::{Backward, Forward, Graph, NodeId, Port};
 use crate::ops::{GradWrite, Operation};
 use crate::parallel::{
-    each_sample, in_parts, sample_matrix, sample_matrix_mut, samples_per_group, side_by_side, Along,
+    each_sample, in_parts, sample_matrix, sample_matrix_mut, samples_per_group, side_by_side,
+    Along, Groups,
 };
 use ndarray::{
     Array2, Array3, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
@@ -219,8 +220,10 @@ pub(crate) fn gradients<T: Element>(
 /// each sample's three products run one after the other — its term of dW, dXₙ = Wᵀ·dYₙ, its
 /// row sums for db — so that dYₙ is read from memory once and from cache after (on large maps
 /// dY is the largest operand: 77 MB on MobileNetV2's 16 → 96 layer at 112×112, batch 16).
-/// dW and db are sums over the samples: each sample's term is kept apart, then the terms are
-/// added in sample order, so that the sums do not depend on how the threads split the batch.
+/// dW and db are sums over the samples. The terms of dW go into slots, each summing a fixed
+/// run of samples in order (see [`samples_per_slot`]), and the slots are added in order after,
+/// so that the sums do not depend on how the threads split the batch; db's row sums are kept
+/// per sample and added in order.
 fn sample_by_sample<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView2<T>,
@@ -229,7 +232,7 @@ fn sample_by_sample<T: Element>(
     dweight: Option<ArrayViewMut2<T>>,
     dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
-    let (batch, outputs) = (dy.shape()[0], dy.shape()[1]);
+    let (batch, outputs, pixels) = (dy.shape()[0], dy.shape()[1], dy.shape()[2] * dy.shape()[3]);
     if let Some((dx, _)) = &dx {
         let expected = [batch, weight.ncols(), dy.shape()[2], dy.shape()[3]];
         check_same(OP, "input gradient", &expected, dx.shape())?;
@@ -239,41 +242,48 @@ fn sample_by_sample<T: Element>(
     let transposed = dweight
         .as_ref()
         .is_some_and(|dw| dw.nrows() < dw.ncols() && longer_side_as_rows::<T>());
-    let mut terms = dweight.as_ref().map(|dw| {
+    let per_slot = samples_per_slot(batch, pixels, outputs);
+    let mut slots = dweight.as_ref().map(|dw| {
         let (rows, columns) = if transposed {
             (dw.ncols(), dw.nrows())
         } else {
             dw.dim()
         };
-        Array3::zeros((batch, rows, columns))
+        Array3::zeros((batch.div_ceil(per_slot), rows, columns))
     });
     let mut row_sums = dbias.as_ref().map(|_| Array2::zeros((batch, outputs)));
     let write = dx
         .as_ref()
         .map_or(GradWrite::Overwrite, |(_, write)| *write);
-    let parts = (
+    let samples = (
         (Along(x, Axis(0)), Along(dy, Axis(0))),
         (
             dx.map(|(dx, _)| Along(dx, Axis(0))),
-            terms.as_mut().map(|terms| Along(terms.view_mut(), Axis(0))),
             row_sums
                 .as_mut()
                 .map(|sums| Along(sums.view_mut(), Axis(0))),
         ),
     );
-    in_parts(parts, &|(
-        (Along(x, _), Along(dy, _)),
-        (mut dx, mut terms, mut sums),
-    )| {
+    let slot_views = slots.as_mut().map(|slots| Along(slots.view_mut(), Axis(0)));
+    // The threads take whole slots: their samples and the slot their terms sum into.
+    let parts = (Groups(samples, per_slot), slot_views);
+    in_parts(parts, &|(Groups(samples, _), mut slots)| {
+        let ((Along(x, _), Along(dy, _)), (mut dx, mut sums)) = samples;
         for (n, (x_block, dy_block)) in x.outer_iter().zip(dy.outer_iter()).enumerate() {
             let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
-            if let Some(Along(terms, _)) = terms.as_mut() {
-                let term = terms.index_axis_mut(Axis(0), n);
+            if let Some(Along(slots, _)) = slots.as_mut() {
+                let slot = slots.index_axis_mut(Axis(0), n / per_slot);
+                // The slot's first sample writes it, the others add to it.
+                let beta = if n % per_slot == 0 {
+                    T::zero()
+                } else {
+                    T::one()
+                };
                 if transposed {
-                    gemm(T::one(), x_n, dy_n.t(), T::zero(), term)?; // (F×P)·(P×F1) → (F×F1)
+                    gemm(T::one(), x_n, dy_n.t(), beta, slot)?; // (F×P)·(P×F1) → (F×F1)
                 } else {
                     // (F1×P)·(P×F) → (F1×F); Xₙᵀ is a transposed view, not a copy.
-                    gemm(T::one(), dy_n, x_n.t(), T::zero(), term)?;
+                    gemm(T::one(), dy_n, x_n.t(), beta, slot)?;
                 }
             }
             if let Some(Along(dx, _)) = dx.as_mut() {
@@ -287,9 +297,9 @@ fn sample_by_sample<T: Element>(
         }
         Ok(())
     })?;
-    if let (Some(mut dweight), Some(mut terms)) = (dweight, terms) {
-        add_in_order(terms.view_mut())?;
-        if let Some(sum) = terms.outer_iter().next() {
+    if let (Some(mut dweight), Some(mut slots)) = (dweight, slots) {
+        add_in_order(slots.view_mut())?;
+        if let Some(sum) = slots.outer_iter().next() {
             match transposed {
                 true => dweight += &sum.t(),
                 false => dweight += &sum,
@@ -304,14 +314,23 @@ fn sample_by_sample<T: Element>(
     Ok(())
 }
 
-/// terms[0] ← Σₙ terms[n], added in sample order; the threads split the rows.
-fn add_in_order<T: Element>(terms: ArrayViewMut3<T>) -> Result<()> {
-    in_parts(Along(terms, Axis(1)), &|Along(terms, _)| {
-        let samples = terms.len_of(Axis(0));
-        let (mut first, rest) = terms.split_at(Axis(0), samples.min(1));
+/// How many samples share a slot of dW's sum: one each while the slots (F1×F values each) take
+/// no more memory than the input X (N·F·P values), more when the channels outnumber the
+/// pixels (a slot per sample of a 2048 → 2048 layer on 8×8 maps, batch 256, would be 4 GiB).
+/// It depends on the shapes alone, never on the thread count.
+fn samples_per_slot(batch: usize, pixels: usize, outputs: usize) -> usize {
+    let slots = (batch.saturating_mul(pixels) / outputs.max(1)).clamp(1, batch.max(1));
+    batch.div_ceil(slots).max(1)
+}
+
+/// slots[0] ← Σᵢ slots[i], added in order; the threads split the rows.
+fn add_in_order<T: Element>(slots: ArrayViewMut3<T>) -> Result<()> {
+    in_parts(Along(slots, Axis(1)), &|Along(slots, _)| {
+        let count = slots.len_of(Axis(0));
+        let (mut first, rest) = slots.split_at(Axis(0), count.min(1));
         for mut sum in first.outer_iter_mut() {
-            for term in rest.outer_iter() {
-                sum += &term;
+            for slot in rest.outer_iter() {
+                sum += &slot;
             }
         }
         Ok(())
@@ -649,4 +668,33 @@ fn check_gradients<T>(
     let out = output_shape(x.shape(), weight.shape(), None)?;
     check_layer_gradients(OP, [x.shape(), weight.shape(), &out, dy.shape()], buffers)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::samples_per_slot;
+
+    /// dW's slots (one per run of samples, F1·F values each) never take more memory than the
+    /// input X (N·F·P values), and there is one per sample whenever that fits.
+    #[test]
+    fn the_slots_of_dw_take_no_more_memory_than_the_input() {
+        for (batch, pixels, outputs) in [
+            (256, 64, 2048),
+            (16, 12544, 96),
+            (5, 64, 160),
+            (3, 64, 80),
+            (1, 64, 4096),
+            (7, 100, 101),
+        ] {
+            let per_slot = samples_per_slot(batch, pixels, outputs);
+            let slots = batch.div_ceil(per_slot);
+            assert!(
+                slots * outputs <= (batch * pixels).max(outputs),
+                "{batch} {pixels} {outputs}"
+            );
+            if outputs <= pixels {
+                assert_eq!(per_slot, 1, "{batch} {pixels} {outputs}");
+            }
+        }
+    }
 }

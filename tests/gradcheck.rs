@@ -104,35 +104,24 @@ fn conv1x1_dx_dweight_dbias_match_finite_difference() {
     }
 }
 
-/// Maps of 64 pixels or more take conv1x1's per-sample path (the CASES take the grouped one
-/// for small maps): each sample's term of dW, its dXₙ and its row sums for db one after the
-/// other, the terms of dW summed in slots and the slots added after; checked on one thread and
-/// with the samples split on two.
+/// Maps of 64 pixels or more take conv1x1's per-sample products (the CASES take the grouped
+/// ones for small maps); from 256 pixels the backward pass runs sample by sample — each
+/// sample's term of dW, its dXₙ and its row sums for db one after the other, the terms of dW
+/// summed in slots and the slots added after (slots shared by several samples: `tests/ops.rs`).
+/// Checked on one thread and with the samples split on two.
 #[test]
 fn conv1x1_on_larger_maps_matches_finite_difference() {
+    let case = |batch, c_in, c_out, height, width| Case {
+        batch,
+        c_in,
+        c_out,
+        height,
+        width,
+    };
     let cases = [
-        Case {
-            batch: 2,
-            c_in: 3,
-            c_out: 5,
-            height: 9,
-            width: 8,
-        },
-        Case {
-            batch: 1,
-            c_in: 5,
-            c_out: 2,
-            height: 8,
-            width: 8,
-        },
-        // More output channels than pixels: two samples share a slot of dW's sum.
-        Case {
-            batch: 3,
-            c_in: 2,
-            c_out: 80,
-            height: 8,
-            width: 8,
-        },
+        case(2, 3, 5, 9, 8),
+        case(1, 5, 2, 16, 16),
+        case(2, 3, 5, 16, 17),
     ];
     let before = pointwise::parallel::threads();
     for threads in [1, 2] {

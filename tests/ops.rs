@@ -480,6 +480,12 @@ fn conv1x1_f32_fast_path_matches_reference_loops() {
         (25, 6, 5, 7, 7),
         // 72 pixels: one product per sample.
         (2, 5, 4, 9, 8),
+        // From 256 pixels, sample by sample: a projection (dW's terms transposed), an
+        // expansion, and more output channels than pixels (two samples a slot of dW's sum, the
+        // last slot one).
+        (2, 96, 24, 16, 17),
+        (1, 16, 96, 20, 20),
+        (3, 4, 300, 16, 16),
     ];
     for (i, &(batch, c_in, c_out, height, width)) in cases.iter().enumerate() {
         let seed = 10 * i as u64;

@@ -206,11 +206,11 @@ fn pair_gradients<T: pointwise::Element>(
 }
 
 /// The layers above on one sample (48×48 maps) and on five whose expansion has more output
-/// channels (160) than pixels (64).
+/// channels (300) than pixels (256).
 fn pairs<T: pointwise::Element>() -> [Vec<f64>; 2] {
     [
         pair_gradients::<T>(1, 16, 96, 48),
-        pair_gradients::<T>(5, 16, 160, 8),
+        pair_gradients::<T>(5, 16, 300, 16),
     ]
 }
 

@@ -201,7 +201,7 @@ pub(crate) fn gradients<T: Element>(
     dweight: Option<ArrayViewMut2<T>>,
     dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
-    if dy.shape()[2] * dy.shape()[3] >= GROUP_BELOW_PIXELS {
+    if dy.shape()[2] * dy.shape()[3] >= SAMPLE_BY_SAMPLE_PIXELS {
         return sample_by_sample(x, weight, dy, dx, dweight, dbias);
     }
     if let Some(dweight) = dweight {
@@ -216,7 +216,7 @@ pub(crate) fn gradients<T: Element>(
     Ok(())
 }
 
-/// Maps of [`GROUP_BELOW_PIXELS`] pixels or more: the samples split between the threads, and
+/// Maps of [`SAMPLE_BY_SAMPLE_PIXELS`] pixels or more: the samples split between the threads, and
 /// each sample's three products run one after the other — its term of dW, dXₙ = Wᵀ·dYₙ, its
 /// row sums for db — so that dYₙ is read from memory once and from cache after (on large maps
 /// dY is the largest operand: 77 MB on MobileNetV2's 16 → 96 layer at 112×112, batch 16).
@@ -337,7 +337,7 @@ fn add_in_order<T: Element>(slots: ArrayViewMut3<T>) -> Result<()> {
     })
 }
 
-/// dW += Σₙ dYₙ·Xₙᵀ (maps below [`GROUP_BELOW_PIXELS`] pixels).
+/// dW += Σₙ dYₙ·Xₙᵀ (maps below [`SAMPLE_BY_SAMPLE_PIXELS`] pixels).
 fn weight_gradient<T: Element>(
     x: ArrayView4<T>,
     dy: ArrayView4<T>,
@@ -597,6 +597,13 @@ fn relu_mask<T: Element>(y: ArrayView4<T>, dy: ArrayViewMut4<T>) -> Result<()> {
 /// GEMM packing W for little work: measured with batch 16 at 7×7, 320 → 1280 took 7.06 ms
 /// grouped (copies included) against 8.62 ms per sample; at 14×14 grouping was slower.
 const GROUP_BELOW_PIXELS: usize = 64;
+
+/// From this many pixels per sample (28×28 maps and up) the backward pass runs sample by
+/// sample ([`sample_by_sample`]): there dYₙ no longer stays in cache between separate passes.
+/// On 14×14 maps it does, and sample by sample was the slower choice: against PyTorch in the
+/// same rounds, MobileNetV2's 576 → 96 at 14×14 (batch 16) went from 1.03× and 1.00× (1 and
+/// 2 threads) with the passes apart to 0.97× and 0.93×.
+const SAMPLE_BY_SAMPLE_PIXELS: usize = 256;
 
 /// One product per group of samples (the samples split between the threads first): the
 /// group's `inputs` side by side, `product(inputs, outputs)` on the wide matrices, then

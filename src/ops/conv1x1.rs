@@ -201,17 +201,30 @@ pub(crate) fn gradients<T: Element>(
     dweight: Option<ArrayViewMut2<T>>,
     dbias: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
-    if dy.shape()[2] * dy.shape()[3] >= SAMPLE_BY_SAMPLE_PIXELS {
+    let pixels = dy.shape()[2] * dy.shape()[3];
+    if pixels >= SAMPLE_BY_SAMPLE_PIXELS {
         return sample_by_sample(x, weight, dy, dx, dweight, dbias);
     }
     if let Some(dweight) = dweight {
         weight_gradient(x, dy, dweight)?; // dW += Σₙ dYₙ·Xₙᵀ
     }
+    // With dX wanted too on the per-sample products, db's row sums of each dYₙ are taken right
+    // after its dXₙ, while dYₙ is in cache, then added in sample order: the same arithmetic as
+    // bias_gradient.
+    let mut row_sums = (dx.is_some() && dbias.is_some() && pixels >= GROUP_BELOW_PIXELS)
+        .then(|| Array2::zeros((dy.shape()[0], dy.shape()[1])));
     if let Some((dx, write)) = dx {
-        input_gradient(weight, dy, dx, write)?; // dXₙ += Wᵀ·dYₙ
+        let sums = row_sums.as_mut().map(|sums| sums.view_mut());
+        input_gradient_and_row_sums(weight, dy, dx, write, sums)?; // dXₙ += Wᵀ·dYₙ
     }
-    if let Some(dbias) = dbias {
-        bias_gradient(dy, dbias)?; // db += Σₙ Σₚ dYₙ[:, p]
+    match (dbias, row_sums) {
+        (Some(mut dbias), Some(row_sums)) => {
+            for sums_n in row_sums.outer_iter() {
+                dbias += &sums_n; // db += Σₚ dYₙ[:, p]
+            }
+        }
+        (Some(dbias), None) => bias_gradient(dy, dbias)?, // db += Σₙ Σₚ dYₙ[:, p]
+        (None, _) => {}
     }
     Ok(())
 }
@@ -376,6 +389,18 @@ pub fn input_gradient<T: Element>(
     dx: ArrayViewMut4<T>,
     write: GradWrite,
 ) -> Result<()> {
+    input_gradient_and_row_sums(weight, dy, dx, write, None)
+}
+
+/// The same, also writing each sample's row sums Σₚ dYₙ[:, p] into row n of `row_sums`
+/// (N×F1) when given, right after dXₙ (maps of at least [`GROUP_BELOW_PIXELS`] pixels).
+fn input_gradient_and_row_sums<T: Element>(
+    weight: ArrayView2<T>,
+    dy: ArrayView4<T>,
+    dx: ArrayViewMut4<T>,
+    write: GradWrite,
+    row_sums: Option<ArrayViewMut2<T>>,
+) -> Result<()> {
     check_same(
         OP,
         "output gradient channels",
@@ -385,6 +410,10 @@ pub fn input_gradient<T: Element>(
     let expected = [dy.shape()[0], weight.ncols(), dy.shape()[2], dy.shape()[3]];
     check_same(OP, "input gradient", &expected, dx.shape())?;
     if dy.shape()[2] * dy.shape()[3] < GROUP_BELOW_PIXELS {
+        debug_assert!(
+            row_sums.is_none(),
+            "row sums are taken on the per-sample products"
+        );
         return in_groups(
             dy,
             dx,
@@ -396,12 +425,20 @@ pub fn input_gradient<T: Element>(
             },
         );
     }
-    in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
+    let row_sums = row_sums.map(|sums| Along(sums, Axis(0)));
+    in_parts((Along(dy, Axis(0)), Along(dx, Axis(0)), row_sums), &|(
         Along(dy, _),
         Along(mut dx, _),
+        mut row_sums,
     )| {
-        for (dy_block, dx_block) in dy.outer_iter().zip(dx.outer_iter_mut()) {
-            sample_input_gradient(weight, sample_matrix(dy_block)?, write, dx_block)?;
+        for (n, (dy_block, dx_block)) in dy.outer_iter().zip(dx.outer_iter_mut()).enumerate() {
+            let dy_n = sample_matrix(dy_block)?;
+            sample_input_gradient(weight, dy_n, write, dx_block)?;
+            if let Some(Along(sums, _)) = row_sums.as_mut() {
+                for (sum, row) in sums.row_mut(n).iter_mut().zip(dy_n.outer_iter()) {
+                    *sum = row.sum();
+                }
+            }
         }
         Ok(())
     })

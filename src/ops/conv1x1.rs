@@ -218,11 +218,7 @@ pub(crate) fn gradients<T: Element>(
         input_gradient_and_row_sums(weight, dy, dx, write, sums)?; // dXₙ += Wᵀ·dYₙ
     }
     match (dbias, row_sums) {
-        (Some(mut dbias), Some(row_sums)) => {
-            for sums_n in row_sums.outer_iter() {
-                dbias += &sums_n; // db += Σₚ dYₙ[:, p]
-            }
-        }
+        (Some(dbias), Some(row_sums)) => add_row_sums(row_sums, dbias),
         (Some(dbias), None) => bias_gradient(dy, dbias)?, // db += Σₙ Σₚ dYₙ[:, p]
         (None, _) => {}
     }
@@ -250,11 +246,8 @@ fn sample_by_sample<T: Element>(
         let expected = [batch, weight.ncols(), dy.shape()[2], dy.shape()[3]];
         check_same(OP, "input gradient", &expected, dx.shape())?;
     }
-    // With fewer output than input channels (a projection), the products run faster with the
-    // longer side as C's rows: each term is then dWₙᵀ = Xₙ·dYₙᵀ.
-    let transposed = dweight
-        .as_ref()
-        .is_some_and(|dw| dw.nrows() < dw.ncols() && longer_side_as_rows::<T>());
+    // A projection's terms are dWₙᵀ = Xₙ·dYₙᵀ (see `dw_transposed`).
+    let transposed = dweight.as_ref().is_some_and(dw_transposed);
     let per_slot = samples_per_slot(batch, pixels, outputs);
     let mut slots = dweight.as_ref().map(|dw| {
         let (rows, columns) = if transposed {
@@ -303,9 +296,7 @@ fn sample_by_sample<T: Element>(
                 sample_input_gradient(weight, dy_n, write, dx.index_axis_mut(Axis(0), n))?;
             }
             if let Some(Along(sums, _)) = sums.as_mut() {
-                for (sum, row) in sums.row_mut(n).iter_mut().zip(dy_n.outer_iter()) {
-                    *sum = row.sum(); // Σₚ dYₙ[:, p]
-                }
+                row_sums_of(dy_n, sums.row_mut(n));
             }
         }
         Ok(())
@@ -319,12 +310,24 @@ fn sample_by_sample<T: Element>(
             }
         }
     }
-    if let (Some(mut dbias), Some(row_sums)) = (dbias, row_sums) {
-        for sums_n in row_sums.outer_iter() {
-            dbias += &sums_n;
-        }
+    if let (Some(dbias), Some(row_sums)) = (dbias, row_sums) {
+        add_row_sums(row_sums, dbias);
     }
     Ok(())
+}
+
+/// sums[o] ← Σₚ dYₙ[o, p] for every output channel o: one sample's term of db.
+fn row_sums_of<T: Element>(dy_n: ArrayView2<T>, mut sums: ArrayViewMut1<T>) {
+    for (sum, row) in sums.iter_mut().zip(dy_n.outer_iter()) {
+        *sum = row.sum();
+    }
+}
+
+/// db += Σₙ row_sums[n], in sample order: the arithmetic of [`bias_gradient`].
+fn add_row_sums<T: Element>(row_sums: Array2<T>, mut dbias: ArrayViewMut1<T>) {
+    for sums_n in row_sums.outer_iter() {
+        dbias += &sums_n;
+    }
 }
 
 /// How many samples share a slot of dW's sum: one each while the slots (F1×F values each) take
@@ -350,16 +353,21 @@ fn add_in_order<T: Element>(slots: ArrayViewMut3<T>) -> Result<()> {
     })
 }
 
+/// Whether dW's products are computed transposed: with fewer output than input channels (a
+/// projection) they run faster with the longer side as C's rows, dWᵀ = Σₙ Xₙ·dYₙᵀ.
+fn dw_transposed<T: Element>(dweight: &ArrayViewMut2<T>) -> bool {
+    dweight.nrows() < dweight.ncols() && longer_side_as_rows::<T>()
+}
+
 /// dW += Σₙ dYₙ·Xₙᵀ (maps below [`SAMPLE_BY_SAMPLE_PIXELS`] pixels).
 fn weight_gradient<T: Element>(
     x: ArrayView4<T>,
     dy: ArrayView4<T>,
     dweight: ArrayViewMut2<T>,
 ) -> Result<()> {
-    // As above, the longer side as C's rows: dWᵀ = Σₙ Xₙ·dYₙᵀ summed in a scratch, added to
-    // dW transposed once. Chosen from the whole of dW, so that every thread count computes
-    // each element the same way.
-    let transposed = dweight.nrows() < dweight.ncols() && longer_side_as_rows::<T>();
+    // A projection's dWᵀ = Σₙ Xₙ·dYₙᵀ is summed in a scratch and added to dW transposed once;
+    // chosen from the whole of dW, so that every thread count computes each element alike.
+    let transposed = dw_transposed(&dweight);
     split_weight_gradient((x, dy, dweight), &|(x, dy, mut dweight)| {
         let samples = x.outer_iter().zip(dy.outer_iter());
         if transposed {
@@ -435,9 +443,7 @@ fn input_gradient_and_row_sums<T: Element>(
             let dy_n = sample_matrix(dy_block)?;
             sample_input_gradient(weight, dy_n, write, dx_block)?;
             if let Some(Along(sums, _)) = row_sums.as_mut() {
-                for (sum, row) in sums.row_mut(n).iter_mut().zip(dy_n.outer_iter()) {
-                    *sum = row.sum();
-                }
+                row_sums_of(dy_n, sums.row_mut(n));
             }
         }
         Ok(())

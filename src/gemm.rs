@@ -321,10 +321,10 @@ pub struct Operands {
 /// stored once, bias and ReLU applied on the way. Columns go in blocks (of 16384 / K for the
 /// shallow products: 64 KiB of B, in L2), so that the block's rows of B stay in cache for
 /// every row tile after the first; products of few rows go one strip at a time. The first row
-/// of tiles reads B from memory and prefetches the strip after next as it goes. Edges use smaller tiles and masked loads and
-/// stores. Each element is the sum over k in order, then α, the bias, β·C: the same bits
-/// whichever columns a thread is given. (The AVX-512 module's NN tile is the same design at
-/// twice the width.)
+/// of tiles reads B from memory and prefetches the strip after next as it goes. Edges use
+/// smaller tiles and masked loads and stores. Each element is the sum over k in order, then α,
+/// the bias, β·C: the same bits whichever columns a thread is given. (The AVX-512 module's NN
+/// tile is the same design at twice the width.)
 #[cfg(target_arch = "x86_64")]
 mod shallow {
     use super::Operands;

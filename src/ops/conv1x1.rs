@@ -285,12 +285,7 @@ fn sample_by_sample<T: Element>(
                 } else {
                     T::one()
                 };
-                if transposed {
-                    gemm(T::one(), x_n, dy_n.t(), beta, slot)?; // (F×P)·(P×F1) → (F×F1)
-                } else {
-                    // (F1×P)·(P×F) → (F1×F); Xₙᵀ is a transposed view, not a copy.
-                    gemm(T::one(), dy_n, x_n.t(), beta, slot)?;
-                }
+                weight_term(x_n, dy_n, transposed, beta, slot)?;
             }
             if let Some(Along(dx, _)) = dx.as_mut() {
                 sample_input_gradient(weight, dy_n, write, dx.index_axis_mut(Axis(0), n))?;
@@ -359,6 +354,23 @@ fn dw_transposed<T: Element>(dweight: &ArrayViewMut2<T>) -> bool {
     dweight.nrows() < dweight.ncols() && longer_side_as_rows::<T>()
 }
 
+/// target ← dYₙ·Xₙᵀ + β·target, or its transpose Xₙ·dYₙᵀ when `transposed`: one sample's
+/// term of dW.
+fn weight_term<T: Element>(
+    x_n: ArrayView2<T>,
+    dy_n: ArrayView2<T>,
+    transposed: bool,
+    beta: T,
+    target: ArrayViewMut2<T>,
+) -> Result<()> {
+    if transposed {
+        gemm(T::one(), x_n, dy_n.t(), beta, target) // (F×P)·(P×F1) → (F×F1)
+    } else {
+        // (F1×P)·(P×F) → (F1×F); Xₙᵀ is a transposed view, not a copy.
+        gemm(T::one(), dy_n, x_n.t(), beta, target)
+    }
+}
+
 /// dW += Σₙ dYₙ·Xₙᵀ (maps below [`SAMPLE_BY_SAMPLE_PIXELS`] pixels).
 fn weight_gradient<T: Element>(
     x: ArrayView4<T>,
@@ -369,21 +381,17 @@ fn weight_gradient<T: Element>(
     // chosen from the whole of dW, so that every thread count computes each element alike.
     let transposed = dw_transposed(&dweight);
     split_weight_gradient((x, dy, dweight), &|(x, dy, mut dweight)| {
-        let samples = x.outer_iter().zip(dy.outer_iter());
-        if transposed {
-            let mut sum = Array2::zeros(dweight.t().raw_dim());
-            for (x_block, dy_block) in samples {
-                let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
-                // (F×P)·(P×F1) += into (F×F1)
-                gemm(T::one(), x_n, dy_n.t(), T::one(), sum.view_mut())?;
-            }
-            dweight += &sum.t();
-            return Ok(());
-        }
-        for (x_block, dy_block) in samples {
+        let mut sum = transposed.then(|| Array2::zeros(dweight.t().raw_dim()));
+        for (x_block, dy_block) in x.outer_iter().zip(dy.outer_iter()) {
             let (x_n, dy_n) = (sample_matrix(x_block)?, sample_matrix(dy_block)?);
-            // (F1×P)·(P×F) += into (F1×F); Xₙᵀ is a transposed view, not a copy.
-            gemm(T::one(), dy_n, x_n.t(), T::one(), dweight.view_mut())?;
+            let target = match sum.as_mut() {
+                Some(sum) => sum.view_mut(),
+                None => dweight.view_mut(),
+            };
+            weight_term(x_n, dy_n, transposed, T::one(), target)?;
+        }
+        if let Some(sum) = sum {
+            dweight += &sum.t();
         }
         Ok(())
     })

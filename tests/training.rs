@@ -187,6 +187,17 @@ fn a_batch_written_in_place_trains_exactly_like_a_copied_one() {
         in_place.forward_backward_in_place(&labels),
         Err(Error::Graph { .. })
     ));
+    // So are ±∞ at the batch's first and last element.
+    for (position, value) in [(0, f32::INFINITY), (images.len() - 1, f32::NEG_INFINITY)] {
+        let mut batch = in_place.input_mut([6, 32, 8, 8]).unwrap();
+        batch.assign(&images);
+        batch.as_slice_mut().unwrap()[position] = value;
+        let error = in_place.forward_backward_in_place(&labels).unwrap_err();
+        assert!(
+            matches!(&error, Error::NonFinite { what, .. } if what.contains(&format!("element {position} "))),
+            "{error}"
+        );
+    }
 
     // Gathering into a buffer of the wrong shape is refused.
     let mut labels_out = Vec::new();

@@ -124,6 +124,8 @@ fn conv1x1_on_larger_maps_matches_finite_difference() {
         case(2, 3, 5, 16, 17),
     ];
     let before = pointwise::parallel::threads();
+    // Split however small the work: these shapes are far below the default.
+    pointwise::parallel::set_split_from(0);
     for threads in [1, 2] {
         pointwise::parallel::set_threads(threads).unwrap();
         for (i, case) in cases.iter().enumerate() {
@@ -135,6 +137,7 @@ fn conv1x1_on_larger_maps_matches_finite_difference() {
         }
     }
     pointwise::parallel::set_threads(before).unwrap();
+    pointwise::parallel::set_split_from(pointwise::parallel::SPLIT_FROM_VALUES);
 }
 
 #[test]

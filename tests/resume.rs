@@ -224,8 +224,11 @@ fn results_do_not_depend_on_the_thread_count_off_the_avx512_kernel() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let f32_checked = pointwise::gemm::backend::<f32>() != "avx512";
     let (mut wide64, mut wide32, mut runs) = (Vec::new(), Vec::new(), Vec::new());
-    for threads in [1, 2, 3] {
+    // Split however small the work (the shapes here are small), and once as by default.
+    let default = pointwise::parallel::SPLIT_FROM_VALUES;
+    for (threads, split_from) in [(1, 0), (2, 0), (3, 0), (2, default)] {
         pointwise::parallel::set_threads(threads).unwrap();
+        pointwise::parallel::set_split_from(split_from);
         wide64.push((wide_layer_gradients::<f64>(), pairs::<f64>()));
         if f32_checked {
             wide32.push((wide_layer_gradients::<f32>(), pairs::<f32>()));
@@ -237,6 +240,7 @@ fn results_do_not_depend_on_the_thread_count_off_the_avx512_kernel() {
         }
     }
     pointwise::parallel::set_threads(1).unwrap();
+    pointwise::parallel::set_split_from(default);
     assert!(
         wide64.windows(2).all(|w| w[0] == w[1]),
         "f64 gradients differ"

@@ -18,11 +18,12 @@
 //! ## Cost
 //! Forward one add per input element; backward one add per input element.
 
-use super::{accumulating, check_image, check_same, dims, dims_mut};
+use super::{check_image, check_same, dims, dims_mut, GradWrite};
 use crate::element::{count, Element};
 use crate::error::Result;
 use crate::graph::{Backward, Forward, Graph, NodeId};
 use crate::ops::Operation;
+use crate::parallel::{in_parts, Along};
 use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis};
 
 const OP: &str = "global_avg_pool";
@@ -51,9 +52,9 @@ impl<T: Element> Operation<T> for GlobalAvgPool {
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
         let Backward { dy, mut inputs, .. } = pass;
-        match accumulating(OP, inputs.port(0)?)? {
-            (_, Some(dx)) => backward(dims(OP, dy.view())?, dx),
-            _ => Ok(()),
+        match inputs.port(0)?.grad {
+            Some((dx, write)) => spread(dims(OP, dy.view())?, dims_mut(OP, dx)?, write),
+            None => Ok(()),
         }
     }
 }
@@ -64,29 +65,48 @@ pub fn output_shape(x: &[usize]) -> Result<[usize; 2]> {
     Ok([batch, channels])
 }
 
-/// Forward: `y[n,c]` = mean over the plane.
-pub fn forward<T: Element>(x: ArrayView4<T>, mut y: ArrayViewMut2<T>) -> Result<()> {
+/// Forward: `y[n,c]` = mean over the plane. The samples split between the threads.
+pub fn forward<T: Element>(x: ArrayView4<T>, y: ArrayViewMut2<T>) -> Result<()> {
     check_same(OP, "output", &output_shape(x.shape())?, y.shape())?;
     let pixels = count::<T>(x.shape()[2] * x.shape()[3]);
-    for (x_sample, mut y_row) in x.outer_iter().zip(y.outer_iter_mut()) {
-        for (plane, y) in x_sample.outer_iter().zip(y_row.iter_mut()) {
-            *y = plane.sum() / pixels;
+    in_parts((Along(x, Axis(0)), Along(y, Axis(0))), &|(
+        Along(x, _),
+        Along(mut y, _),
+    )| {
+        for (x_sample, mut y_row) in x.outer_iter().zip(y.outer_iter_mut()) {
+            for (plane, y) in x_sample.outer_iter().zip(y_row.iter_mut()) {
+                *y = plane.sum() / pixels;
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
-/// Backward: every pixel of plane (n, c) receives `dy[n,c] / P`.
-pub fn backward<T: Element>(dy: ArrayView2<T>, mut dx: ArrayViewMut4<T>) -> Result<()> {
+/// Backward: every pixel of plane (n, c) receives `dy[n,c] / P` (added to dx).
+pub fn backward<T: Element>(dy: ArrayView2<T>, dx: ArrayViewMut4<T>) -> Result<()> {
+    spread(dy, dx, GradWrite::Accumulate)
+}
+
+/// The backward pass, dx added to or written as `write` says: written, it needs no zeroing
+/// pass first. The samples split between the threads.
+fn spread<T: Element>(dy: ArrayView2<T>, dx: ArrayViewMut4<T>, write: GradWrite) -> Result<()> {
     let expected = output_shape(dx.shape())?;
     check_same(OP, "output gradient", &expected, dy.shape())?;
     let pixels = count::<T>(dx.shape()[2] * dx.shape()[3]);
-    for (dy_row, mut dx_sample) in dy.outer_iter().zip(dx.outer_iter_mut()) {
-        for (&g, mut plane) in dy_row.iter().zip(dx_sample.axis_iter_mut(Axis(0))) {
-            plane += g / pixels;
+    in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
+        Along(dy, _),
+        Along(mut dx, _),
+    )| {
+        for (dy_row, mut dx_sample) in dy.outer_iter().zip(dx.outer_iter_mut()) {
+            for (&g, mut plane) in dy_row.iter().zip(dx_sample.axis_iter_mut(Axis(0))) {
+                match write {
+                    GradWrite::Overwrite => plane.fill(g / pixels),
+                    GradWrite::Accumulate => plane += g / pixels,
+                }
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The specification, as explicit loops.

@@ -26,8 +26,9 @@
 //! and masked loads and stores, so no element is read or written outside its matrix.
 //!
 //! f32 on CPUs without AVX-512 runs products of small depth (K ≤ 32, or ≤ 64 with a bias or
-//! ReLU to apply) or few rows (M ≤ 24, K ≤ 160) on an AVX2 version of the NN tile (6 rows ×
-//! 16 columns in 12 ymm registers), where packing would cost as much as the arithmetic, and
+//! ReLU to apply), of few rows (M ≤ 24, K ≤ 160) or of a small W (≤ 128 KiB, K ≤ 256, its
+//! rows contiguous) on an AVX2 version of the NN tile (6 rows × 16 columns in 12 ymm
+//! registers), where packing would cost as much as the arithmetic, and
 //! the rest (and layouts the kernels do not take) on the gemm crate, whose kernels are picked
 //! at run time for the CPU (AVX2 + FMA on most x86-64); f64, which the gradient checks use,
 //! goes to ndarray's `general_mat_mul`. `tests/gemm.rs` compares every path with an f64 triple
@@ -343,6 +344,15 @@ mod shallow {
     const MAX_DEPTH_EPILOGUE: usize = 64;
     const FEW_ROWS: usize = 24;
     const MAX_DEPTH_FEW_ROWS: usize = 160;
+    /// And up to K = 256 when A's rows are contiguous and A takes at most 128 KiB (a 1×1
+    /// layer's forward, A = W, with few output channels): the crate packs A on every call,
+    /// which costs as much there as reading it in place. Forward of W1 (256 → 64 at 28×28,
+    /// batch 32, bias), min of 30 runs over four alternating rounds: 11.4–11.8 → 10.8–11.1 ms
+    /// at 1 thread, 7.7–8.3 → 5.4–5.5 at 2; 144 → 32 at 28×28, batch 16: 1.9–2.3 → 1.45–1.49.
+    /// With A transposed (Wᵀ, in dX) its rows are strided, and the crate was faster (W1's dX
+    /// 10.3 against 13.4); at K = 384 (64 × 384) the two were level.
+    const MAX_DEPTH_SMALL_A: usize = 256;
+    const SMALL_A_BYTES: usize = 128 << 10;
     const ROWS: usize = 6;
     const WIDTH: usize = 16;
 
@@ -353,8 +363,9 @@ mod shallow {
             .get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
     }
 
-    /// Runs the product if it is shallow (K ≤ 32, or ≤ 64 with a bias or ReLU) or of few rows,
-    /// and B's and C's rows are contiguous; returns false to let the caller fall back.
+    /// Runs the product if it is shallow (K ≤ 32, or ≤ 64 with a bias or ReLU, or ≤ 256 with
+    /// a small A of contiguous rows) or of few rows, and B's and C's rows are contiguous;
+    /// returns false to let the caller fall back.
     ///
     /// # Safety
     /// The operands must describe valid, non-empty matrices (M, N, K > 0) of the stated shapes,
@@ -365,7 +376,11 @@ mod shallow {
         // With a bias or a ReLU to apply, the kernel pays deeper too: the gemm crate's path adds
         // a pass over C for each.
         let epilogue = !operands.bias.is_null() || operands.relu;
-        let block = if k <= MAX_DEPTH || (epilogue && k <= MAX_DEPTH_EPILOGUE) {
+        let small_a = operands.a_strides[1] == 1 && m * k * 4 <= SMALL_A_BYTES;
+        let block = if k <= MAX_DEPTH
+            || (epilogue && k <= MAX_DEPTH_EPILOGUE)
+            || (small_a && k <= MAX_DEPTH_SMALL_A)
+        {
             (16384 / k) / WIDTH * WIDTH
         } else if m <= FEW_ROWS && k <= MAX_DEPTH_FEW_ROWS {
             WIDTH // one strip at a time

@@ -114,8 +114,17 @@ fn gemm_matches_the_triple_loop_on_every_edge_case() {
 #[test]
 fn gemm_handles_long_depths_strided_views_and_other_layouts() {
     let mut rng = StdRng::seed_from_u64(2);
-    // K across several NN depth blocks, and the W1 shapes.
-    for (m, n, k) in [(64, 784, 256), (256, 784, 64), (64, 256, 784), (7, 70, 300)] {
+    // K across several NN depth blocks, the W1 shapes, and either side of the AVX2 kernel's
+    // deepest products (K = 256 with a small A).
+    let shapes = [
+        (64, 784, 256),
+        (256, 784, 64),
+        (64, 256, 784),
+        (7, 70, 300),
+        (37, 47, 256),
+        (37, 47, 257),
+    ];
+    for (m, n, k) in shapes {
         let (a, b, c) = (
             random(m, k, &mut rng),
             random(k, n, &mut rng),

@@ -8,6 +8,7 @@
 //! against the ops' reference loops in f32.
 
 use ndarray::{LinalgScalar, ScalarOperand};
+use std::cell::RefCell;
 use std::fmt::{Debug, Display};
 use std::iter::Sum;
 use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
@@ -36,6 +37,35 @@ pub trait Element:
     fn from_f64(value: f64) -> Self;
     /// Converts to f64 (exact for both f32 and f64).
     fn as_f64(self) -> f64;
+
+    /// Runs `work` on `len` zeros in this thread's scratch, which is kept from call to call, so
+    /// that the sums an op keeps for one pass (conv1x1's slots of dW, say) allocate only when
+    /// they first grow. Falls back to a fresh vector if the scratch is in use (an op whose
+    /// wait for other threads ran another op's part on this one) or for other types.
+    fn with_scratch<R>(len: usize, work: impl FnOnce(&mut [Self]) -> R) -> R {
+        work(&mut vec![Self::zero(); len])
+    }
+}
+
+/// [`Element::with_scratch`] on a thread-local vector.
+fn with_scratch_in<T: Copy + num_traits::Zero, R>(
+    scratch: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
+    len: usize,
+    work: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    scratch.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut values) => {
+            values.clear();
+            values.resize(len, T::zero());
+            work(&mut values)
+        }
+        Err(_) => work(&mut vec![T::zero(); len]),
+    })
+}
+
+thread_local! {
+    static SCRATCH_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Element for f32 {
@@ -46,6 +76,9 @@ impl Element for f32 {
     fn as_f64(self) -> f64 {
         f64::from(self)
     }
+    fn with_scratch<R>(len: usize, work: impl FnOnce(&mut [Self]) -> R) -> R {
+        with_scratch_in(&SCRATCH_F32, len, work)
+    }
 }
 
 impl Element for f64 {
@@ -55,6 +88,9 @@ impl Element for f64 {
     }
     fn as_f64(self) -> f64 {
         self
+    }
+    fn with_scratch<R>(len: usize, work: impl FnOnce(&mut [Self]) -> R) -> R {
+        with_scratch_in(&SCRATCH_F64, len, work)
     }
 }
 

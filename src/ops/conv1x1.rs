@@ -58,7 +58,7 @@ use crate::parallel::{
     Along, Groups,
 };
 use ndarray::{
-    Array2, Array3, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
+    Array2, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
     ArrayViewMut3, ArrayViewMut4, Axis, Zip,
 };
 
@@ -218,7 +218,7 @@ pub(crate) fn gradients<T: Element>(
         input_gradient_and_row_sums(weight, dy, dx, write, sums)?; // dXₙ += Wᵀ·dYₙ
     }
     match (dbias, row_sums) {
-        (Some(dbias), Some(row_sums)) => add_row_sums(row_sums, dbias),
+        (Some(dbias), Some(row_sums)) => add_row_sums(row_sums.view(), dbias),
         (Some(dbias), None) => bias_gradient(dy, dbias)?, // db += Σₙ Σₚ dYₙ[:, p]
         (None, _) => {}
     }
@@ -249,15 +249,55 @@ fn sample_by_sample<T: Element>(
     // A projection's terms are dWₙᵀ = Xₙ·dYₙᵀ (see `dw_transposed`).
     let transposed = dweight.as_ref().is_some_and(dw_transposed);
     let per_slot = samples_per_slot(batch, pixels, outputs);
-    let mut slots = dweight.as_ref().map(|dw| {
+    let slots_shape = dweight.as_ref().map(|dw| {
         let (rows, columns) = if transposed {
             (dw.ncols(), dw.nrows())
         } else {
             dw.dim()
         };
-        Array3::zeros((batch.div_ceil(per_slot), rows, columns))
+        (batch.div_ceil(per_slot), rows, columns)
     });
-    let mut row_sums = dbias.as_ref().map(|_| Array2::zeros((batch, outputs)));
+    let sums_shape = dbias.as_ref().map(|_| (batch, outputs));
+    let slots_len = slots_shape.map_or(0, |(count, rows, columns)| count * rows * columns);
+    let sums_len = sums_shape.map_or(0, |(samples, outputs)| samples * outputs);
+    // The slots and the row sums live in the thread's scratch, not allocated on each call.
+    T::with_scratch(slots_len + sums_len, |scratch| {
+        let (slots, sums) = scratch.split_at_mut(slots_len);
+        let view = |shape: (usize, usize, usize), values| {
+            ArrayViewMut3::from_shape(shape, values).map_err(|_| {
+                let shape = [shape.0, shape.1, shape.2];
+                Error::invalid_shape(OP, "scratch of the wrong size", &shape)
+            })
+        };
+        let slots = slots_shape.map(|shape| view(shape, slots)).transpose()?;
+        let sums = sums_shape.map(|(n, o)| view((n, o, 1), sums)).transpose()?;
+        let row_sums = sums.map(|sums| sums.index_axis_move(Axis(2), 0));
+        by_sample(
+            x,
+            weight,
+            dy,
+            (dx, dweight, dbias),
+            (slots, row_sums),
+            per_slot,
+        )
+    })
+}
+
+/// The body of [`sample_by_sample`], given its slots of dW and its rows of db's sums.
+#[allow(clippy::type_complexity)]
+fn by_sample<T: Element>(
+    x: ArrayView4<T>,
+    weight: ArrayView2<T>,
+    dy: ArrayView4<T>,
+    (dx, dweight, dbias): (
+        Option<(ArrayViewMut4<T>, GradWrite)>,
+        Option<ArrayViewMut2<T>>,
+        Option<ArrayViewMut1<T>>,
+    ),
+    (mut slots, mut row_sums): (Option<ArrayViewMut3<T>>, Option<ArrayViewMut2<T>>),
+    per_slot: usize,
+) -> Result<()> {
+    let transposed = dweight.as_ref().is_some_and(dw_transposed);
     let write = dx
         .as_ref()
         .map_or(GradWrite::Overwrite, |(_, write)| *write);
@@ -306,7 +346,7 @@ fn sample_by_sample<T: Element>(
         }
     }
     if let (Some(dbias), Some(row_sums)) = (dbias, row_sums) {
-        add_row_sums(row_sums, dbias);
+        add_row_sums(row_sums.view(), dbias);
     }
     Ok(())
 }
@@ -319,7 +359,7 @@ fn row_sums_of<T: Element>(dy_n: ArrayView2<T>, mut sums: ArrayViewMut1<T>) {
 }
 
 /// db += Σₙ row_sums[n], in sample order: the arithmetic of [`bias_gradient`].
-fn add_row_sums<T: Element>(row_sums: Array2<T>, mut dbias: ArrayViewMut1<T>) {
+fn add_row_sums<T: Element>(row_sums: ArrayView2<T>, mut dbias: ArrayViewMut1<T>) {
     for sums_n in row_sums.outer_iter() {
         dbias += &sums_n;
     }

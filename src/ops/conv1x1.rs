@@ -263,27 +263,26 @@ fn sample_by_sample<T: Element>(
     // The slots and the row sums live in the thread's scratch, not allocated on each call.
     T::with_scratch(slots_len + sums_len, |scratch| {
         let (slots, sums) = scratch.split_at_mut(slots_len);
-        let view = |shape: (usize, usize, usize), values| {
-            ArrayViewMut3::from_shape(shape, values).map_err(|_| {
-                let shape = [shape.0, shape.1, shape.2];
-                Error::invalid_shape(OP, "scratch of the wrong size", &shape)
-            })
-        };
-        let slots = slots_shape.map(|shape| view(shape, slots)).transpose()?;
-        let sums = sums_shape.map(|(n, o)| view((n, o, 1), sums)).transpose()?;
-        let row_sums = sums.map(|sums| sums.index_axis_move(Axis(2), 0));
+        // The lengths were taken from these shapes: the views always fit.
+        let misfit = |_| Error::invalid_shape(OP, "scratch views", &[slots_len, sums_len]);
+        let slots = slots_shape.map(|shape| ArrayViewMut3::from_shape(shape, slots));
+        let row_sums = sums_shape.map(|shape| ArrayViewMut2::from_shape(shape, sums));
+        let slots = slots.transpose().map_err(misfit)?;
+        let row_sums = row_sums.transpose().map_err(misfit)?;
+        let sums = (slots, row_sums);
         by_sample(
             x,
             weight,
             dy,
             (dx, dweight, dbias),
-            (slots, row_sums),
-            per_slot,
+            sums,
+            (transposed, per_slot),
         )
     })
 }
 
-/// The body of [`sample_by_sample`], given its slots of dW and its rows of db's sums.
+/// The body of [`sample_by_sample`], given its slots of dW and its rows of db's sums (zeros),
+/// whether dW's terms are transposed, and how many samples share a slot.
 #[allow(clippy::type_complexity)]
 fn by_sample<T: Element>(
     x: ArrayView4<T>,
@@ -295,9 +294,8 @@ fn by_sample<T: Element>(
         Option<ArrayViewMut1<T>>,
     ),
     (mut slots, mut row_sums): (Option<ArrayViewMut3<T>>, Option<ArrayViewMut2<T>>),
-    per_slot: usize,
+    (transposed, per_slot): (bool, usize),
 ) -> Result<()> {
-    let transposed = dweight.as_ref().is_some_and(dw_transposed);
     let write = dx
         .as_ref()
         .map_or(GradWrite::Overwrite, |(_, write)| *write);

@@ -353,6 +353,11 @@ mod shallow {
     /// 10.3 against 13.4); at K = 384 (64 × 384) the two were level.
     const MAX_DEPTH_SMALL_A: usize = 256;
     const SMALL_A_BYTES: usize = 128 << 10;
+    /// A small *transposed* A (Wᵀ in dX) of depth K ≥ 128 is copied row-major (per call, into
+    /// a per-thread scratch) and then runs here too: MobileNetV2's 32 → 192 at 28×28 (dX, K =
+    /// 192) 2.0 against the crate's 2.3 ms, W2's 64 → 256 (K = 256) level; at K = 64 (W1's
+    /// dX) the crate stayed faster, copy or not.
+    const MIN_DEPTH_COPIED_A: usize = 128;
     const ROWS: usize = 6;
     const WIDTH: usize = 16;
 
@@ -376,13 +381,19 @@ mod shallow {
         // With a bias or a ReLU to apply, the kernel pays deeper too: the gemm crate's path adds
         // a pass over C for each.
         let epilogue = !operands.bias.is_null() || operands.relu;
-        let small_a = operands.a_strides[1] == 1 && m * k * 4 <= SMALL_A_BYTES;
+        let [rsa, csa] = operands.a_strides;
+        let small_a = m * k * 4 <= SMALL_A_BYTES && k <= MAX_DEPTH_SMALL_A;
+        let few_rows = m <= FEW_ROWS && k <= MAX_DEPTH_FEW_ROWS;
+        // Wᵀ (dX's A): its columns are contiguous, and the tile's broadcasts along its rows
+        // would each touch a new line; copied row-major first when deep enough to pay.
+        let copy_a = small_a && csa != 1 && rsa == 1 && k >= MIN_DEPTH_COPIED_A && !few_rows;
         let block = if k <= MAX_DEPTH
             || (epilogue && k <= MAX_DEPTH_EPILOGUE)
-            || (small_a && k <= MAX_DEPTH_SMALL_A)
+            || (small_a && csa == 1)
+            || copy_a
         {
             (16384 / k) / WIDTH * WIDTH
-        } else if m <= FEW_ROWS && k <= MAX_DEPTH_FEW_ROWS {
+        } else if few_rows {
             WIDTH // one strip at a time
         } else {
             return false;
@@ -390,6 +401,123 @@ mod shallow {
         if !contiguous(operands.b_strides) || !contiguous(operands.c_strides) {
             return false;
         }
+        if !copy_a {
+            // SAFETY: the caller's contract, and B's and C's rows are contiguous.
+            unsafe { tiles(operands, block) };
+            return true;
+        }
+        A_ROWS.with(|scratch| {
+            let Ok(mut scratch) = scratch.try_borrow_mut() else {
+                return false;
+            };
+            scratch.resize(m * k, 0.0);
+            // SAFETY: Aᵀ is (k×m) at `a` with row stride csa and contiguous rows: inside A.
+            unsafe { transpose(k, m, operands.a, csa, &mut scratch) };
+            let rows = Operands {
+                a: scratch.as_ptr(),
+                a_strides: [k as isize, 1],
+                ..*operands
+            };
+            // SAFETY: as above, A now the scratch's (m×k) row-major copy.
+            unsafe { tiles(&rows, block) };
+            true
+        })
+    }
+
+    thread_local! {
+        /// A row-major copy of a transposed A (see [`MIN_DEPTH_COPIED_A`]), kept per thread.
+        static A_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// `destination[q·rows + r] = source[r·rs + q]` for r < rows, q < columns: the (rows ×
+    /// columns) matrix at `source`, its rows contiguous, written transposed and row-major;
+    /// 8×8 blocks go through registers.
+    ///
+    /// # Safety
+    /// Every `source + r·rs + q` in range must be readable; `destination` must hold
+    /// rows·columns values. AVX must be available.
+    #[target_feature(enable = "avx")]
+    unsafe fn transpose(
+        rows: usize,
+        columns: usize,
+        source: *const f32,
+        rs: isize,
+        destination: &mut [f32],
+    ) {
+        let target = destination.as_mut_ptr();
+        for r0 in (0..rows).step_by(8) {
+            for q0 in (0..columns).step_by(8) {
+                if r0 + 8 <= rows && q0 + 8 <= columns {
+                    // SAFETY: rows r0..r0+8 from column q0 of the source, and rows q0..q0+8
+                    // from column r0 of the destination: inside both by the test above.
+                    unsafe {
+                        let row = |i: usize| source.offset((r0 + i) as isize * rs).add(q0);
+                        let block = transpose_8x8(std::array::from_fn(|i| _mm256_loadu_ps(row(i))));
+                        for (q, &column) in block.iter().enumerate() {
+                            _mm256_storeu_ps(target.add((q0 + q) * rows + r0), column);
+                        }
+                    }
+                    continue;
+                }
+                for r in r0..(r0 + 8).min(rows) {
+                    for q in q0..(q0 + 8).min(columns) {
+                        // SAFETY: inside both, by the loop bounds.
+                        unsafe {
+                            *target.add(q * rows + r) = *source.offset(r as isize * rs).add(q)
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 8×8 block whose rows are `v` transposed: element j of row i moves to element i of
+    /// row j (pairs interleaved, then quadruples, then the 128-bit halves exchanged).
+    #[target_feature(enable = "avx")]
+    fn transpose_8x8(v: [__m256; 8]) -> [__m256; 8] {
+        let pairs = |lo: bool, a: __m256, b: __m256| {
+            if lo {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        };
+        let t = [
+            pairs(true, v[0], v[1]),
+            pairs(false, v[0], v[1]),
+            pairs(true, v[2], v[3]),
+            pairs(false, v[2], v[3]),
+            pairs(true, v[4], v[5]),
+            pairs(false, v[4], v[5]),
+            pairs(true, v[6], v[7]),
+            pairs(false, v[6], v[7]),
+        ];
+        let s = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+            _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+            _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+            _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+            _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+        ];
+        std::array::from_fn(|j| {
+            if j < 4 {
+                _mm256_permute2f128_ps::<0x20>(s[j], s[j + 4])
+            } else {
+                _mm256_permute2f128_ps::<0x31>(s[j - 4], s[j])
+            }
+        })
+    }
+
+    /// The tiles of C, in column blocks of `block` columns.
+    ///
+    /// # Safety
+    /// As [`gemm_f32`]'s, with B's and C's rows contiguous.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tiles(operands: &Operands, block: usize) {
+        let [m, n, _] = operands.shape;
         for first in (0..n).step_by(block) {
             let end = (first + block).min(n);
             for row in (0..m).step_by(ROWS) {
@@ -432,7 +560,6 @@ mod shallow {
                 }
             }
         }
-        true
     }
 
     /// Where a tile of C starts, how many of its 16 columns are inside C, and the columns of B

@@ -148,6 +148,19 @@ fn gemm_handles_long_depths_strided_views_and_other_layouts() {
             &format!("NT {m}×{k}·{k}×{n}"),
         );
     }
+    // A transposed and small (Wᵀ in dX), deep enough to be copied row-major on the AVX2
+    // kernel, with edges of the 8×8 copy blocks, with α and β.
+    for (m, n, k) in [(64, 300, 256), (37, 47, 129), (25, 17, 200), (130, 33, 128)] {
+        let (at, b, c) = (
+            random(k, m, &mut rng),
+            random(k, n, &mut rng),
+            random(m, n, &mut rng),
+        );
+        for (alpha, beta) in [(1.0, 0.0), (0.5, -2.0)] {
+            let context = format!("TN {m}×{k}·{k}×{n} α {alpha} β {beta}");
+            check(alpha, at.t(), b.view(), beta, c.clone(), &context);
+        }
+    }
     // Long products with B transposed (dW = dYₙ·Xₙᵀ of a small layer on a large map), with
     // α and β.
     for (m, n, k) in [(13, 11, 1100), (16, 32, 784), (1, 1, 256)] {

@@ -26,9 +26,9 @@
 //! and masked loads and stores, so no element is read or written outside its matrix.
 //!
 //! f32 on CPUs without AVX-512 runs products of small depth (K ≤ 32, or ≤ 64 with a bias or
-//! ReLU to apply), of few rows (M ≤ 24, K ≤ 160) or of a small W (≤ 128 KiB, K ≤ 256, its
-//! rows contiguous) on an AVX2 version of the NN tile (6 rows × 16 columns in 12 ymm
-//! registers), where packing would cost as much as the arithmetic, and
+//! ReLU to apply), of few rows (M ≤ 24, K ≤ 160) or of a small W (≤ 128 KiB, K ≤ 256; Wᵀ
+//! from K = 128, copied row-major first) on an AVX2 version of the NN tile (6 rows × 16
+//! columns in 12 ymm registers), where packing would cost as much as the arithmetic, and
 //! the rest (and layouts the kernels do not take) on the gemm crate, whose kernels are picked
 //! at run time for the CPU (AVX2 + FMA on most x86-64); f64, which the gradient checks use,
 //! goes to ndarray's `general_mat_mul`. `tests/gemm.rs` compares every path with an f64 triple
@@ -369,8 +369,8 @@ mod shallow {
     }
 
     /// Runs the product if it is shallow (K ≤ 32, or ≤ 64 with a bias or ReLU, or ≤ 256 with
-    /// a small A of contiguous rows) or of few rows, and B's and C's rows are contiguous;
-    /// returns false to let the caller fall back.
+    /// a small A: rows contiguous, or columns from K = 128) or of few rows, and B's and C's
+    /// rows are contiguous; returns false to let the caller fall back.
     ///
     /// # Safety
     /// The operands must describe valid, non-empty matrices (M, N, K > 0) of the stated shapes,

@@ -28,7 +28,9 @@
 //! f32 on CPUs without AVX-512 runs products of small depth (K ≤ 32, or ≤ 64 with a bias or
 //! ReLU to apply), of few rows (M ≤ 24, K ≤ 160) or of a small W (≤ 128 KiB, K ≤ 256; Wᵀ
 //! from K = 128, copied row-major first) on an AVX2 version of the NN tile (6 rows × 16
-//! columns in 12 ymm registers), where packing would cost as much as the arithmetic, and
+//! columns in 12 ymm registers), where packing would cost as much as the arithmetic; products
+//! with B transposed (dW's `dYₙ·Xₙᵀ`, a linear layer's `X·Wᵀ`) from K = 32 on the same tile,
+//! B copied per block into strips of 16 columns (so that a step need not allocate); and
 //! the rest (and layouts the kernels do not take) on the gemm crate, whose kernels are picked
 //! at run time for the CPU (AVX2 + FMA on most x86-64); f64, which the gradient checks use,
 //! goes to ndarray's `general_mat_mul`. `tests/gemm.rs` compares every path with an f64 triple
@@ -216,7 +218,8 @@ fn gemm_serial<T: Element>(
 
 /// Whether a product of few rows and many columns should be asked for transposed (Cᵀ = BᵀAᵀ,
 /// the longer side as C's rows): faster on the gemm crate and on ndarray (measured on dW of
-/// the 1×1 and 3×3 layers); the AVX-512 kernel orients a transposed product itself.
+/// the 1×1 and 3×3 layers), and on the AVX2 kernel it is the smaller operand whose strips are
+/// copied; the AVX-512 kernel orients a transposed product itself.
 pub(crate) fn longer_side_as_rows<T: Element>() -> bool {
     backend::<T>() != "avx512"
 }
@@ -358,6 +361,17 @@ mod shallow {
     /// 192) 2.0 against the crate's 2.3 ms, W2's 64 → 256 (K = 256) level; at K = 64 (W1's
     /// dX) the crate stayed faster, copy or not.
     const MIN_DEPTH_COPIED_A: usize = 128;
+    /// B with contiguous *columns* (Xₙᵀ in dW = Σ dYₙ·Xₙᵀ, Wᵀ in a linear layer's forward)
+    /// runs here from this depth on, copied into strips (see [`transposed_b`]). Below it (dW
+    /// per sample on maps under 6×6) each tile loads and stores C for few multiply-adds, and
+    /// the gemm crate was faster: dW of a 1×1 layer 1024 → 512 on 1×1 maps (batch 128, K = 1)
+    /// took 12.4 ms there against 20.9 here; 256 → 256 at K = 25 (batch 64) was level, and at
+    /// K = 49 (7×7, batch 32) this path took 2.5 ms against 3.5.
+    const MIN_DEPTH_COPIED_B: usize = 32;
+    /// A block of the copied B: DEPTH_BLOCK rows of STRIP_BLOCK columns (a panel of at most
+    /// 128 KiB, in L2; each strip 16 KiB, in L1 while a row tile runs along it).
+    const DEPTH_BLOCK: usize = 256;
+    const STRIP_BLOCK: usize = 128;
     const ROWS: usize = 6;
     const WIDTH: usize = 16;
 
@@ -370,7 +384,8 @@ mod shallow {
 
     /// Runs the product if it is shallow (K ≤ 32, or ≤ 64 with a bias or ReLU, or ≤ 256 with
     /// a small A: rows contiguous, or columns from K = 128) or of few rows, and B's and C's
-    /// rows are contiguous; returns false to let the caller fall back.
+    /// rows are contiguous; or if B's columns are contiguous from K = 32 on (A's and C's rows
+    /// contiguous, no bias or ReLU). Returns false to let the caller fall back.
     ///
     /// # Safety
     /// The operands must describe valid, non-empty matrices (M, N, K > 0) of the stated shapes,
@@ -382,6 +397,14 @@ mod shallow {
         // a pass over C for each.
         let epilogue = !operands.bias.is_null() || operands.relu;
         let [rsa, csa] = operands.a_strides;
+        let transposed_b_deep = operands.b_strides[0] == 1 && n > 1 && k >= MIN_DEPTH_COPIED_B;
+        if transposed_b_deep && csa == 1 && !epilogue {
+            if !contiguous(operands.c_strides) {
+                return false;
+            }
+            // SAFETY: the caller's contract; B's columns and A's and C's rows are contiguous.
+            return unsafe { transposed_b(operands) };
+        }
         let small_a = m * k * 4 <= SMALL_A_BYTES && k <= MAX_DEPTH_SMALL_A;
         let few_rows = m <= FEW_ROWS && k <= MAX_DEPTH_FEW_ROWS;
         // Wᵀ (dX's A): its columns are contiguous, and the tile's broadcasts along its rows
@@ -406,7 +429,7 @@ mod shallow {
             unsafe { tiles(operands, block) };
             return true;
         }
-        A_ROWS.with(|scratch| {
+        COPY.with(|scratch| {
             let Ok(mut scratch) = scratch.try_borrow_mut() else {
                 return false;
             };
@@ -425,8 +448,140 @@ mod shallow {
     }
 
     thread_local! {
-        /// A row-major copy of a transposed A (see [`MIN_DEPTH_COPIED_A`]), kept per thread.
-        static A_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        /// The copied operand, kept per thread: a transposed A row-major (see
+        /// [`MIN_DEPTH_COPIED_A`]) or a transposed B's strips (see [`transposed_b`]).
+        static COPY: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// C ← α·A·B + β·C with B's columns contiguous: B = Dᵀ for a row-major D (N×K), as in dW's
+    /// `dYₙ·Xₙᵀ`. The tile needs B's *rows* contiguous, so each block of B (up to
+    /// [`DEPTH_BLOCK`] × [`STRIP_BLOCK`]) is first copied, transposed, into strips of 16
+    /// columns (strip s holds B[p, 16s..16s+16] for each depth p in turn, zero-padded past N),
+    /// then every row tile of C runs along the block's strips. A strip is read in order from L1;
+    /// a copy with B's own row stride instead (a multiple of 256 bytes on these layers) put a
+    /// strip's lines in a few cache sets and ran at half the speed. The depth blocks add into
+    /// C in turn: the first with β, the others with β = 1, so each element's sum is the same
+    /// whichever columns a thread is given. Returns false (nothing done) if the thread's copy
+    /// is in use.
+    ///
+    /// # Safety
+    /// As [`gemm_f32`]'s, with B's columns and A's and C's rows contiguous.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn transposed_b(operands: &Operands) -> bool {
+        let [m, n, k] = operands.shape;
+        let d_rows = operands.b_strides[1]; // D's row stride: B[p, j] = D[j, p]
+        COPY.with(|scratch| {
+            let Ok(mut scratch) = scratch.try_borrow_mut() else {
+                return false;
+            };
+            let strips_len = STRIP_BLOCK.min(n.next_multiple_of(WIDTH)) * DEPTH_BLOCK.min(k);
+            scratch.resize(strips_len, 0.0);
+            for first_column in (0..n).step_by(STRIP_BLOCK) {
+                let columns = STRIP_BLOCK.min(n - first_column);
+                for first_depth in (0..k).step_by(DEPTH_BLOCK) {
+                    let depth = DEPTH_BLOCK.min(k - first_depth);
+                    // SAFETY: D's rows first_column.. (< n) from column first_depth (depth
+                    // values each): inside D; the scratch holds the block's strips.
+                    unsafe {
+                        let block = operands
+                            .b
+                            .offset(first_column as isize * d_rows)
+                            .add(first_depth);
+                        copy_strips(columns, depth, block, d_rows, &mut scratch);
+                    }
+                    let block = Operands {
+                        shape: [m, columns, depth],
+                        a: operands.a.add(first_depth),
+                        b: scratch.as_ptr(),
+                        b_strides: [WIDTH as isize, 1],
+                        beta: if first_depth == 0 { operands.beta } else { 1.0 },
+                        c: operands.c.add(first_column),
+                        ..*operands
+                    };
+                    // SAFETY: the block's A, C and strips, inside their matrices and scratch.
+                    unsafe { strip_tiles(&block) };
+                }
+            }
+            true
+        })
+    }
+
+    /// The row tiles of C, each along every strip of B's block (strip s at `b + s·16·K`, its
+    /// rows 16 floats apart).
+    ///
+    /// # Safety
+    /// As [`gemm_f32`]'s, with B the strips [`copy_strips`] wrote and C's rows contiguous.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn strip_tiles(block: &Operands) {
+        let [m, n, k] = block.shape;
+        for row in (0..m).step_by(ROWS) {
+            for column in (0..n).step_by(WIDTH) {
+                let strip = Operands {
+                    b: block.b.add(column * k),
+                    c: block.c.add(column),
+                    ..*block
+                };
+                let tile = Tile {
+                    row,
+                    column: 0,
+                    lanes: WIDTH.min(n - column),
+                    prefetch: std::ptr::null(),
+                };
+                // SAFETY: the caller's contract; the tile lies inside C (rows < m, lanes
+                // masked at n) and reads the strip's K rows of 16 floats.
+                unsafe { any_tile(&strip, tile, ROWS.min(m - row)) };
+            }
+        }
+    }
+
+    /// `strips[s·16·depth + p·16 + j] = D[16s + j, p]` for the `columns` rows of D at `d`
+    /// (row stride `rs`, contiguous) and p < depth: Dᵀ cut into strips of 16 columns, zeros
+    /// past the last; 8×8 blocks go through registers.
+    ///
+    /// # Safety
+    /// Every `d + j·rs + p` (j < columns, p < depth) must be readable, and `strips` must hold
+    /// columns.next_multiple_of(16)·depth values. AVX must be available.
+    #[target_feature(enable = "avx")]
+    unsafe fn copy_strips(
+        columns: usize,
+        depth: usize,
+        d: *const f32,
+        rs: isize,
+        strips: &mut [f32],
+    ) {
+        let target = strips.as_mut_ptr();
+        for first in (0..columns.next_multiple_of(WIDTH)).step_by(8) {
+            let (strip, half) = (first / WIDTH, first % WIDTH);
+            let rows = columns.saturating_sub(first).min(8);
+            // SAFETY: the strip's values for these 8 columns, inside `strips` (its length).
+            let out = unsafe { target.add(strip * WIDTH * depth + half) };
+            let mut p = 0;
+            if rows == 8 {
+                while p + 8 <= depth {
+                    // SAFETY: rows first..first+8 of D, values p..p+8: inside D.
+                    unsafe {
+                        let row = |i: usize| d.offset((first + i) as isize * rs).add(p);
+                        let block = transpose_8x8(std::array::from_fn(|i| _mm256_loadu_ps(row(i))));
+                        for (q, &values) in block.iter().enumerate() {
+                            _mm256_storeu_ps(out.add((p + q) * WIDTH), values);
+                        }
+                    }
+                    p += 8;
+                }
+            }
+            for p in p..depth {
+                for j in 0..8 {
+                    // SAFETY: inside D (j < rows) and inside the strip.
+                    unsafe {
+                        *out.add(p * WIDTH + j) = if j < rows {
+                            *d.offset((first + j) as isize * rs).add(p)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
     }
 
     /// `destination[q·rows + r] = source[r·rs + q]` for r < rows, q < columns: the (rows ×
@@ -541,23 +696,34 @@ mod shallow {
                     // SAFETY: the caller's contract; the tile lies inside C (rows < m, lanes
                     // masked at n), and it reads A's and B's elements for those rows, columns
                     // and depths < k only.
-                    unsafe {
-                        match (ROWS.min(m - row), tile.lanes == WIDTH) {
-                            (6, true) => tile_of::<6, true>(operands, tile),
-                            (5, true) => tile_of::<5, true>(operands, tile),
-                            (4, true) => tile_of::<4, true>(operands, tile),
-                            (3, true) => tile_of::<3, true>(operands, tile),
-                            (2, true) => tile_of::<2, true>(operands, tile),
-                            (_, true) => tile_of::<1, true>(operands, tile),
-                            (6, false) => tile_of::<6, false>(operands, tile),
-                            (5, false) => tile_of::<5, false>(operands, tile),
-                            (4, false) => tile_of::<4, false>(operands, tile),
-                            (3, false) => tile_of::<3, false>(operands, tile),
-                            (2, false) => tile_of::<2, false>(operands, tile),
-                            (_, false) => tile_of::<1, false>(operands, tile),
-                        }
-                    }
+                    unsafe { any_tile(operands, tile, ROWS.min(m - row)) };
                 }
+            }
+        }
+    }
+
+    /// The tile of `rows` (1–6) rows, through the [`tile_of`] compiled for that height and for
+    /// a full or a masked width.
+    ///
+    /// # Safety
+    /// As [`tile_of`]'s.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn any_tile(operands: &Operands, tile: Tile, rows: usize) {
+        // SAFETY: the caller's.
+        unsafe {
+            match (rows, tile.lanes == WIDTH) {
+                (6, true) => tile_of::<6, true>(operands, tile),
+                (5, true) => tile_of::<5, true>(operands, tile),
+                (4, true) => tile_of::<4, true>(operands, tile),
+                (3, true) => tile_of::<3, true>(operands, tile),
+                (2, true) => tile_of::<2, true>(operands, tile),
+                (_, true) => tile_of::<1, true>(operands, tile),
+                (6, false) => tile_of::<6, false>(operands, tile),
+                (5, false) => tile_of::<5, false>(operands, tile),
+                (4, false) => tile_of::<4, false>(operands, tile),
+                (3, false) => tile_of::<3, false>(operands, tile),
+                (2, false) => tile_of::<2, false>(operands, tile),
+                (_, false) => tile_of::<1, false>(operands, tile),
             }
         }
     }

@@ -43,7 +43,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::parallel::{in_parts, Along};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 use std::any::TypeId;
 
 /// The most multiply-adds one product may take: 2⁵⁰, over an hour at this machine's peak.
@@ -110,6 +110,100 @@ fn product<T: Element>(
     epilogue: Epilogue<T>,
     c: ArrayViewMut2<T>,
 ) -> Result<()> {
+    let ((m, k), n) = (a.dim(), b.ncols());
+    if !check_operands(&a, &b, &c)? {
+        return Ok(());
+    }
+    if splits(m, n, k) {
+        let parts = (Along(b, Axis(1)), Along(c, Axis(1)));
+        return in_parts(parts, &|(Along(b, _), Along(c, _))| {
+            gemm_serial(alpha, a, b, beta, epilogue, c)
+        });
+    }
+    gemm_serial(alpha, a, b, beta, epilogue, c)
+}
+
+/// Whether [`gemm()`] splits a product's columns between the threads: called from outside the
+/// ops' own parallel parts (which already use every thread), with work for tens of
+/// microseconds in each part: 2²¹ multiply-adds (a batch-1 layer such as 32 → 16 on 112×112
+/// maps has 6.4 million; with 2²⁴ as the bar it ran on one thread).
+fn splits(m: usize, n: usize, k: usize) -> bool {
+    rayon::current_thread_index().is_none()
+        && crate::parallel::threads() > 1
+        && m * n * k >= 1 << 21
+}
+
+/// C ← A·B + β·C, and `row_sums[k] = Σⱼ B[k, j]` for each row k of B:
+/// a 1×1 layer's dXₙ = Wᵀ·dYₙ together with its sample's term of db, Σₚ dYₙ[o, p], taken as
+/// the product reads dYₙ (on large maps dYₙ does not stay in cache for a second pass: 4.8 MB
+/// on MobileNetV2's 16 → 96 at 112×112). Where the AVX2 kernel runs the product, its first
+/// row of tiles adds up the rows of B it loads (on one thread); elsewhere, and where the
+/// product's columns are split between the threads, each row is summed after.
+pub(crate) fn gemm_and_row_sums_of_b<T: Element>(
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    beta: T,
+    mut c: ArrayViewMut2<T>,
+    mut row_sums: ArrayViewMut1<T>,
+) -> Result<()> {
+    if row_sums.len() != b.nrows() {
+        let (expected, found) = (b.nrows().to_string(), row_sums.len().to_string());
+        return Err(Error::shape_mismatch(
+            "gemm",
+            "row sums of B",
+            expected,
+            found,
+        ));
+    }
+    let nonempty = check_operands(&a, &b, &c)?;
+    #[cfg(target_arch = "x86_64")]
+    if nonempty
+        && !splits(a.nrows(), b.ncols(), a.ncols())
+        && TypeId::of::<T>() == TypeId::of::<f32>()
+        && !avx512::available()
+        && shallow::available()
+        && a.ncols() > 0
+        && row_sums.strides()[0] == 1
+    {
+        let mut operands = operands(T::one(), &a, &b, beta, None, false, &mut c);
+        operands.b_row_sums = row_sums.as_mut_ptr().cast::<f32>();
+        // SAFETY: as in gemm_serial; the row sums are B's K values, contiguous, and borrowed
+        // mutably apart from A, B and C.
+        if unsafe { shallow::gemm_f32(&operands) } {
+            return Ok(());
+        }
+    }
+    gemm(T::one(), a, b, beta, c)?;
+    // Where the AVX2 kernel sums other products, these sums take its order: a layer's db then
+    // has the same bits whether its product ran there or was split between the threads.
+    let kernel_order = backend::<T>() == "avx2+gemm";
+    for (sum, row) in row_sums.iter_mut().zip(b.outer_iter()) {
+        *sum = if kernel_order {
+            sum_in_lanes(row)
+        } else {
+            row.sum()
+        };
+    }
+    Ok(())
+}
+
+/// Σⱼ row[j] in the order of the AVX2 kernel's row sums: 8 lanes, lane l adding
+/// `row[16s + l] + row[16s + 8 + l]` (0 past the end) for each strip s of 16 columns in turn,
+/// then the lanes added in order.
+fn sum_in_lanes<T: Element>(row: ArrayView1<T>) -> T {
+    let value = |j: usize| row.get(j).copied().unwrap_or_else(T::zero);
+    let mut lanes = [T::zero(); 8];
+    for start in (0..row.len()).step_by(16) {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane += value(start + l) + value(start + 8 + l);
+        }
+    }
+    lanes.iter().fold(T::zero(), |total, &lane| total + lane)
+}
+
+/// Checks that A (M×K), B (K×N) and C (M×N) fit and that the product is not absurdly large;
+/// returns whether there is anything to compute (M, N > 0).
+fn check_operands<T>(a: &ArrayView2<T>, b: &ArrayView2<T>, c: &ArrayViewMut2<T>) -> Result<bool> {
     let ((m, k), (k2, n)) = (a.dim(), b.dim());
     if k != k2 || c.dim() != (m, n) {
         return Err(Error::shape_mismatch(
@@ -120,7 +214,7 @@ fn product<T: Element>(
         ));
     }
     if m == 0 || n == 0 {
-        return Ok(());
+        return Ok(false);
     }
     // Operands can be broadcast views of any size: a product that could not finish in hours
     // is refused rather than run.
@@ -134,20 +228,7 @@ fn product<T: Element>(
             &[m, k, n],
         ));
     }
-    // A product called from outside the ops' own parallel parts (which already use every
-    // thread) splits C's columns between the threads when each part still has work for tens
-    // of microseconds: 2²¹ multiply-adds (a batch-1 layer such as 32 → 16 on 112×112 maps
-    // has 6.4 million; with 2²⁴ as the bar it ran on one thread).
-    if rayon::current_thread_index().is_none()
-        && crate::parallel::threads() > 1
-        && m * n * k >= 1 << 21
-    {
-        let parts = (Along(b, Axis(1)), Along(c, Axis(1)));
-        return in_parts(parts, &|(Along(b, _), Along(c, _))| {
-            gemm_serial(alpha, a, b, beta, epilogue, c)
-        });
-    }
-    gemm_serial(alpha, a, b, beta, epilogue, c)
+    Ok(true)
 }
 
 /// The product on the calling thread.
@@ -159,30 +240,13 @@ fn gemm_serial<T: Element>(
     Epilogue { bias, relu }: Epilogue<T>,
     mut c: ArrayViewMut2<T>,
 ) -> Result<()> {
-    let ((m, k), n) = (a.dim(), b.ncols());
     #[cfg(target_arch = "x86_64")]
     let contiguous_bias = bias
         .as_ref()
         .is_none_or(|b| b.len() <= 1 || b.strides()[0] == 1);
     #[cfg(target_arch = "x86_64")]
-    if TypeId::of::<T>() == TypeId::of::<f32>() && k > 0 && contiguous_bias {
-        let strides = |s: &[isize]| [s[0], s[1]];
-        let operands = Operands {
-            shape: [m, n, k],
-            // T is f32 (TypeId above): the casts only name the element type.
-            alpha: alpha.as_f64() as f32,
-            a: a.as_ptr().cast::<f32>(),
-            a_strides: strides(a.strides()),
-            b: b.as_ptr().cast::<f32>(),
-            b_strides: strides(b.strides()),
-            beta: beta.as_f64() as f32,
-            bias: bias
-                .as_ref()
-                .map_or(std::ptr::null(), |b| b.as_ptr().cast::<f32>()),
-            relu,
-            c: c.as_mut_ptr().cast::<f32>(),
-            c_strides: strides(c.strides()),
-        };
+    if TypeId::of::<T>() == TypeId::of::<f32>() && a.ncols() > 0 && contiguous_bias {
+        let operands = operands(alpha, &a, &b, beta, bias.as_ref(), relu, &mut c);
         // SAFETY: the pointers and strides describe the three views above, whose shapes were
         // checked to be (M×K), (K×N), (M×N); C is borrowed mutably, so it overlaps neither.
         // Each kernel runs only where its instructions were detected.
@@ -214,6 +278,35 @@ fn gemm_serial<T: Element>(
         c.mapv_inplace(|v| if v <= T::zero() { T::zero() } else { v });
     }
     Ok(())
+}
+
+/// The raw parts of C ← α·A·B + β·C (+ bias, ReLU) for the f32 kernels (T is f32: the casts
+/// only name the element type); no row sums of B.
+#[cfg(target_arch = "x86_64")]
+fn operands<T: Element>(
+    alpha: T,
+    a: &ArrayView2<T>,
+    b: &ArrayView2<T>,
+    beta: T,
+    bias: Option<&ArrayView1<T>>,
+    relu: bool,
+    c: &mut ArrayViewMut2<T>,
+) -> Operands {
+    let strides = |s: &[isize]| [s[0], s[1]];
+    Operands {
+        shape: [a.nrows(), b.ncols(), a.ncols()],
+        alpha: alpha.as_f64() as f32,
+        a: a.as_ptr().cast::<f32>(),
+        a_strides: strides(a.strides()),
+        b: b.as_ptr().cast::<f32>(),
+        b_strides: strides(b.strides()),
+        beta: beta.as_f64() as f32,
+        bias: bias.map_or(std::ptr::null(), |b| b.as_ptr().cast::<f32>()),
+        relu,
+        c: c.as_mut_ptr().cast::<f32>(),
+        c_strides: strides(c.strides()),
+        b_row_sums: std::ptr::null_mut(),
+    }
 }
 
 /// Whether a product of few rows and many columns should be asked for transposed (Cᵀ = BᵀAᵀ,
@@ -313,6 +406,9 @@ pub struct Operands {
     pub relu: bool,
     pub c: *mut f32,
     pub c_strides: [isize; 2],
+    /// Where to write Σⱼ B[k, j] for every row k of B (K values, contiguous), or null. Only
+    /// the AVX2 kernel takes it (for a layer's dX with its db).
+    pub b_row_sums: *mut f32,
 }
 
 /// f32 products of small depth or few rows on CPUs with AVX2 and FMA but no AVX-512: the
@@ -398,7 +494,7 @@ mod shallow {
         let epilogue = !operands.bias.is_null() || operands.relu;
         let [rsa, csa] = operands.a_strides;
         let transposed_b_deep = operands.b_strides[0] == 1 && n > 1 && k >= MIN_DEPTH_COPIED_B;
-        if transposed_b_deep && csa == 1 && !epilogue {
+        if transposed_b_deep && csa == 1 && !epilogue && operands.b_row_sums.is_null() {
             if !contiguous(operands.c_strides) {
                 return false;
             }
@@ -426,8 +522,7 @@ mod shallow {
         }
         if !copy_a {
             // SAFETY: the caller's contract, and B's and C's rows are contiguous.
-            unsafe { tiles(operands, block) };
-            return true;
+            return unsafe { summing_tiles(operands, block) };
         }
         COPY.with(|scratch| {
             let Ok(mut scratch) = scratch.try_borrow_mut() else {
@@ -442,7 +537,40 @@ mod shallow {
                 ..*operands
             };
             // SAFETY: as above, A now the scratch's (m×k) row-major copy.
-            unsafe { tiles(&rows, block) };
+            unsafe { summing_tiles(&rows, block) }
+        })
+    }
+
+    /// [`tiles`], and with `b_row_sums` given, B's row sums: each tile of the first row of
+    /// tiles, which loads every column of B once (its strips in order: column blocks are
+    /// whole strips), adds the two vectors of each row k it loads into vector k of a
+    /// per-thread scratch (8 lanes); each vector is summed across at the end. Returns false
+    /// (nothing done) if that scratch is in use.
+    ///
+    /// # Safety
+    /// As [`tiles`]'s, and `b_row_sums`, when not null, must hold K writable values.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn summing_tiles(operands: &Operands, block: usize) -> bool {
+        if operands.b_row_sums.is_null() {
+            // SAFETY: the caller's.
+            unsafe { tiles(operands, block, std::ptr::null_mut()) };
+            return true;
+        }
+        let k = operands.shape[2];
+        VECTOR_SUMS.with(|sums| {
+            let Ok(mut sums) = sums.try_borrow_mut() else {
+                return false;
+            };
+            sums.clear();
+            sums.resize(8 * k, 0.0);
+            // SAFETY: the caller's; the scratch holds 8 values for each of the K rows.
+            unsafe { tiles(operands, block, sums.as_mut_ptr()) };
+            for (row, lanes) in sums.chunks_exact(8).enumerate() {
+                // The order of `sum_in_lanes`, which sums where this kernel does not.
+                let sum = lanes.iter().fold(0.0, |total, &lane| total + lane);
+                // SAFETY: row < K, inside the caller's K values.
+                unsafe { *operands.b_row_sums.add(row) = sum };
+            }
             true
         })
     }
@@ -451,6 +579,8 @@ mod shallow {
         /// The copied operand, kept per thread: a transposed A row-major (see
         /// [`MIN_DEPTH_COPIED_A`]) or a transposed B's strips (see [`transposed_b`]).
         static COPY: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        /// B's row sums as 8-lane vectors while the tiles run (see [`summing_tiles`]).
+        static VECTOR_SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
     /// C ← α·A·B + β·C with B's columns contiguous: B = Dᵀ for a row-major D (N×K), as in dW's
@@ -526,6 +656,7 @@ mod shallow {
                     column: 0,
                     lanes: WIDTH.min(n - column),
                     prefetch: std::ptr::null(),
+                    row_sums: std::ptr::null_mut(),
                 };
                 // SAFETY: the caller's contract; the tile lies inside C (rows < m, lanes
                 // masked at n) and reads the strip's K rows of 16 floats.
@@ -666,12 +797,14 @@ mod shallow {
         })
     }
 
-    /// The tiles of C, in column blocks of `block` columns.
+    /// The tiles of C, in column blocks of `block` columns; the first row of tiles adds B's
+    /// rows into `row_sums` (8 lanes per row of B) unless it is null.
     ///
     /// # Safety
-    /// As [`gemm_f32`]'s, with B's and C's rows contiguous.
+    /// As [`gemm_f32`]'s, with B's and C's rows contiguous, and `row_sums` null or holding
+    /// 8·K writable values.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tiles(operands: &Operands, block: usize) {
+    unsafe fn tiles(operands: &Operands, block: usize, row_sums: *mut f32) {
         let [m, n, _] = operands.shape;
         for first in (0..n).step_by(block) {
             let end = (first + block).min(n);
@@ -692,6 +825,11 @@ mod shallow {
                         column,
                         lanes: WIDTH.min(end - column),
                         prefetch,
+                        row_sums: if row == 0 {
+                            row_sums
+                        } else {
+                            std::ptr::null_mut()
+                        },
                     };
                     // SAFETY: the caller's contract; the tile lies inside C (rows < m, lanes
                     // masked at n), and it reads A's and B's elements for those rows, columns
@@ -728,14 +866,16 @@ mod shallow {
         }
     }
 
-    /// Where a tile of C starts, how many of its 16 columns are inside C, and the columns of B
-    /// whose line in each row k to prefetch on step k (null: none).
+    /// Where a tile of C starts, how many of its 16 columns are inside C, the columns of B
+    /// whose line in each row k to prefetch on step k (null: none), and the vectors into
+    /// which it adds each row k of B it loads (at `row_sums + 8k`; null: none).
     #[derive(Clone, Copy)]
     struct Tile {
         row: usize,
         column: usize,
         lanes: usize,
         prefetch: *const f32,
+        row_sums: *mut f32,
     }
 
     /// The mask of the first `lanes` of 8 (a lane is on when its top bit is set).
@@ -785,6 +925,14 @@ mod shallow {
             for (v, slot) in row.iter_mut().enumerate() {
                 // SAFETY: row p of B at the tile's columns; masked lanes are not read.
                 *slot = unsafe { load::<FULL>(b.offset(p * rsb).add(8 * v), masks[v]) };
+            }
+            if !tile.row_sums.is_null() {
+                // SAFETY: vector p of the sums, inside their 8·K values; masked lanes are 0.
+                unsafe {
+                    let sums = tile.row_sums.offset(8 * p);
+                    let both = _mm256_add_ps(row[0], row[1]);
+                    _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_loadu_ps(sums), both));
+                }
             }
             for (i, acc_row) in acc.iter_mut().enumerate() {
                 // SAFETY: A[row + i, p], inside A.
@@ -1437,5 +1585,60 @@ mod avx512 {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gemm_and_row_sums_of_b;
+    use ndarray::{Array1, Array2};
+
+    /// The row sums of B taken with the product (by the AVX2 kernel's first row of tiles where
+    /// it runs: few rows, shallow, a copied Wᵀ; with masked last columns) against a plain sum,
+    /// and C against the product alone; in f64 too (summed after).
+    #[test]
+    fn the_row_sums_of_b_come_with_the_product() {
+        // (M, K, N, A transposed): dX of 16 → 96 (few rows), of a shallow layer, of 64 → 256
+        // (Wᵀ copied row-major), and N not a multiple of 16.
+        for (m, k, n, transposed) in [
+            (16, 96, 300, true),
+            (40, 24, 77, true),
+            (64, 256, 100, true),
+            (7, 130, 33, false),
+        ] {
+            let value = |i: usize, j: usize| ((i * 31 + j * 17) % 23) as f32 / 23.0 - 0.5;
+            let a = match transposed {
+                true => Array2::from_shape_fn((k, m), |(i, j)| value(i, j)).reversed_axes(),
+                false => Array2::from_shape_fn((m, k), |(i, j)| value(i, j)),
+            };
+            let b = Array2::from_shape_fn((k, n), |(i, j)| value(i + 5, j));
+            for beta in [0.0, 1.0] {
+                let c0 = Array2::from_shape_fn((m, n), |(i, j)| value(j, i));
+                let mut c = c0.clone();
+                let mut sums = Array1::from_elem(k, f32::NAN);
+                gemm_and_row_sums_of_b(a.view(), b.view(), beta, c.view_mut(), sums.view_mut())
+                    .unwrap();
+                let mut expected = c0.clone();
+                super::gemm(1.0, a.view(), b.view(), beta, expected.view_mut()).unwrap();
+                assert_eq!(c, expected, "C, {m}×{k}·{k}×{n} β {beta}");
+                for (row, &sum) in b.outer_iter().zip(&sums) {
+                    if super::backend::<f32>() == "avx2+gemm" {
+                        // The same bits as the order the fallback takes.
+                        assert_eq!(sum.to_bits(), super::sum_in_lanes(row).to_bits());
+                    }
+                    let plain: f64 = row.iter().map(|&v| f64::from(v)).sum();
+                    let bound = 1e-6 * row.iter().map(|v| f64::from(v.abs())).sum::<f64>();
+                    assert!((f64::from(sum) - plain).abs() <= bound, "{sum} vs {plain}");
+                }
+            }
+        }
+        let (a, b) = (Array2::<f64>::eye(3), Array2::from_elem((3, 5), 0.5));
+        let (mut c, mut sums) = (Array2::zeros((3, 5)), Array1::zeros(3));
+        gemm_and_row_sums_of_b(a.view(), b.view(), 0.0, c.view_mut(), sums.view_mut()).unwrap();
+        assert_eq!((&c, &sums), (&b, &Array1::from_elem(3, 2.5)));
+        let mut short = Array1::zeros(2);
+        let refused =
+            gemm_and_row_sums_of_b(a.view(), b.view(), 0.0, c.view_mut(), short.view_mut());
+        assert!(refused.is_err());
     }
 }

@@ -50,7 +50,7 @@ use super::{
 use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::gemm::{gemm, gemm_bias_relu, longer_side_as_rows};
+use crate::gemm::{gemm, gemm_and_row_sums_of_b, gemm_bias_relu, longer_side_as_rows};
 use crate::graph::{Backward, Forward, Graph, NodeId, Port};
 use crate::ops::{GradWrite, Operation};
 use crate::parallel::{
@@ -208,9 +208,8 @@ pub(crate) fn gradients<T: Element>(
     if let Some(dweight) = dweight {
         weight_gradient(x, dy, dweight)?; // dW += Σₙ dYₙ·Xₙᵀ
     }
-    // With dX wanted too on the per-sample products, db's row sums of each dYₙ are taken right
-    // after its dXₙ, while dYₙ is in cache, then added in sample order: the same arithmetic as
-    // bias_gradient.
+    // With dX wanted too on the per-sample products, db's row sums of each dYₙ are taken with
+    // its dXₙ (see sample_input_gradient), then added in sample order.
     let mut row_sums = (dx.is_some() && dbias.is_some() && pixels >= GROUP_BELOW_PIXELS)
         .then(|| Array2::zeros((dy.shape()[0], dy.shape()[1])));
     if let Some((dx, write)) = dx {
@@ -227,8 +226,9 @@ pub(crate) fn gradients<T: Element>(
 
 /// Maps of [`SAMPLE_BY_SAMPLE_PIXELS`] pixels or more: the samples split between the threads, and
 /// each sample's three products run one after the other — its term of dW, dXₙ = Wᵀ·dYₙ, its
-/// row sums for db — so that dYₙ is read from memory once and from cache after (on large maps
-/// dY is the largest operand: 77 MB on MobileNetV2's 16 → 96 layer at 112×112, batch 16).
+/// row sums for db (taken by the dX product as it reads dYₙ, where it can) — so that dYₙ is
+/// read from memory once and from cache after (on large maps dY is the largest operand: 77 MB
+/// on MobileNetV2's 16 → 96 layer at 112×112, batch 16).
 /// dW and db are sums over the samples. The terms of dW go into slots, each summing a fixed
 /// run of samples in order (see [`samples_per_slot`]), and the slots are added in order after,
 /// so that the sums do not depend on how the threads split the batch; db's row sums are kept
@@ -325,11 +325,15 @@ fn by_sample<T: Element>(
                 };
                 weight_term(x_n, dy_n, transposed, beta, slot)?;
             }
-            if let Some(Along(dx, _)) = dx.as_mut() {
-                sample_input_gradient(weight, dy_n, write, dx.index_axis_mut(Axis(0), n))?;
-            }
-            if let Some(Along(sums, _)) = sums.as_mut() {
-                row_sums_of(dy_n, sums.row_mut(n));
+            let sums_n = sums.as_mut().map(|Along(sums, _)| sums.row_mut(n));
+            match dx.as_mut() {
+                Some(Along(dx, _)) => {
+                    let dx_n = dx.index_axis_mut(Axis(0), n);
+                    sample_input_gradient(weight, dy_n, write, dx_n, sums_n)?;
+                }
+                None => sums_n
+                    .into_iter()
+                    .for_each(|sums_n| row_sums_of(dy_n, sums_n)),
             }
         }
         Ok(())
@@ -447,7 +451,7 @@ pub fn input_gradient<T: Element>(
 }
 
 /// The same, also writing each sample's row sums Σₚ dYₙ[:, p] into row n of `row_sums`
-/// (N×F1) when given, right after dXₙ (maps of at least [`GROUP_BELOW_PIXELS`] pixels).
+/// (N×F1) when given, with dXₙ (maps of at least [`GROUP_BELOW_PIXELS`] pixels).
 fn input_gradient_and_row_sums<T: Element>(
     weight: ArrayView2<T>,
     dy: ArrayView4<T>,
@@ -486,35 +490,32 @@ fn input_gradient_and_row_sums<T: Element>(
         mut row_sums,
     )| {
         for (n, (dy_block, dx_block)) in dy.outer_iter().zip(dx.outer_iter_mut()).enumerate() {
-            let dy_n = sample_matrix(dy_block)?;
-            sample_input_gradient(weight, dy_n, write, dx_block)?;
-            if let Some(Along(sums, _)) = row_sums.as_mut() {
-                row_sums_of(dy_n, sums.row_mut(n));
-            }
+            let sums_n = row_sums.as_mut().map(|Along(sums, _)| sums.row_mut(n));
+            sample_input_gradient(weight, sample_matrix(dy_block)?, write, dx_block, sums_n)?;
         }
         Ok(())
     })
 }
 
-/// One sample's dXₙ = Wᵀ·dYₙ, added or written as `write` says.
+/// One sample's dXₙ = Wᵀ·dYₙ, added or written as `write` says; with `row_sums`, also its
+/// term of db, Σₚ dYₙ[:, p], taken as the product reads dYₙ.
 fn sample_input_gradient<T: Element>(
     weight: ArrayView2<T>,
     dy_n: ArrayView2<T>,
     write: GradWrite,
     dx_block: ArrayViewMut3<T>,
+    row_sums: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
     let beta = match write {
         GradWrite::Accumulate => T::one(),
         GradWrite::Overwrite => T::zero(),
     };
+    let dx_n = sample_matrix_mut(dx_block)?;
     // (F×F1)·(F1×P) += into (F×P)
-    gemm(
-        T::one(),
-        weight.t(),
-        dy_n,
-        beta,
-        sample_matrix_mut(dx_block)?,
-    )
+    match row_sums {
+        Some(sums) => gemm_and_row_sums_of_b(weight.t(), dy_n, beta, dx_n, sums),
+        None => gemm(T::one(), weight.t(), dy_n, beta, dx_n),
+    }
 }
 
 /// db += Σₙ Σₚ dYₙ[:, p]: a sum over rows, no GEMM. Each thread sums its own channels.

@@ -470,6 +470,8 @@ mod shallow {
     const STRIP_BLOCK: usize = 128;
     const ROWS: usize = 6;
     const WIDTH: usize = 16;
+    /// The height of a tile one vector wide: 12 accumulators, as in the 6 × 16 tile.
+    const NARROW_ROWS: usize = 12;
 
     /// Whether this CPU runs AVX2 and FMA (detected once).
     pub fn available() -> bool {
@@ -644,8 +646,12 @@ mod shallow {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn strip_tiles(block: &Operands) {
         let [m, n, k] = block.shape;
+        // A last strip of at most 8 columns (N = 24: dW of a projection to 24 channels) would
+        // leave half of every tile's FMAs idle: it runs on tiles one vector wide and twice as tall.
+        let narrow = n % WIDTH > 0 && n % WIDTH <= 8;
+        let wide_end = if narrow { n - n % WIDTH } else { n };
         for row in (0..m).step_by(ROWS) {
-            for column in (0..n).step_by(WIDTH) {
+            for column in (0..wide_end).step_by(WIDTH) {
                 let strip = Operands {
                     b: block.b.add(column * k),
                     c: block.c.add(column),
@@ -661,6 +667,73 @@ mod shallow {
                 // SAFETY: the caller's contract; the tile lies inside C (rows < m, lanes
                 // masked at n) and reads the strip's K rows of 16 floats.
                 unsafe { any_tile(&strip, tile, ROWS.min(m - row)) };
+            }
+        }
+        if !narrow {
+            return;
+        }
+        let strip = Operands {
+            b: block.b.add(wide_end * k),
+            c: block.c.add(wide_end),
+            ..*block
+        };
+        let lanes = n - wide_end;
+        for row in (0..m).step_by(NARROW_ROWS) {
+            // SAFETY: the caller's contract; rows < m, lanes masked at n, the strip's K rows.
+            unsafe {
+                match NARROW_ROWS.min(m - row) {
+                    12 => narrow_tile::<12>(&strip, row, lanes),
+                    11 => narrow_tile::<11>(&strip, row, lanes),
+                    10 => narrow_tile::<10>(&strip, row, lanes),
+                    9 => narrow_tile::<9>(&strip, row, lanes),
+                    8 => narrow_tile::<8>(&strip, row, lanes),
+                    7 => narrow_tile::<7>(&strip, row, lanes),
+                    6 => narrow_tile::<6>(&strip, row, lanes),
+                    5 => narrow_tile::<5>(&strip, row, lanes),
+                    4 => narrow_tile::<4>(&strip, row, lanes),
+                    3 => narrow_tile::<3>(&strip, row, lanes),
+                    2 => narrow_tile::<2>(&strip, row, lanes),
+                    _ => narrow_tile::<1>(&strip, row, lanes),
+                }
+            }
+        }
+    }
+
+    /// C tile (R rows × the strip's first `lanes` ≤ 8 columns) ← α·A·B + β·C, B a strip of
+    /// [`copy_strips`] (rows 16 floats apart, zeros past N): R accumulators of one vector,
+    /// each step one load of B and R broadcasts of A.
+    ///
+    /// # Safety
+    /// As [`strip_tiles`]'s, with rows row..row+R inside A and C.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn narrow_tile<const R: usize>(strip: &Operands, row: usize, lanes: usize) {
+        let [_, _, k] = strip.shape;
+        let ([rsa, csa], rsc) = (strip.a_strides, strip.c_strides[0]);
+        let a = strip.a.offset(row as isize * rsa);
+        let c = strip.c.offset(row as isize * rsc);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for p in 0..k as isize {
+            // SAFETY: the strip's row p, 16 floats (the copy is zero-padded); A[row + i, p].
+            let b = unsafe { _mm256_loadu_ps(strip.b.offset(p * WIDTH as isize)) };
+            for (i, slot) in acc.iter_mut().enumerate() {
+                let broadcast = _mm256_set1_ps(unsafe { *a.offset(i as isize * rsa + p * csa) });
+                *slot = _mm256_fmadd_ps(broadcast, b, *slot);
+            }
+        }
+        let (mask, alpha, beta) = (
+            lane_mask(lanes),
+            _mm256_set1_ps(strip.alpha),
+            _mm256_set1_ps(strip.beta),
+        );
+        for (i, &sum) in acc.iter().enumerate() {
+            // SAFETY: C[row + i, ..lanes], masked past C's last column.
+            unsafe {
+                let target = c.offset(i as isize * rsc);
+                let mut result = _mm256_mul_ps(sum, alpha);
+                if strip.beta != 0.0 {
+                    result = _mm256_fmadd_ps(_mm256_maskload_ps(target, mask), beta, result);
+                }
+                _mm256_maskstore_ps(target, mask, result);
             }
         }
     }

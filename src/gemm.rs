@@ -187,7 +187,7 @@ pub(crate) fn gemm_and_row_sums_of_b<T: Element>(
     Ok(())
 }
 
-/// Σⱼ row[j] in the order of the AVX2 kernel's row sums: 8 lanes, lane l adding
+/// `Σⱼ row[j]` in the order of the AVX2 kernel's row sums: 8 lanes, lane l adding
 /// `row[16s + l] + row[16s + 8 + l]` (0 past the end) for each strip s of 16 columns in turn,
 /// then the lanes added in order.
 fn sum_in_lanes<T: Element>(row: ArrayView1<T>) -> T {
@@ -425,6 +425,12 @@ pub struct Operands {
 /// smaller tiles and masked loads and stores. Each element is the sum over k in order, then α,
 /// the bias, β·C: the same bits whichever columns a thread is given. (The AVX-512 module's NN
 /// tile is the same design at twice the width.)
+///
+/// Two more products run on the same tile. With B *transposed* (dW = Σ dYₙ·Xₙᵀ), B is copied
+/// block by block into strips of 16 columns, its rows contiguous (`transposed_b`), and a
+/// last strip of at most 8 columns runs on tiles one vector wide. And dX = Wᵀ·dYₙ can return
+/// the row sums of dYₙ (db) as well: the first row of tiles, which loads every value of B,
+/// adds them up on the way (`summing_tiles`).
 #[cfg(target_arch = "x86_64")]
 mod shallow {
     use super::Operands;

@@ -47,8 +47,8 @@ pub trait Element:
     }
 }
 
-/// [`Element::with_scratch`] on a thread-local vector.
-fn with_scratch_in<T: Copy + num_traits::Zero, R>(
+/// [`Element::with_scratch`] on a thread-local vector (also the AVX2 kernel's row sums).
+pub(crate) fn with_scratch_in<T: Copy + num_traits::Zero, R>(
     scratch: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
     len: usize,
     work: impl FnOnce(&mut [T]) -> R,

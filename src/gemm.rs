@@ -434,6 +434,7 @@ pub struct Operands {
 #[cfg(target_arch = "x86_64")]
 mod shallow {
     use super::Operands;
+    use crate::element::with_scratch_in;
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
@@ -530,7 +531,8 @@ mod shallow {
         }
         if !copy_a {
             // SAFETY: the caller's contract, and B's and C's rows are contiguous.
-            return unsafe { summing_tiles(operands, block) };
+            unsafe { summing_tiles(operands, block) };
+            return true;
         }
         COPY.with(|scratch| {
             let Ok(mut scratch) = scratch.try_borrow_mut() else {
@@ -545,32 +547,27 @@ mod shallow {
                 ..*operands
             };
             // SAFETY: as above, A now the scratch's (m×k) row-major copy.
-            unsafe { summing_tiles(&rows, block) }
+            unsafe { summing_tiles(&rows, block) };
+            true
         })
     }
 
     /// [`tiles`], and with `b_row_sums` given, B's row sums: each tile of the first row of
     /// tiles, which loads every column of B once (its strips in order: column blocks are
     /// whole strips), adds the two vectors of each row k it loads into vector k of a
-    /// per-thread scratch (8 lanes); each vector is summed across at the end. Returns false
-    /// (nothing done) if that scratch is in use.
+    /// per-thread scratch (8 lanes; a fresh vector if the thread's is in use); each vector is
+    /// summed across at the end.
     ///
     /// # Safety
     /// As [`tiles`]'s, and `b_row_sums`, when not null, must hold K writable values.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn summing_tiles(operands: &Operands, block: usize) -> bool {
+    unsafe fn summing_tiles(operands: &Operands, block: usize) {
         if operands.b_row_sums.is_null() {
             // SAFETY: the caller's.
-            unsafe { tiles(operands, block, std::ptr::null_mut()) };
-            return true;
+            return unsafe { tiles(operands, block, std::ptr::null_mut()) };
         }
         let k = operands.shape[2];
-        VECTOR_SUMS.with(|sums| {
-            let Ok(mut sums) = sums.try_borrow_mut() else {
-                return false;
-            };
-            sums.clear();
-            sums.resize(8 * k, 0.0);
+        with_scratch_in(&VECTOR_SUMS, 8 * k, |sums| {
             // SAFETY: the caller's; the scratch holds 8 values for each of the K rows.
             unsafe { tiles(operands, block, sums.as_mut_ptr()) };
             for (row, lanes) in sums.chunks_exact(8).enumerate() {
@@ -579,7 +576,6 @@ mod shallow {
                 // SAFETY: row < K, inside the caller's K values.
                 unsafe { *operands.b_row_sums.add(row) = sum };
             }
-            true
         })
     }
 

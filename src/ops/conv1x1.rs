@@ -360,7 +360,7 @@ fn row_sums_of<T: Element>(dy_n: ArrayView2<T>, mut sums: ArrayViewMut1<T>) {
     }
 }
 
-/// db += Σₙ row_sums[n], in sample order: the arithmetic of [`bias_gradient`].
+/// db += Σₙ row_sums[n], in sample order.
 fn add_row_sums<T: Element>(row_sums: ArrayView2<T>, mut dbias: ArrayViewMut1<T>) {
     for sums_n in row_sums.outer_iter() {
         dbias += &sums_n;

@@ -478,6 +478,11 @@ fn conv1x1_f32_fast_path_matches_reference_loops() {
         // 7×7 maps run in groups of 10 samples: on 1 or 2 threads, two groups per thread,
         // the second partial.
         (25, 6, 5, 7, 7),
+        // dW of small maps in groups too: 5×5 maps in groups of 20 samples (20, 20, 5), a
+        // projection (dW's terms transposed) and an expansion; 3×3 maps, 56 a group.
+        (45, 40, 24, 5, 5),
+        (45, 24, 40, 5, 5),
+        (130, 20, 70, 3, 3),
         // 72 pixels: one product per sample.
         (2, 5, 4, 9, 8),
         // From 256 pixels, sample by sample: a projection (dW's terms transposed), an

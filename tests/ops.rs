@@ -241,6 +241,42 @@ fn pooling_fast_paths_match_reference_loops() {
     }
 }
 
+/// The 2×2 / 2 window in f32 (eight outputs at a time where the CPU has AVX2, a row's last run
+/// overlapping the one before) against the reference loops, bit for bit: rows of 1 to 20
+/// outputs, odd sizes, ties (values from a set of five) and NaN, which never replaces a
+/// window's first candidate and is never replaced while first.
+#[test]
+fn max_pool_2x2_f32_matches_reference_loops_with_ties_and_nan() {
+    for (i, (batch, channels, height, width)) in [
+        (1, 1, 2, 2),
+        (2, 3, 5, 15),
+        (1, 2, 4, 16),
+        (3, 1, 7, 17),
+        (1, 3, 6, 31),
+        (2, 2, 9, 40),
+        (1, 1, 28, 28),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let x = random(&[batch, channels, height, width], 40 + i as u64).mapv(|v| {
+            match (v * 1000.0).abs() as usize % 11 {
+                0 => f32::NAN,
+                k => (k % 5) as f32 - 2.0,
+            }
+        });
+        let x = x.into_dimensionality::<Ix4>().unwrap();
+        let out = max_pool::output_shape(x.shape(), 2, 2).unwrap();
+        let (mut y, mut y_ref) = (Array4::<f32>::zeros(out), Array4::<f32>::zeros(out));
+        let mut argmax = vec![0; y.len()];
+        max_pool::forward(x.view(), 2, 2, y.view_mut(), &mut argmax).unwrap();
+        let argmax_ref = max_pool::forward_reference(x.view(), 2, 2, y_ref.view_mut()).unwrap();
+        assert_eq!(argmax, argmax_ref, "{:?}", x.shape());
+        let bits = |a: &Array4<f32>| a.mapv(f32::to_bits);
+        assert_eq!(bits(&y), bits(&y_ref), "{:?}", x.shape());
+    }
+}
+
 #[test]
 fn max_pool_routes_a_tied_window_to_its_first_maximum() {
     let x = Array4::from_shape_vec((1, 1, 2, 2), vec![1.0, 3.0, 3.0, 2.0]).unwrap();

@@ -422,13 +422,15 @@ pub struct Operands {
 /// shallow products: 64 KiB of B, in L2), so that the block's rows of B stay in cache for
 /// every row tile after the first; products of few rows go one strip at a time. The first row
 /// of tiles reads B from memory and prefetches the strip after next as it goes. Edges use
-/// smaller tiles and masked loads and stores. Each element is the sum over k in order, then α,
+/// smaller tiles and masked loads and stores; a last strip of at most 8 columns (a 14×14 map's
+/// 196 = 12·16 + 4) runs on tiles one vector wide and 12 rows tall, which do the same
+/// arithmetic per element with half the idle lanes or fewer. Each element is the sum over k in order, then α,
 /// the bias, β·C: the same bits whichever columns a thread is given. (The AVX-512 module's NN
 /// tile is the same design at twice the width.)
 ///
 /// Two more products run on the same tile. With B *transposed* (dW = Σ dYₙ·Xₙᵀ), B is copied
-/// block by block into strips of 16 columns, its rows contiguous (`transposed_b`), and a
-/// last strip of at most 8 columns runs on tiles one vector wide. And dX = Wᵀ·dYₙ can return
+/// block by block into strips of 16 columns, its rows contiguous (`transposed_b`), the last
+/// strip of at most 8 columns again one vector wide. And dX = Wᵀ·dYₙ can return
 /// the row sums of dYₙ (db) as well: the first row of tiles, which loads every value of B,
 /// adds them up on the way (`summing_tiles`).
 #[cfg(target_arch = "x86_64")]
@@ -671,69 +673,84 @@ mod shallow {
                 unsafe { any_tile(&strip, tile, ROWS.min(m - row)) };
             }
         }
-        if !narrow {
-            return;
+        if narrow {
+            let strip = Operands {
+                b: block.b.add(wide_end * k),
+                c: block.c.add(wide_end),
+                ..*block
+            };
+            // SAFETY: the caller's contract; the strip's K rows of 16 floats, C's last columns.
+            unsafe { narrow_strip(&strip, n - wide_end) };
         }
-        let strip = Operands {
-            b: block.b.add(wide_end * k),
-            c: block.c.add(wide_end),
-            ..*block
-        };
-        let lanes = n - wide_end;
+    }
+
+    /// The columns left after the full strips, at most 8 (at `strip.b` and `strip.c`), on
+    /// tiles one vector wide and [`NARROW_ROWS`] tall: a 16-column tile there would leave half
+    /// of its FMAs idle or more.
+    ///
+    /// # Safety
+    /// As [`tile_of`]'s for a tile of `lanes` columns at column 0, for every row of C.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn narrow_strip(strip: &Operands, lanes: usize) {
+        let m = strip.shape[0];
         for row in (0..m).step_by(NARROW_ROWS) {
             // SAFETY: the caller's contract; rows < m, lanes masked at n, the strip's K rows.
             unsafe {
                 match NARROW_ROWS.min(m - row) {
-                    12 => narrow_tile::<12>(&strip, row, lanes),
-                    11 => narrow_tile::<11>(&strip, row, lanes),
-                    10 => narrow_tile::<10>(&strip, row, lanes),
-                    9 => narrow_tile::<9>(&strip, row, lanes),
-                    8 => narrow_tile::<8>(&strip, row, lanes),
-                    7 => narrow_tile::<7>(&strip, row, lanes),
-                    6 => narrow_tile::<6>(&strip, row, lanes),
-                    5 => narrow_tile::<5>(&strip, row, lanes),
-                    4 => narrow_tile::<4>(&strip, row, lanes),
-                    3 => narrow_tile::<3>(&strip, row, lanes),
-                    2 => narrow_tile::<2>(&strip, row, lanes),
-                    _ => narrow_tile::<1>(&strip, row, lanes),
+                    12 => narrow_tile::<12>(strip, row, lanes),
+                    11 => narrow_tile::<11>(strip, row, lanes),
+                    10 => narrow_tile::<10>(strip, row, lanes),
+                    9 => narrow_tile::<9>(strip, row, lanes),
+                    8 => narrow_tile::<8>(strip, row, lanes),
+                    7 => narrow_tile::<7>(strip, row, lanes),
+                    6 => narrow_tile::<6>(strip, row, lanes),
+                    5 => narrow_tile::<5>(strip, row, lanes),
+                    4 => narrow_tile::<4>(strip, row, lanes),
+                    3 => narrow_tile::<3>(strip, row, lanes),
+                    2 => narrow_tile::<2>(strip, row, lanes),
+                    _ => narrow_tile::<1>(strip, row, lanes),
                 }
             }
         }
     }
 
-    /// C tile (R rows × the strip's first `lanes` ≤ 8 columns) ← α·A·B + β·C, B a strip of
-    /// [`copy_strips`] (rows 16 floats apart, zeros past N): R accumulators of one vector,
-    /// each step one load of B and R broadcasts of A.
+    /// C tile (R rows × the first `lanes` ≤ 8 columns) ← α·A·B + bias + β·C, then max(·, 0)
+    /// with a ReLU: R accumulators of one vector, each step one (masked) load of B's row and R
+    /// broadcasts of A.
     ///
     /// # Safety
-    /// As [`strip_tiles`]'s, with rows row..row+R inside A and C.
+    /// As [`tile_of`]'s, for rows row..row+R and columns ..lanes.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn narrow_tile<const R: usize>(strip: &Operands, row: usize, lanes: usize) {
         let [_, _, k] = strip.shape;
-        let ([rsa, csa], rsc) = (strip.a_strides, strip.c_strides[0]);
+        let ([rsa, csa], rsb, rsc) = (strip.a_strides, strip.b_strides[0], strip.c_strides[0]);
         let a = strip.a.offset(row as isize * rsa);
         let c = strip.c.offset(row as isize * rsc);
+        let mask = lane_mask(lanes);
         let mut acc = [_mm256_setzero_ps(); R];
         for p in 0..k as isize {
-            // SAFETY: the strip's row p, 16 floats (the copy is zero-padded); A[row + i, p].
-            let b = unsafe { _mm256_loadu_ps(strip.b.offset(p * WIDTH as isize)) };
+            // SAFETY: B's row p, its first `lanes` values; A[row + i, p].
+            let b = unsafe { _mm256_maskload_ps(strip.b.offset(p * rsb), mask) };
             for (i, slot) in acc.iter_mut().enumerate() {
                 let broadcast = _mm256_set1_ps(unsafe { *a.offset(i as isize * rsa + p * csa) });
                 *slot = _mm256_fmadd_ps(broadcast, b, *slot);
             }
         }
-        let (mask, alpha, beta) = (
-            lane_mask(lanes),
-            _mm256_set1_ps(strip.alpha),
-            _mm256_set1_ps(strip.beta),
-        );
+        let (alpha, beta) = (_mm256_set1_ps(strip.alpha), _mm256_set1_ps(strip.beta));
         for (i, &sum) in acc.iter().enumerate() {
-            // SAFETY: C[row + i, ..lanes], masked past C's last column.
+            // SAFETY: C[row + i, ..lanes], masked past C's last column; bias[row + i].
             unsafe {
                 let target = c.offset(i as isize * rsc);
                 let mut result = _mm256_mul_ps(sum, alpha);
+                if !strip.bias.is_null() {
+                    result = _mm256_add_ps(result, _mm256_set1_ps(*strip.bias.add(row + i)));
+                }
                 if strip.beta != 0.0 {
                     result = _mm256_fmadd_ps(_mm256_maskload_ps(target, mask), beta, result);
+                }
+                if strip.relu {
+                    // As in tile_of: a NaN stays.
+                    result = _mm256_max_ps(_mm256_setzero_ps(), result);
                 }
                 _mm256_maskstore_ps(target, mask, result);
             }
@@ -881,8 +898,12 @@ mod shallow {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tiles(operands: &Operands, block: usize, row_sums: *mut f32) {
         let [m, n, _] = operands.shape;
-        for first in (0..n).step_by(block) {
-            let end = (first + block).min(n);
+        // A last strip of at most 8 columns (14×14 maps: 196 = 12·16 + 4) runs on narrow
+        // tiles, unless B's row sums are taken (the first row of tiles sums whole strips).
+        let narrow = row_sums.is_null() && n % WIDTH > 0 && n % WIDTH <= 8;
+        let wide_end = if narrow { n - n % WIDTH } else { n };
+        for first in (0..wide_end).step_by(block) {
+            let end = (first + block).min(wide_end);
             for row in (0..m).step_by(ROWS) {
                 for column in (first..end).step_by(WIDTH) {
                     // A strip of B is a cache line from each of K rows: more streams than the
@@ -912,6 +933,15 @@ mod shallow {
                     unsafe { any_tile(operands, tile, ROWS.min(m - row)) };
                 }
             }
+        }
+        if narrow {
+            let strip = Operands {
+                b: operands.b.add(wide_end),
+                c: operands.c.add(wide_end),
+                ..*operands
+            };
+            // SAFETY: the caller's contract; B's and C's last n − wide_end columns.
+            unsafe { narrow_strip(&strip, n - wide_end) };
         }
     }
 

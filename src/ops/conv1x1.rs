@@ -750,21 +750,30 @@ fn in_groups<T: Element>(
         Along(mut outputs, _),
     )| {
         let group = samples_per_group(pixels, inputs.shape()[0]);
-        let mut wide_in = Array2::zeros((rows_in, group * pixels));
-        let mut wide_out = Array2::zeros((rows_out, group * pixels));
-        for (in_g, mut out_g) in inputs
-            .axis_chunks_iter(Axis(0), group)
-            .zip(outputs.axis_chunks_iter_mut(Axis(0), group))
-        {
-            let columns = ndarray::s![.., ..in_g.shape()[0] * pixels];
-            side_by_side(in_g, wide_in.slice_mut(columns))?;
-            product(wide_in.slice(columns), wide_out.slice_mut(columns))?;
-            for (n, out_n) in out_g.outer_iter_mut().enumerate() {
-                let sample = ndarray::s![.., n * pixels..(n + 1) * pixels];
-                store(wide_out.slice(sample), sample_matrix_mut(out_n)?);
+        let (len_in, len_out) = (rows_in * group * pixels, rows_out * group * pixels);
+        // The wide matrices live in the thread's scratch, as dW's do (`weight_gradient`).
+        T::with_scratch(len_in + len_out, |scratch| {
+            let (wide_in, wide_out) = scratch.split_at_mut(len_in);
+            // The lengths were taken from these shapes: the views always fit.
+            let misfit = |_| Error::invalid_shape(OP, "scratch views", &[len_in, len_out]);
+            let mut wide_in =
+                ArrayViewMut2::from_shape((rows_in, group * pixels), wide_in).map_err(misfit)?;
+            let mut wide_out =
+                ArrayViewMut2::from_shape((rows_out, group * pixels), wide_out).map_err(misfit)?;
+            for (in_g, mut out_g) in inputs
+                .axis_chunks_iter(Axis(0), group)
+                .zip(outputs.axis_chunks_iter_mut(Axis(0), group))
+            {
+                let columns = ndarray::s![.., ..in_g.shape()[0] * pixels];
+                side_by_side(in_g, wide_in.slice_mut(columns))?;
+                product(wide_in.slice(columns), wide_out.slice_mut(columns))?;
+                for (n, out_n) in out_g.outer_iter_mut().enumerate() {
+                    let sample = ndarray::s![.., n * pixels..(n + 1) * pixels];
+                    store(wide_out.slice(sample), sample_matrix_mut(out_n)?);
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     })
 }
 

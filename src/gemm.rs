@@ -128,9 +128,7 @@ fn product<T: Element>(
 /// microseconds in each part: 2²¹ multiply-adds (a batch-1 layer such as 32 → 16 on 112×112
 /// maps has 6.4 million; with 2²⁴ as the bar it ran on one thread).
 fn splits(m: usize, n: usize, k: usize) -> bool {
-    rayon::current_thread_index().is_none()
-        && crate::parallel::threads() > 1
-        && m * n * k >= 1 << 21
+    !crate::parallel::in_split_part() && crate::parallel::threads() > 1 && m * n * k >= 1 << 21
 }
 
 /// C ← A·B + β·C, and `row_sums[k] = Σⱼ B[k, j]` for each row k of B:

@@ -4,7 +4,8 @@
 //! says and run them on rayon's global pool with `rayon::join`, so each output element is
 //! written by exactly one thread, in a fixed order: results do not depend on scheduling (a
 //! different thread count may round differently, as the parts change). GEMMs run one thread
-//! each inside a part, so two levels never oversubscribe the cores.
+//! each inside a part, so two levels never oversubscribe the cores; a product outside any
+//! split (a batch of one sample, inside [`install`] or not) splits its own columns.
 //!
 //! The count is, in order: [`set_threads`], the `POINTWISE_THREADS` environment variable, or
 //! the size of rayon's global pool (`RAYON_NUM_THREADS`, else the number of cores). Work on
@@ -246,10 +247,37 @@ fn run<S: Split>(parts: S, count: usize, work: &(impl Fn(S) -> Result<()> + Sync
     let mid = parts.len() * left / count;
     let (first, second) = parts.split(mid);
     let (a, b) = rayon::join(
-        || run(first, left, work),
-        || run(second, count - left, work),
+        || as_part(|| run(first, left, work)),
+        || as_part(|| run(second, count - left, work)),
     );
     a.and(b)
+}
+
+thread_local! {
+    /// Whether this thread is running one of several parts of an op's work.
+    static IN_PART: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `work` marked as one part of a split: the products it calls then run whole on this
+/// thread (see [`in_split_part`]).
+fn as_part<R>(work: impl FnOnce() -> R) -> R {
+    /// Puts the thread's mark back as it was, also if `work` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            IN_PART.with(|flag| flag.set(self.0));
+        }
+    }
+    let _restore = Restore(IN_PART.with(|flag| flag.replace(true)));
+    work()
+}
+
+/// Whether the calling thread is running one part of an op's work split between the threads:
+/// every thread is then busy with a part, and a product inside one should not split again. A
+/// batch of one sample is not split, so its products may be, on the pool's threads as well as
+/// from outside them.
+pub(crate) fn in_split_part() -> bool {
+    IN_PART.with(|flag| flag.get())
 }
 
 /// Sets every element of `view` to `value`, the batch split between the threads.
@@ -339,4 +367,32 @@ pub(crate) fn each_sample<T: Sync + Send>(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{in_split_part, install, run};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The mark that keeps a product from splitting again: set in each part of a split, on
+    /// whichever thread runs it, and nowhere else — not on the pool's threads as such (a
+    /// batch of one sample inside `install` is not split, so its products may be), not in a
+    /// "split" into one part, and not after the split returns.
+    #[test]
+    fn only_the_parts_of_a_split_are_marked() {
+        assert!(!in_split_part());
+        assert!(!install(in_split_part));
+        let marked = AtomicUsize::new(0);
+        let count_marked = |_: std::ops::Range<usize>| {
+            marked.fetch_add(usize::from(in_split_part()), Ordering::Relaxed);
+            Ok(())
+        };
+        run(0..4, 4, &count_marked).unwrap();
+        assert_eq!(marked.swap(0, Ordering::Relaxed), 4, "4 parts, each marked");
+        run(0..4, 1, &count_marked).unwrap();
+        assert_eq!(marked.load(Ordering::Relaxed), 0, "one part is no split");
+        install(|| run(0..2, 2, &count_marked)).unwrap();
+        assert_eq!(marked.load(Ordering::Relaxed), 2);
+        assert!(!in_split_part() && !install(in_split_part));
+    }
 }

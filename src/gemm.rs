@@ -82,15 +82,7 @@ pub fn gemm_bias_relu<T: Element>(
     c: ArrayViewMut2<T>,
 ) -> Result<()> {
     if let Some(bias) = &bias {
-        if bias.len() != a.nrows() {
-            let (expected, found) = (a.nrows().to_string(), bias.len().to_string());
-            return Err(Error::shape_mismatch(
-                "gemm",
-                "bias length",
-                expected,
-                found,
-            ));
-        }
+        check_length("bias length", a.nrows(), bias.len())?;
     }
     product(T::one(), a, b, T::zero(), Epilogue { bias, relu }, c)
 }
@@ -144,15 +136,7 @@ pub(crate) fn gemm_and_row_sums_of_b<T: Element>(
     mut c: ArrayViewMut2<T>,
     mut row_sums: ArrayViewMut1<T>,
 ) -> Result<()> {
-    if row_sums.len() != b.nrows() {
-        let (expected, found) = (b.nrows().to_string(), row_sums.len().to_string());
-        return Err(Error::shape_mismatch(
-            "gemm",
-            "row sums of B",
-            expected,
-            found,
-        ));
-    }
+    check_length("row sums of B", b.nrows(), row_sums.len())?;
     let nonempty = check_operands(&a, &b, &c)?;
     #[cfg(target_arch = "x86_64")]
     if nonempty
@@ -197,6 +181,15 @@ fn sum_in_lanes<T: Element>(row: ArrayView1<T>) -> T {
         }
     }
     lanes.iter().fold(T::zero(), |total, &lane| total + lane)
+}
+
+/// Checks that a vector beside the product (a bias, B's row sums) has the length it must.
+fn check_length(what: &str, expected: usize, found: usize) -> Result<()> {
+    if found != expected {
+        let (expected, found) = (expected.to_string(), found.to_string());
+        return Err(Error::shape_mismatch("gemm", what, expected, found));
+    }
+    Ok(())
 }
 
 /// Checks that A (M×K), B (K×N) and C (M×N) fit and that the product is not absurdly large;

@@ -36,6 +36,10 @@
 //! goes to ndarray's `general_mat_mul`. `tests/gemm.rs` compares every path with an f64 triple
 //! loop on many shapes, strides and α, β.
 //!
+//! A 1×1 layer's products over a batch (`gemm_samples`: the forward pass, and dX on maps under
+//! 16×16) run on those CPUs as one packed product over the samples' columns side by side,
+//! A packed once for the batch (see `gemm/samples.rs`).
+//!
 //! A large product called outside the ops' own parallel parts splits C's columns between the
 //! threads (see [`crate::parallel`]); inside them, each call runs on one thread.
 
@@ -43,7 +47,9 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::parallel::{in_parts, Along};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+use ndarray::{
+    ArrayView1, ArrayView2, ArrayView3, ArrayViewMut1, ArrayViewMut2, ArrayViewMut3, Axis,
+};
 use std::any::TypeId;
 
 /// The most multiply-adds one product may take: 2⁵⁰, over an hour at this machine's peak.
@@ -113,6 +119,69 @@ fn product<T: Element>(
         });
     }
     gemm_serial(alpha, a, b, beta, epilogue, c)
+}
+
+/// Cₙ (M×P) ← A (M×K)·Bₙ (K×P) + β·Cₙ, plus bias·1ᵀ and then max(·, 0) if asked, for every
+/// sample n of B (N, K, P) and C (N, M, P): a 1×1 layer's forward pass (A = W) or its dX
+/// (A = Wᵀ, β = 1 to accumulate) over a batch. For f32 on AVX2 without AVX-512, and unless the
+/// product is one to split between the threads, one packed product over the samples' columns
+/// side by side (see `samples.rs`); otherwise one product per sample.
+pub(crate) fn gemm_samples<T: Element>(
+    a: ArrayView2<T>,
+    b: ArrayView3<T>,
+    beta: T,
+    bias: Option<ArrayView1<T>>,
+    relu: bool,
+    mut c: ArrayViewMut3<T>,
+) -> Result<()> {
+    if let Some(bias) = &bias {
+        check_length("bias length", a.nrows(), bias.len())?;
+    }
+    check_length("samples of C", b.shape()[0], c.shape()[0])?;
+    let (Some(b_0), Some(c_0)) = (b.outer_iter().next(), c.outer_iter_mut().next()) else {
+        return Ok(());
+    };
+    let ((m, k), pixels) = (a.dim(), b.shape()[2]);
+    let nonempty = check_operands(&a, &b_0, &c_0)?;
+    #[cfg(target_arch = "x86_64")]
+    if nonempty
+        && k > 0
+        && !splits(m, pixels, k)
+        && TypeId::of::<T>() == TypeId::of::<f32>()
+        && !avx512::available()
+        && shallow::available()
+        && (pixels == 1 || (b.strides()[2] == 1 && c.strides()[2] == 1))
+        && bias
+            .as_ref()
+            .is_none_or(|b| b.len() <= 1 || b.strides()[0] == 1)
+    {
+        let operands = samples::Samples {
+            shape: [m, k, pixels],
+            samples: b.shape()[0],
+            a: a.as_ptr().cast::<f32>(),
+            a_strides: [a.strides()[0], a.strides()[1]],
+            b: b.as_ptr().cast::<f32>(),
+            b_strides: [b.strides()[0], b.strides()[1]],
+            beta: beta.as_f64() as f32,
+            bias: bias
+                .as_ref()
+                .map_or(std::ptr::null(), |b| b.as_ptr().cast::<f32>()),
+            relu,
+            c: c.as_mut_ptr().cast::<f32>(),
+            c_strides: [c.strides()[0], c.strides()[1]],
+        };
+        // SAFETY: T is f32; the pointers and strides describe the views, whose shapes were
+        // checked ((M×K), N × (K×P), N × (M×P), non-empty); C is borrowed mutably, so it
+        // overlaps neither, and its samples are apart; AVX2 and FMA were detected.
+        if unsafe { samples::gemm_f32(&operands) } {
+            return Ok(());
+        }
+    }
+    for (b_n, c_n) in b.outer_iter().zip(c.outer_iter_mut()) {
+        let bias = bias.as_ref().map(|b| b.view());
+        product(T::one(), a, b_n, beta, Epilogue { bias, relu }, c_n)?;
+    }
+    Ok(())
 }
 
 /// Whether [`gemm()`] splits a product's columns between the threads: called from outside the
@@ -424,6 +493,9 @@ pub struct Operands {
 /// strip of at most 8 columns again one vector wide. And dX = Wᵀ·dYₙ can return
 /// the row sums of dYₙ (db) as well: the first row of tiles, which loads every value of B,
 /// adds them up on the way (`summing_tiles`).
+#[cfg(target_arch = "x86_64")]
+mod samples;
+
 #[cfg(target_arch = "x86_64")]
 mod shallow {
     use super::Operands;
@@ -1686,8 +1758,8 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
-    use super::gemm_and_row_sums_of_b;
-    use ndarray::{Array1, Array2};
+    use super::{gemm_and_row_sums_of_b, gemm_samples};
+    use ndarray::{s, Array1, Array2, Array3};
 
     /// The row sums of B taken with the product (by the AVX2 kernel's first row of tiles where
     /// it runs: few rows, shallow, a copied Wᵀ; with masked last columns) against a plain sum,
@@ -1736,5 +1808,77 @@ mod tests {
         let refused =
             gemm_and_row_sums_of_b(a.view(), b.view(), 0.0, c.view_mut(), short.view_mut());
         assert!(refused.is_err());
+    }
+
+    /// The products over a batch against f64 loops: a 16-column panel that takes its columns
+    /// from two samples (P = 17, 196) or from many (P = 3, 5: packed one value at a time), a
+    /// last panel past the batch's end, rows not a multiple of 6, depths in one block and in
+    /// two (300), A = Wᵀ (strided), samples that are channel slices of larger tensors, β = 0 over
+    /// NaN and β = 1, with and without bias and ReLU.
+    #[test]
+    fn products_over_the_samples_match_loops() {
+        let value = |i: usize, j: usize| ((i * 31 + j * 17) % 23) as f32 / 23.0 - 0.5;
+        for (m, k, pixels, samples) in [
+            (13, 300, 196, 3),
+            (6, 64, 17, 5),
+            (1, 7, 3, 7),
+            (20, 96, 5, 1),
+            (7, 130, 64, 2),
+        ] {
+            for (transposed, beta, bias, relu) in [
+                (false, 0.0, true, true),
+                (true, 1.0, false, false),
+                (false, 1.0, true, false),
+                (true, 0.0, false, true),
+            ] {
+                let a = match transposed {
+                    true => Array2::from_shape_fn((k, m), |(i, j)| value(i, j)).reversed_axes(),
+                    false => Array2::from_shape_fn((m, k), |(i, j)| value(i, j)),
+                };
+                // B and C are the middle channels of larger tensors: their samples lie apart.
+                let wide_b = Array3::from_shape_fn((samples, k + 3, pixels), |(n, i, j)| {
+                    value(n * 7 + i, j + 2)
+                });
+                let b = wide_b.slice(s![.., 1..k + 1, ..]);
+                let c0 = Array3::from_shape_fn((samples, m + 2, pixels), |(n, i, j)| {
+                    value(i + 3, n + j)
+                });
+                let mut c = c0.clone();
+                if beta == 0.0 {
+                    c.slice_mut(s![.., 1..m + 1, ..]).fill(f32::NAN);
+                }
+                let bias_values = Array1::from_shape_fn(m, |i| value(i, 9));
+                let bias_view = bias.then(|| bias_values.view());
+                let c_view = c.slice_mut(s![.., 1..m + 1, ..]);
+                gemm_samples(a.view(), b, beta, bias_view, relu, c_view).unwrap();
+                for ((n, i, j), &got) in c.indexed_iter() {
+                    let old = f64::from(c0[[n, i, j]]);
+                    if i == 0 || i == m + 1 {
+                        assert_eq!(f64::from(got), old, "a row outside C was written");
+                        continue;
+                    }
+                    let row = i - 1;
+                    let terms = (0..k).map(|p| f64::from(a[[row, p]]) * f64::from(b[[n, p, j]]));
+                    let (mut want, mut size) = (0.0, 0.0);
+                    for term in terms.chain([
+                        if bias {
+                            f64::from(bias_values[row])
+                        } else {
+                            0.0
+                        },
+                        if beta == 0.0 { 0.0 } else { old },
+                    ]) {
+                        (want, size) = (want + term, size + term.abs());
+                    }
+                    if relu {
+                        want = want.max(0.0);
+                    }
+                    // f32 sums: within 10⁻⁶ of the sum of the terms' sizes.
+                    let case = format!("{m}×{k}·{samples}×({k}×{pixels}) Aᵀ {transposed} β {beta}");
+                    let error = (f64::from(got) - want).abs();
+                    assert!(error <= 1e-6 * size, "{case}: {got} vs {want}");
+                }
+            }
+        }
     }
 }

@@ -322,6 +322,26 @@ pub(crate) fn sample_matrix_mut<T>(block: ArrayViewMut3<'_, T>) -> Result<ArrayV
         .map_err(|_| not_row_major([channels, height, width]))
 }
 
+/// An (N, C, H, W) tensor seen as N (C, P) matrices, without copying: each sample's rows
+/// must be row-major (H·W in a row), though the samples and channels may lie anywhere (a
+/// grouped layer's channels are slices).
+pub(crate) fn samples_matrices<T>(mut x: ArrayView4<'_, T>) -> Result<ArrayView3<'_, T>> {
+    let [_, channels, height, width] = x.shape().try_into().unwrap_or([0; 4]);
+    match x.merge_axes(Axis(2), Axis(3)) && (x.strides()[3] == 1 || height * width <= 1) {
+        true => Ok(x.remove_axis(Axis(2))),
+        false => Err(not_row_major([channels, height, width])),
+    }
+}
+
+/// The same for a mutable tensor.
+pub(crate) fn samples_matrices_mut<T>(mut x: ArrayViewMut4<'_, T>) -> Result<ArrayViewMut3<'_, T>> {
+    let [_, channels, height, width] = x.shape().try_into().unwrap_or([0; 4]);
+    match x.merge_axes(Axis(2), Axis(3)) && (x.strides()[3] == 1 || height * width <= 1) {
+        true => Ok(x.remove_axis(Axis(2))),
+        false => Err(not_row_major([channels, height, width])),
+    }
+}
+
 /// How many samples of `pixels` columns each to lay side by side (at most `batch`, at least 1):
 /// about 512 columns, so that a group's product is wide (one sample of a 7×7 map has 49: a
 /// product that narrow spends its time packing the other operand).

@@ -521,6 +521,14 @@ fn conv1x1_f32_fast_path_matches_reference_loops() {
         (130, 20, 70, 3, 3),
         // 72 pixels: one product per sample.
         (2, 5, 4, 9, 8),
+        // From 64 to 255 pixels, the forward pass and dX are one packed product over the
+        // samples' columns side by side: 14×14 maps (a 16-column panel takes its first 4
+        // columns from one sample and 12 from the next), depth 300 in two blocks, 13 output
+        // channels (a last row tile of one row); a batch of one; 68 pixels (a last panel of
+        // 4 columns).
+        (3, 300, 13, 14, 14),
+        (1, 40, 70, 14, 14),
+        (4, 7, 40, 4, 17),
         // From 256 pixels, sample by sample: a projection (dW's terms transposed), an
         // expansion, and more output channels than pixels (two samples a slot of dW's sum, the
         // last slot one).
@@ -672,6 +680,15 @@ fn conv1x1_relu_fused_path_matches_the_two_reference_ops() {
         width: 7,
     };
     check::<f32>(&big, 700, 1e-4);
+    // 14×14 maps: the packed product over the batch, its ReLU on the last depth block only.
+    let deep = common::Case {
+        batch: 3,
+        c_in: 300,
+        c_out: 13,
+        height: 14,
+        width: 14,
+    };
+    check::<f32>(&deep, 701, 1e-4);
 }
 
 /// Overwriting a gradient (the tape's first contribution to a buffer) must give exactly what

@@ -42,6 +42,13 @@
 //! ## Cost
 //! Forward 2·N·F1·F·P FLOPs. Backward 2·N·F1·F·P for dW, the same for dX (skipped when the input
 //! needs no gradient), N·F1·P for db. Memory traffic per sample: read F·P + F1·F, write F1·P.
+//!
+//! ## Speed
+//! The products above are what runs, but not always one per sample: which layout of the
+//! batch each product takes (per sample, a group of small maps side by side, one packed
+//! product over the batch, sample by sample with dW and dX together on large maps) is chosen
+//! from the map size and depth in one place, the constants and `packed_over_samples` at the
+//! end of this file, each with the measurement that set it.
 
 use super::{
     check_image, check_layer_gradients, check_ndim, check_same, dims, dims_mut, grad_shapes,
@@ -50,12 +57,14 @@ use super::{
 use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::gemm::{gemm, gemm_and_row_sums_of_b, gemm_bias_relu, longer_side_as_rows};
+use crate::gemm::{
+    gemm, gemm_and_row_sums_of_b, gemm_bias_relu, gemm_samples, longer_side_as_rows,
+};
 use crate::graph::{Backward, Forward, Graph, NodeId, Port};
 use crate::ops::{GradWrite, Operation};
 use crate::parallel::{
-    each_sample, in_parts, sample_matrix, sample_matrix_mut, samples_per_group, side_by_side,
-    Along, Groups,
+    each_sample, in_parts, sample_matrix, sample_matrix_mut, samples_matrices,
+    samples_matrices_mut, samples_per_group, side_by_side, Along, Groups,
 };
 use ndarray::{
     Array2, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
@@ -164,6 +173,17 @@ fn forward_epilogue<T: Element>(
             &|y, mut y_n| y_n.assign(&y),
         );
     }
+    if packed_over_samples(out[2] * out[3], weight.ncols()) {
+        return in_parts((Along(x, Axis(0)), Along(y, Axis(0))), &|(
+            Along(x, _),
+            Along(y, _),
+        )| {
+            // (F1×F)·[X₁ … X_N] (F × N·P) → [Y₁ … Y_N], one packed product
+            let (x, y) = (samples_matrices(x)?, samples_matrices_mut(y)?);
+            let bias = bias.as_ref().map(|b| b.view());
+            gemm_samples(weight, x, T::zero(), bias, relu, y)
+        });
+    }
     each_sample(x, y, &|x_n, y_n| {
         // (F1×F)·(F×P) → (F1×P)
         gemm_bias_relu(
@@ -210,7 +230,8 @@ pub(crate) fn gradients<T: Element>(
     }
     // With dX wanted too on the per-sample products, db's row sums of each dYₙ are taken with
     // its dXₙ (see sample_input_gradient), then added in sample order.
-    let mut row_sums = (dx.is_some() && dbias.is_some() && pixels >= GROUP_BELOW_PIXELS)
+    let per_sample_dx = pixels >= GROUP_BELOW_PIXELS && !packed_over_samples(pixels, dy.shape()[1]);
+    let mut row_sums = (dx.is_some() && dbias.is_some() && per_sample_dx)
         .then(|| Array2::zeros((dy.shape()[0], dy.shape()[1])));
     if let Some((dx, write)) = dx {
         let sums = row_sums.as_mut().map(|sums| sums.view_mut());
@@ -520,6 +541,21 @@ fn input_gradient_and_row_sums<T: Element>(
             },
         );
     }
+    if packed_over_samples(dy.shape()[2] * dy.shape()[3], weight.nrows()) {
+        debug_assert!(row_sums.is_none(), "row sums are taken per sample");
+        let beta = match write {
+            GradWrite::Accumulate => T::one(),
+            GradWrite::Overwrite => T::zero(),
+        };
+        return in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
+            Along(dy, _),
+            Along(dx, _),
+        )| {
+            // (F×F1)·[dY₁ … dY_N] (F1 × N·P) → [dX₁ … dX_N], one packed product
+            let (dy, dx) = (samples_matrices(dy)?, samples_matrices_mut(dx)?);
+            gemm_samples(weight.t(), dy, beta, None, false, dx)
+        });
+    }
     let row_sums = row_sums.map(|sums| Along(sums, Axis(0)));
     in_parts((Along(dy, Axis(0)), Along(dx, Axis(0)), row_sums), &|(
         Along(dy, _),
@@ -726,6 +762,26 @@ fn relu_mask<T: Element>(y: ArrayView4<T>, dy: ArrayViewMut4<T>) -> Result<()> {
 /// does dW (see `weight_gradient`): 320 → 1280 at 7×7, batch 16, 8.2 → 7.3 ms at 1 thread;
 /// 1024 → 512 on 1×1 maps, batch 128, 14.4 → 3.2 ms (a product 128 deep, not 128 of depth 1).
 const GROUP_BELOW_PIXELS: usize = 64;
+
+/// Whether the forward pass (`depth` = F) or dX (`depth` = F1) runs as one packed product
+/// over the samples' columns side by side ([`gemm_samples`]) rather than a product per sample:
+/// from [`GROUP_BELOW_PIXELS`] pixels and depth 64 on (dX only where it runs apart from dW, on
+/// maps under [`SAMPLE_BY_SAMPLE_PIXELS`]). The per-sample products pack A again for every
+/// sample and, on 14×14 maps, leave a last panel of 4 columns (196 = 12·16 + 4). Measured
+/// with batch 16 at 1 thread, the two paths alternating in one process (minimum of 20–30):
+/// MobileNetV2's 14×14 layers, forward 576 → 96 4.48 → 4.23 ms, 384 → 96 2.91 → 2.70, 384 →
+/// 64 2.06 → 1.85, 64 → 384 2.05 → 1.93; dX accumulated 576 → 96 4.44 → 4.06, 384 → 96 2.88
+/// → 2.62, 64 → 384 2.01 → 1.81; the forward of 256 → 64 at 28×28 (W1, batch 32) 10.8 →
+/// 10.0, 64 → 256 at 28×28 5.43 → 4.72, 128 → 128 at 112×112 (batch 4) 24.1 → 19.8. At depth
+/// 32 and below the AVX2 kernel that reads B in place stays faster (32 → 192 at 28×28 1.9
+/// against 2.9 packed); maps under 64 pixels have their own grouping, and their layers' W is
+/// too large for the packed A to stay in L2 (then `gemm_samples` runs a product per sample).
+fn packed_over_samples(pixels: usize, depth: usize) -> bool {
+    pixels >= GROUP_BELOW_PIXELS && depth >= PACKED_MIN_DEPTH
+}
+
+/// See [`packed_over_samples`].
+const PACKED_MIN_DEPTH: usize = 64;
 
 /// From this many pixels per sample (28×28 maps and up) the backward pass runs sample by
 /// sample ([`sample_by_sample`]): there dYₙ no longer stays in cache between separate passes.

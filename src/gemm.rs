@@ -321,10 +321,13 @@ fn gemm_serial<T: Element>(
     }
     let beta = match bias {
         Some(bias) => {
-            // β = 0 with a bias (gemm_bias_relu): C = bias·1ᵀ, then the product added onto it.
-            // Row by row: a contiguous fill, where assigning the broadcast column is not.
+            // C = bias·1ᵀ + β·C (β = 0 in gemm_bias_relu: old values ignored), then the
+            // product added onto it. Row by row: contiguous, where the broadcast column is not.
             for (mut row, &value) in c.rows_mut().into_iter().zip(&bias) {
-                row.fill(value);
+                match beta == T::zero() {
+                    true => row.fill(value),
+                    false => row.mapv_inplace(|old| value + beta * old),
+                }
             }
             T::one()
         }
@@ -1824,6 +1827,9 @@ mod tests {
             (1, 7, 3, 7),
             (20, 96, 5, 1),
             (7, 130, 64, 2),
+            // A of 300 × 260, more than the 256 KiB the packed A may take: one product per
+            // sample.
+            (300, 260, 20, 2),
         ] {
             for (transposed, beta, bias, relu) in [
                 (false, 0.0, true, true),

@@ -523,10 +523,10 @@ fn conv1x1_f32_fast_path_matches_reference_loops() {
         (2, 5, 4, 9, 8),
         // From 64 to 255 pixels, the forward pass and dX are one packed product over the
         // samples' columns side by side: 14×14 maps (a 16-column panel takes its first 4
-        // columns from one sample and 12 from the next), depth 300 in two blocks, 13 output
+        // columns from one sample and 12 from the next), depth 700 in two blocks, 13 output
         // channels (a last row tile of one row); a batch of one; 68 pixels (a last panel of
         // 4 columns).
-        (3, 300, 13, 14, 14),
+        (3, 700, 13, 14, 14),
         (1, 40, 70, 14, 14),
         (4, 7, 40, 4, 17),
         // From 256 pixels, sample by sample: a projection (dW's terms transposed), an
@@ -683,7 +683,7 @@ fn conv1x1_relu_fused_path_matches_the_two_reference_ops() {
     // 14×14 maps: the packed product over the batch, its ReLU on the last depth block only.
     let deep = common::Case {
         batch: 3,
-        c_in: 300,
+        c_in: 700,
         c_out: 13,
         height: 14,
         width: 14,

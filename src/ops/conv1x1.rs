@@ -773,9 +773,13 @@ const GROUP_BELOW_PIXELS: usize = 64;
 /// 64 2.06 → 1.85, 64 → 384 2.05 → 1.93; dX accumulated 576 → 96 4.44 → 4.06, 384 → 96 2.88
 /// → 2.62, 64 → 384 2.01 → 1.81; the forward of 256 → 64 at 28×28 (W1, batch 32) 10.8 →
 /// 10.0, 64 → 256 at 28×28 5.43 → 4.72, 128 → 128 at 112×112 (batch 4) 24.1 → 19.8. At depth
-/// 32 and below the AVX2 kernel that reads B in place stays faster (32 → 192 at 28×28 1.9
-/// against 2.9 packed); maps under 64 pixels have their own grouping, and their layers' W is
-/// too large for the packed A to stay in L2 (then `gemm_samples` runs a product per sample).
+/// 32 the AVX2 kernel that reads B in place was faster (32 → 192 at 28×28: 1.9 ms against 2.9
+/// packed). Maps under 64 pixels keep their grouping: on MobileNetV2's 7×7 layers, whose W is
+/// larger than the 256 KiB the packed A may take, the packed forward taken a block of W's rows
+/// at a time was 6–20 % slower on four of the five (960 → 320 6.02 → 6.97 ms, 320 → 1280 8.04
+/// → 8.56) and faster on one (160 → 960 3.26 → 3.06); a W that
+/// large on larger maps runs a product per sample (`gemm_samples` falls back), which was as
+/// fast or faster than those row blocks (1024 → 512 at 14×14 38.2 against 43.0 ms).
 fn packed_over_samples(pixels: usize, depth: usize) -> bool {
     pixels >= GROUP_BELOW_PIXELS && depth >= PACKED_MIN_DEPTH
 }

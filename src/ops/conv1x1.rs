@@ -543,10 +543,7 @@ fn input_gradient_and_row_sums<T: Element>(
     }
     if packed_over_samples(dy.shape()[2] * dy.shape()[3], weight.nrows()) {
         debug_assert!(row_sums.is_none(), "row sums are taken per sample");
-        let beta = match write {
-            GradWrite::Accumulate => T::one(),
-            GradWrite::Overwrite => T::zero(),
-        };
+        let beta = write.beta::<T>();
         return in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
             Along(dy, _),
             Along(dx, _),
@@ -579,10 +576,7 @@ fn sample_input_gradient<T: Element>(
     dx_block: ArrayViewMut3<T>,
     row_sums: Option<ArrayViewMut1<T>>,
 ) -> Result<()> {
-    let beta = match write {
-        GradWrite::Accumulate => T::one(),
-        GradWrite::Overwrite => T::zero(),
-    };
+    let beta = write.beta::<T>();
     let dx_n = sample_matrix_mut(dx_block)?;
     // (F×F1)·(F1×P) += into (F×P)
     match row_sums {

@@ -134,11 +134,7 @@ pub(crate) fn gradients<T: Element>(
     }
     if let Some((dx, write)) = dx {
         super::check_same(OP, "input gradient", x.shape(), dx.shape())?;
-        let beta = if write == GradWrite::Overwrite {
-            T::zero()
-        } else {
-            T::one()
-        };
+        let beta = write.beta::<T>();
         // The samples split between the threads.
         in_parts(
             (Along(dy, Axis(0)), Along(dx, Axis(0))),

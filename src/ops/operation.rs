@@ -31,6 +31,17 @@ pub enum GradWrite {
     Overwrite,
 }
 
+impl GradWrite {
+    /// The β of a product C ← A·B + β·C that writes the gradient this way: 1 to add, 0 to
+    /// overwrite (with β = 0 the GEMM ignores C's old values, even NaN).
+    pub fn beta<T: Element>(self) -> T {
+        match self {
+            GradWrite::Accumulate => T::one(),
+            GradWrite::Overwrite => T::zero(),
+        }
+    }
+}
+
 /// An op on the tape: its forward and backward pass, and what the tape may ask about it.
 pub trait Operation<T>: Debug + Send + Sync + CloneOperation<T> {
     /// The op's name in messages and summaries (`"conv1x1"`).

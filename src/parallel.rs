@@ -13,8 +13,8 @@
 
 use crate::error::{Error, Result};
 use ndarray::{
-    ArrayView, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut, ArrayViewMut2, ArrayViewMut3,
-    ArrayViewMut4, Axis, Dimension,
+    ArrayBase, ArrayView, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut, ArrayViewMut2,
+    ArrayViewMut3, ArrayViewMut4, Axis, Dimension, Ix3, Ix4, RawData,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -322,19 +322,10 @@ pub(crate) fn sample_matrix_mut<T>(block: ArrayViewMut3<'_, T>) -> Result<ArrayV
         .map_err(|_| not_row_major([channels, height, width]))
 }
 
-/// An (N, C, H, W) tensor seen as N (C, P) matrices, without copying: each sample's rows
-/// must be row-major (H·W in a row), though the samples and channels may lie anywhere (a
-/// grouped layer's channels are slices).
-pub(crate) fn samples_matrices<T>(mut x: ArrayView4<'_, T>) -> Result<ArrayView3<'_, T>> {
-    let [_, channels, height, width] = x.shape().try_into().unwrap_or([0; 4]);
-    match x.merge_axes(Axis(2), Axis(3)) && (x.strides()[3] == 1 || height * width <= 1) {
-        true => Ok(x.remove_axis(Axis(2))),
-        false => Err(not_row_major([channels, height, width])),
-    }
-}
-
-/// The same for a mutable tensor.
-pub(crate) fn samples_matrices_mut<T>(mut x: ArrayViewMut4<'_, T>) -> Result<ArrayViewMut3<'_, T>> {
+/// An (N, C, H, W) tensor (a view or a mutable view) seen as N (C, P) matrices, without
+/// copying: each sample's rows must be row-major (H·W in a row), though the samples and
+/// channels may lie anywhere (a grouped layer's channels are slices).
+pub(crate) fn samples_matrices<S: RawData>(mut x: ArrayBase<S, Ix4>) -> Result<ArrayBase<S, Ix3>> {
     let [_, channels, height, width] = x.shape().try_into().unwrap_or([0; 4]);
     match x.merge_axes(Axis(2), Axis(3)) && (x.strides()[3] == 1 || height * width <= 1) {
         true => Ok(x.remove_axis(Axis(2))),

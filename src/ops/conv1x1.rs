@@ -63,8 +63,8 @@ use crate::gemm::{
 use crate::graph::{Backward, Forward, Graph, NodeId, Port};
 use crate::ops::{GradWrite, Operation};
 use crate::parallel::{
-    each_sample, in_parts, sample_matrix, sample_matrix_mut, samples_matrices,
-    samples_matrices_mut, samples_per_group, side_by_side, Along, Groups,
+    each_sample, in_parts, sample_matrix, sample_matrix_mut, samples_matrices, samples_per_group,
+    side_by_side, Along, Groups,
 };
 use ndarray::{
     Array2, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
@@ -179,7 +179,7 @@ fn forward_epilogue<T: Element>(
             Along(y, _),
         )| {
             // (F1×F)·[X₁ … X_N] (F × N·P) → [Y₁ … Y_N], one packed product
-            let (x, y) = (samples_matrices(x)?, samples_matrices_mut(y)?);
+            let (x, y) = (samples_matrices(x)?, samples_matrices(y)?);
             let bias = bias.as_ref().map(|b| b.view());
             gemm_samples(weight, x, T::zero(), bias, relu, y)
         });
@@ -549,7 +549,7 @@ fn input_gradient_and_row_sums<T: Element>(
             Along(dx, _),
         )| {
             // (F×F1)·[dY₁ … dY_N] (F1 × N·P) → [dX₁ … dX_N], one packed product
-            let (dy, dx) = (samples_matrices(dy)?, samples_matrices_mut(dx)?);
+            let (dy, dx) = (samples_matrices(dy)?, samples_matrices(dx)?);
             gemm_samples(weight.t(), dy, beta, None, false, dx)
         });
     }

@@ -174,15 +174,8 @@ fn forward_epilogue<T: Element>(
         );
     }
     if packed_over_samples(out[2] * out[3], weight.ncols()) {
-        return in_parts((Along(x, Axis(0)), Along(y, Axis(0))), &|(
-            Along(x, _),
-            Along(y, _),
-        )| {
-            // (F1×F)·[X₁ … X_N] (F × N·P) → [Y₁ … Y_N], one packed product
-            let (x, y) = (samples_matrices(x)?, samples_matrices(y)?);
-            let bias = bias.as_ref().map(|b| b.view());
-            gemm_samples(weight, x, T::zero(), bias, relu, y)
-        });
+        // (F1×F)·[X₁ … X_N] (F × N·P) → [Y₁ … Y_N], one packed product
+        return over_the_batch(weight, x, T::zero(), bias, relu, y);
     }
     each_sample(x, y, &|x_n, y_n| {
         // (F1×F)·(F×P) → (F1×P)
@@ -543,15 +536,8 @@ fn input_gradient_and_row_sums<T: Element>(
     }
     if packed_over_samples(dy.shape()[2] * dy.shape()[3], weight.nrows()) {
         debug_assert!(row_sums.is_none(), "row sums are taken per sample");
-        let beta = write.beta::<T>();
-        return in_parts((Along(dy, Axis(0)), Along(dx, Axis(0))), &|(
-            Along(dy, _),
-            Along(dx, _),
-        )| {
-            // (F×F1)·[dY₁ … dY_N] (F1 × N·P) → [dX₁ … dX_N], one packed product
-            let (dy, dx) = (samples_matrices(dy)?, samples_matrices(dx)?);
-            gemm_samples(weight.t(), dy, beta, None, false, dx)
-        });
+        // (F×F1)·[dY₁ … dY_N] (F1 × N·P) → [dX₁ … dX_N], one packed product
+        return over_the_batch(weight.t(), dy, write.beta::<T>(), None, false, dx);
     }
     let row_sums = row_sums.map(|sums| Along(sums, Axis(0)));
     in_parts((Along(dy, Axis(0)), Along(dx, Axis(0)), row_sums), &|(
@@ -787,6 +773,33 @@ const PACKED_MIN_DEPTH: usize = 64;
 /// same rounds, MobileNetV2's 576 → 96 at 14×14 (batch 16) went from 1.03× and 1.00× (1 and
 /// 2 threads) with the passes apart to 0.97× and 0.93×.
 const SAMPLE_BY_SAMPLE_PIXELS: usize = 256;
+
+/// Outputₙ ← A·Inputₙ + β·Outputₙ (+ bias, ReLU) for every sample, as one packed product
+/// over each thread's samples side by side ([`gemm_samples`]); the samples split between the
+/// threads.
+fn over_the_batch<T: Element>(
+    a: ArrayView2<T>,
+    inputs: ArrayView4<T>,
+    beta: T,
+    bias: Option<ArrayView1<T>>,
+    relu: bool,
+    outputs: ArrayViewMut4<T>,
+) -> Result<()> {
+    in_parts((Along(inputs, Axis(0)), Along(outputs, Axis(0))), &|(
+        Along(inputs, _),
+        Along(outputs, _),
+    )| {
+        let (inputs, outputs) = (samples_matrices(inputs)?, samples_matrices(outputs)?);
+        gemm_samples(
+            a,
+            inputs,
+            beta,
+            bias.as_ref().map(|b| b.view()),
+            relu,
+            outputs,
+        )
+    })
+}
 
 /// One product per group of samples (the samples split between the threads first): the
 /// group's `inputs` side by side, `product(inputs, outputs)` on the wide matrices, then

@@ -1,4 +1,5 @@
-//! Speed on the shapes of a real network: the 19 pointwise (1×1) layers of MobileNetV2 and a
+//! Speed on the shapes of a real network: the 19 distinct pointwise (1×1) layers of
+//! MobileNetV2, read off the network as `pointwise::models::mobilenet_v2` builds it, and a
 //! linear classifier head, forward + backward (dX, dW, db from dY = ones), as the side-by-side
 //! harness times PyTorch's `F.conv2d` on the same shapes.
 //!
@@ -20,30 +21,51 @@ use std::process::ExitCode;
 
 mod common;
 
-/// MobileNetV2's (224×224, width 1.0) distinct pointwise layers at batch 16, and a linear head:
-/// name N C_in C_out H W.
-const MOBILENET_V2: &str = "
-mnv2_b1_project_112   16   32   16 112 112
-mnv2_b2_expand_112    16   16   96 112 112
-mnv2_b2_project_56    16   96   24  56  56
-mnv2_b3_expand_56     16   24  144  56  56
-mnv2_b3_project_56    16  144   24  56  56
-mnv2_b4_project_28    16  144   32  28  28
-mnv2_b5_expand_28     16   32  192  28  28
-mnv2_b5_project_28    16  192   32  28  28
-mnv2_b7_project_14    16  192   64  14  14
-mnv2_b8_expand_14     16   64  384  14  14
-mnv2_b8_project_14    16  384   64  14  14
-mnv2_b11_project_14   16  384   96  14  14
-mnv2_b12_expand_14    16   96  576  14  14
-mnv2_b12_project_14   16  576   96  14  14
-mnv2_b14_project_7    16  576  160   7   7
-mnv2_b15_expand_7     16  160  960   7   7
-mnv2_b15_project_7    16  960  160   7   7
-mnv2_b17_project_7    16  960  320   7   7
-mnv2_last_7           16  320 1280   7   7
-linear_head          128 1024  512   1   1
-";
+/// The batch the MobileNetV2 layers are timed at.
+const BATCH: usize = 16;
+
+/// A classifier head after MobileNetV2's layers: a linear layer is a 1×1 convolution on 1×1
+/// maps (name N C_in C_out H W).
+const LINEAR_HEAD: &str = "linear_head 128 1024 512 1 1";
+
+/// The distinct pointwise layers of MobileNetV2 (224×224, width 1.0) at batch [`BATCH`], read
+/// off the network itself: [`pointwise::models::mobilenet_v2`] runs one image forward, and
+/// every 1×1 node's input and weight shapes are listed, each (C_in, C_out, H, W) once, named
+/// as the side-by-side harness names them (`mnv2_b2_expand_112`: block 2's 1×1 expansion, on
+/// 112×112 maps; `mnv2_last_7`: the 1×1 to 1280 channels before the pool).
+fn mobilenet_v2_layers() -> pointwise::Result<Vec<Shape>> {
+    let mut model = pointwise::models::mobilenet_v2(1000, 0)?;
+    model.logits(ndarray::Array4::zeros((1, 3, 224, 224)).view())?;
+    let graph = model.graph();
+    let mut shapes: Vec<Shape> = Vec::new();
+    for id in graph.node_ids() {
+        if graph.kind(id)? != "conv1x1" {
+            continue;
+        }
+        let inputs = graph.inputs(id)?;
+        let (x, weight) = (graph.value(inputs[0])?, graph.value(inputs[1])?);
+        let (&[_, c_in, h, w], &[c_out, _]) = (x.shape(), weight.shape()) else {
+            continue;
+        };
+        if shapes.iter().any(|s| s.dims[1..] == [c_in, c_out, h, w]) {
+            continue;
+        }
+        // The weight is "features.{block}.conv.…" inside a block, "features.18.0.weight" after.
+        let weight_name = graph.name(inputs[1])?;
+        let name = match weight_name.split('.').nth(1) {
+            Some(block) if weight_name.contains(".conv.") => {
+                let role = if c_out > c_in { "expand" } else { "project" };
+                format!("mnv2_b{block}_{role}_{h}")
+            }
+            _ => format!("mnv2_last_{h}"),
+        };
+        shapes.push(Shape {
+            name,
+            dims: [BATCH, c_in, c_out, h, w],
+        });
+    }
+    Ok(shapes)
+}
 
 /// Times forward + backward of 1×1 convolutions (and linear layers) on a list of shapes.
 #[derive(Parser)]
@@ -153,9 +175,18 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        None => MOBILENET_V2.to_string(),
+        None => String::new(),
     };
-    let shapes = match parse(&text) {
+    let shapes = match &options.shapes {
+        Some(_) => parse(&text),
+        None => mobilenet_v2_layers()
+            .map_err(|error| format!("building MobileNetV2: {error}"))
+            .and_then(|mut layers| {
+                layers.extend(parse(LINEAR_HEAD)?);
+                Ok(layers)
+            }),
+    };
+    let shapes = match shapes {
         Ok(shapes) => shapes,
         Err(error) => {
             eprintln!("error: {error}");

@@ -1,6 +1,7 @@
 //! Ready-made networks, each a few lines of [`Layers`]: the two MNIST networks of
 //! `examples/train_mnist.rs`, named as the `nn.Sequential` of the PyTorch recipe names them
-//! (`"0.weight"`, `"1.running_mean"`, …), so that their weights move between the two.
+//! (`"0.weight"`, `"1.running_mean"`, …), so that their weights move between the two; and
+//! MobileNetV2, named as torchvision names it, whose 1×1 layers `bench_shapes` times.
 //! (The bottleneck network and its baseline are [`crate::Model::new`].)
 
 use crate::error::Result;
@@ -78,4 +79,81 @@ fn mnist(seed: u64, nin: bool) -> Result<Model> {
         nn.linear(&(h.1 + 2).to_string(), pooled, 256, MNIST_CLASSES, true)?
     };
     Model::classifier(graph, x, logits)
+}
+
+/// MobileNetV2's inverted residual blocks (Sandler et al. 2018, Table 2): expansion t, output
+/// channels c, repeats n, stride s of the first repeat.
+const MOBILENET_V2_BLOCKS: [(usize, usize, usize, usize); 7] = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+];
+
+/// MobileNetV2 (width 1.0) for (N, 3, H, W) images, `classes` outputs, PyTorch's default
+/// initialisation from `seed`, with torchvision's module names (`"features.2.conv.0.0.weight"`
+/// for block 2's 1×1 expansion, `"classifier.1.weight"` for the linear head), so that a
+/// torchvision state dict's keys name the same tensors (torchvision's dropout before the head
+/// is left out: it has no parameters).
+///
+/// A 3×3 convolution (stride 2) to 32 channels, then 17 inverted residual blocks, each a 1×1
+/// *expansion* by t (absent when t = 1), a depthwise 3×3 (stride 1 or 2), and a 1×1
+/// *projection* to c channels with no activation after it, plus the block's input when the
+/// shapes allow; then a 1×1 convolution to 1280 channels, global average pooling and a linear
+/// layer. Convolutions have no bias (each is followed by batch norm), activations are ReLU6.
+/// At 224×224 it has 3 504 872 parameters for 1000 classes (torchvision's count), and
+/// its 1×1 layers do most of its multiply-adds: `cargo run --release --example bench_shapes`
+/// times them.
+pub fn mobilenet_v2(classes: usize, seed: u64) -> Result<Model> {
+    let mut graph = Graph::new();
+    let mut nn = Layers::new(&mut graph, seed);
+    let x = nn.input("image");
+    let mut features = nn.scope("features");
+    let h = features.conv2d("0.0", x, [3, 32, 3], [2, 1], false)?;
+    let h = features.batch_norm("0.1", h, 32)?;
+    let mut h = features.relu6(h)?;
+    let (mut channels, mut index) = (32, 1);
+    for (expansion, c_out, repeats, first_stride) in MOBILENET_V2_BLOCKS {
+        for repeat in 0..repeats {
+            let stride = if repeat == 0 { first_stride } else { 1 };
+            let mut block = features.scope(&format!("{index}.conv"));
+            h = inverted_residual(&mut block, h, [channels, expansion, c_out, stride])?;
+            (channels, index) = (c_out, index + 1);
+        }
+    }
+    let h = features.conv1x1(&format!("{index}.0"), h, channels, 1280, false)?;
+    let h = features.batch_norm(&format!("{index}.1"), h, 1280)?;
+    let h = features.relu6(h)?;
+    let pooled = nn.global_avg_pool(h)?;
+    let logits = nn.linear("classifier.1", pooled, 1280, classes, true)?;
+    Model::classifier(graph, x, logits)
+}
+
+/// One inverted residual block in the scope `features.{i}.conv`: [1×1 expansion, BN, ReLU6,]
+/// depthwise 3×3, BN, ReLU6, 1×1 projection, BN, numbered as torchvision numbers them; plus
+/// the input when the stride is 1 and the channels are unchanged.
+fn inverted_residual(
+    nn: &mut Layers<'_, f32>,
+    x: NodeId,
+    [c_in, expansion, c_out, stride]: [usize; 4],
+) -> Result<NodeId> {
+    let hidden = c_in * expansion;
+    let (mut h, mut i) = (x, 0);
+    if expansion != 1 {
+        h = nn.conv1x1(&format!("{i}.0"), h, c_in, hidden, false)?;
+        h = nn.batch_norm(&format!("{i}.1"), h, hidden)?;
+        (h, i) = (nn.relu6(h)?, i + 1);
+    }
+    h = nn.depthwise(&format!("{i}.0"), h, [hidden, 1, 3], [stride, 1], false)?;
+    h = nn.batch_norm(&format!("{i}.1"), h, hidden)?;
+    h = nn.relu6(h)?;
+    h = nn.conv1x1(&(i + 1).to_string(), h, hidden, c_out, false)?;
+    h = nn.batch_norm(&(i + 2).to_string(), h, c_out)?;
+    match stride == 1 && c_in == c_out {
+        true => nn.add(x, h),
+        false => Ok(h),
+    }
 }

@@ -393,3 +393,114 @@ fn predicting_on_non_finite_images_is_an_error() {
     let images = data.test.images().to_owned();
     assert!(Dataset::new(images, vec![0; 33]).is_err());
 }
+
+/// MobileNetV2 as torchvision builds it: its parameter count and names, and its pointwise
+/// layers at 224×224 — the 19 distinct (C_in, C_out, H) that `bench_shapes` times, as Table 2
+/// of Sandler et al. (2018) gives them.
+#[test]
+fn mobilenet_v2_has_torchvisions_parameters_and_pointwise_layers() {
+    let mut model = pointwise::models::mobilenet_v2(1000, 0).unwrap();
+    let graph = model.graph();
+    let count: usize = graph
+        .params()
+        .into_iter()
+        .map(|id| graph.value(id).unwrap().len())
+        .sum();
+    assert_eq!(
+        count, 3_504_872,
+        "torchvision's mobilenet_v2() has 3 504 872"
+    );
+    for (name, shape) in [
+        ("features.0.0.weight", &[32, 3, 3, 3][..]),
+        ("features.1.conv.0.0.weight", &[32, 1, 3, 3]),
+        ("features.1.conv.1.weight", &[16, 32]),
+        ("features.2.conv.0.0.weight", &[96, 16]),
+        ("features.2.conv.1.0.weight", &[96, 1, 3, 3]),
+        ("features.2.conv.2.weight", &[24, 96]),
+        ("features.2.conv.3.bias", &[24]),
+        ("features.17.conv.2.weight", &[320, 960]),
+        ("features.18.0.weight", &[1280, 320]),
+        ("features.18.1.weight", &[1280]),
+        ("classifier.1.weight", &[1000, 1280]),
+        ("classifier.1.bias", &[1000]),
+    ] {
+        let id = graph.find(name).unwrap_or_else(|| panic!("no {name}"));
+        assert_eq!(graph.value(id).unwrap().shape(), shape, "{name}");
+    }
+
+    model
+        .logits(ndarray::Array4::zeros((1, 3, 224, 224)).view())
+        .unwrap();
+    let graph = model.graph();
+    let mut pointwise = Vec::new();
+    let mut distinct = Vec::new();
+    for id in graph.node_ids() {
+        if graph.kind(id).unwrap() != "conv1x1" {
+            continue;
+        }
+        let inputs = graph.inputs(id).unwrap();
+        let (x, weight) = (
+            graph.value(inputs[0]).unwrap(),
+            graph.value(inputs[1]).unwrap(),
+        );
+        let layer = [x.shape()[1], weight.shape()[0], x.shape()[2]];
+        assert_eq!(x.shape()[2], x.shape()[3]);
+        pointwise.push(layer);
+        if !distinct.contains(&layer) {
+            distinct.push(layer);
+        }
+    }
+    // 17 projections, 16 expansions (the first block has none), the last 1×1.
+    assert_eq!(pointwise.len(), 34);
+    let table: [[usize; 3]; 19] = [
+        [32, 16, 112],
+        [16, 96, 112],
+        [96, 24, 56],
+        [24, 144, 56],
+        [144, 24, 56],
+        [144, 32, 28],
+        [32, 192, 28],
+        [192, 32, 28],
+        [192, 64, 14],
+        [64, 384, 14],
+        [384, 64, 14],
+        [384, 96, 14],
+        [96, 576, 14],
+        [576, 96, 14],
+        [576, 160, 7],
+        [160, 960, 7],
+        [960, 160, 7],
+        [960, 320, 7],
+        [320, 1280, 7],
+    ];
+    assert_eq!(distinct, table);
+}
+
+/// MobileNetV2 trains end to end: one step on two 32×32 images gives every parameter a
+/// finite gradient and every weight a nonzero one (its maps shrink to 1×1 there; depthwise
+/// padding keeps them valid). Not every shift: a batch norm whose output reaches the loss only
+/// through other batch norms (every projection's) has Σ dY = 0 per channel, since a batch
+/// norm's input gradient sums to zero over the batch; with two values per channel (blocks
+/// 14–17, on 1×1 maps at this size) that zero is exact.
+#[test]
+fn mobilenet_v2_takes_a_training_step() {
+    let mut model = pointwise::models::mobilenet_v2(10, 1).unwrap();
+    let images = ndarray::Array4::from_shape_fn((2, 3, 32, 32), |(n, c, h, w)| {
+        ((n * 7 + c * 5 + h * 3 + w) % 11) as f32 / 11.0 - 0.5
+    });
+    let loss = model.forward_backward(images.view(), &[3, 7]).unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
+    let graph = model.graph();
+    for id in graph.params() {
+        let grad = graph.grad(id).unwrap();
+        assert!(
+            grad.iter().all(|g| g.is_finite()),
+            "{}",
+            graph.name(id).unwrap()
+        );
+        let name = graph.name(id).unwrap();
+        if name.ends_with(".weight") {
+            assert!(grad.iter().any(|&g| g != 0.0), "no gradient reaches {name}");
+        }
+    }
+}

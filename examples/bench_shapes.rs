@@ -167,18 +167,14 @@ fn measure(shape: &Shape) -> pointwise::Result<(f64, f64)> {
 
 fn main() -> ExitCode {
     let options = Options::parse();
-    let text = match &options.shapes {
+    let shapes = match &options.shapes {
         Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => text,
+            Ok(text) => parse(&text),
             Err(error) => {
                 eprintln!("error: cannot read {}: {error}", path.display());
                 return ExitCode::FAILURE;
             }
         },
-        None => String::new(),
-    };
-    let shapes = match &options.shapes {
-        Some(_) => parse(&text),
         None => mobilenet_v2_layers()
             .map_err(|error| format!("building MobileNetV2: {error}"))
             .and_then(|mut layers| {

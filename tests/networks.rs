@@ -434,10 +434,15 @@ fn mobilenet_v2_has_torchvisions_parameters_and_pointwise_layers() {
     let graph = model.graph();
     let mut pointwise = Vec::new();
     let mut distinct = Vec::new();
+    let (mut macs, mut pointwise_macs) = (0, 0);
     for id in graph.node_ids() {
+        // The loss has not run (logits only): it is the one node without a value.
+        let Ok(cost) = graph.cost(id) else { continue };
+        macs += cost.forward_macs;
         if graph.kind(id).unwrap() != "conv1x1" {
             continue;
         }
+        pointwise_macs += cost.forward_macs;
         let inputs = graph.inputs(id).unwrap();
         let (x, weight) = (
             graph.value(inputs[0]).unwrap(),
@@ -450,8 +455,10 @@ fn mobilenet_v2_has_torchvisions_parameters_and_pointwise_layers() {
             distinct.push(layer);
         }
     }
-    // 17 projections, 16 expansions (the first block has none), the last 1×1.
+    // 17 projections, 16 expansions (the first block has none), the last 1×1; "300M"
+    // multiply-adds in the paper's Table 3.
     assert_eq!(pointwise.len(), 34);
+    assert_eq!((macs, pointwise_macs), (300_774_272, 267_939_840));
     let table: [[usize; 3]; 19] = [
         [32, 16, 112],
         [16, 96, 112],

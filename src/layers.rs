@@ -208,6 +208,12 @@ impl<'g, T: Element> Layers<'g, T> {
         self.graph.batch_norm_relu(x, weight, bias)
     }
 
+    /// [`Layers::batch_norm`] then a ReLU6, as one fused node ([`Graph::batch_norm_relu6`]).
+    pub fn batch_norm_relu6(&mut self, name: &str, x: NodeId, channels: usize) -> Result<NodeId> {
+        let [weight, bias] = self.scale_and_shift(name, channels)?;
+        self.graph.batch_norm_relu6(x, weight, bias)
+    }
+
     /// A batch norm's γ (ones) and β (zeros).
     fn scale_and_shift(&mut self, name: &str, channels: usize) -> Result<[NodeId; 2]> {
         let weight = self.param(&format!("{name}.weight"), init::ones(&[channels]))?;

@@ -17,8 +17,8 @@ fn networks() -> Vec<(Graph<f64>, NodeId, NodeId)> {
         let mut nn = Layers::new(&mut graph, 1);
         let x = nn.input("x");
         let h = nn.conv1x1("conv.0", x, 4, 12, false).unwrap();
-        let h = nn.batch_norm("conv.1", h, 12).unwrap();
-        let h = nn.relu6(h).unwrap();
+        // One batch norm + ReLU6 fused, one as two nodes: both kinds are described.
+        let h = nn.batch_norm_relu6("conv.1", h, 12).unwrap();
         let h = nn
             .depthwise("conv.3", h, [12, 1, 3], [1, 1], false)
             .unwrap();

@@ -741,14 +741,20 @@ fn batch_norm_dx_dweight_dbias_match_finite_difference() {
     }
 }
 
-/// The fused batch norm + ReLU, in training and evaluation mode: the same derivative as
-/// relu(batch_norm(x)), checked where every pre-activation γ·x̂ + β is clear of the kink and
-/// both sides of it are exercised.
+/// The fused batch norm + ReLU and + ReLU6, in training and evaluation mode: the same
+/// derivative as relu(batch_norm(x)) (relu6), checked where every pre-activation γ·x̂ + β is
+/// clear of the kinks (0, and 6 for ReLU6; γ is 3 times larger there so that the ceiling is
+/// reached) and every side of them is exercised.
 #[test]
 fn batch_norm_relu_dx_dweight_dbias_match_finite_difference() {
     use ndarray::Ix4;
     use pointwise::ops::batch_norm;
-    for (i, case) in CASES.iter().enumerate() {
+    let mut above_six = 0;
+    for (i, case, six) in CASES
+        .iter()
+        .enumerate()
+        .flat_map(|(i, case)| [(i, case, false), (i, case, true)])
+    {
         for training in [true, false] {
             let [n, c, h, w] = case.image();
             if training && n * h * w < 2 {
@@ -756,7 +762,7 @@ fn batch_norm_relu_dx_dweight_dbias_match_finite_difference() {
             }
             let seed = 500 + 10 * i as u64;
             let x = random(&[n, c, h, w], seed);
-            let gamma = random(&[c], seed + 1) + 1.5;
+            let gamma = (random(&[c], seed + 1) + 1.5) * if six { 3.0 } else { 1.0 };
             let beta = random(&[c], seed + 2) * 0.5;
             let mean = random(&[c], seed + 3);
             let var = random(&[c], seed + 4) + 1.5;
@@ -781,10 +787,13 @@ fn batch_norm_relu_dx_dweight_dbias_match_finite_difference() {
                 }
                 z
             };
-            let margin = z.iter().fold(f64::INFINITY, |m, v| m.min(v.abs()));
+            let kinks: &[f64] = if six { &[0.0, 6.0] } else { &[0.0] };
+            let margin = z.iter().fold(f64::INFINITY, |m, v| {
+                kinks.iter().fold(m, |m, kink| m.min((v - kink).abs()))
+            });
             assert!(
                 margin > 1e-4,
-                "{case:?} training {training}: a pre-activation is within {margin:e} of the kink"
+                "{case:?} six {six} training {training}: a pre-activation is within {margin:e} of a kink"
             );
             if z.len() > 2 {
                 assert!(
@@ -792,14 +801,17 @@ fn batch_norm_relu_dx_dweight_dbias_match_finite_difference() {
                     "{case:?}: both sides of the ReLU are exercised"
                 );
             }
-            let name = format!("batch_norm_relu training {training} {case:?}");
+            let name = format!("batch_norm_relu six {six} training {training} {case:?}");
             check_graph(&name, i as u64, |graph| {
                 let xi = graph.input_with_grad("x");
                 graph.set_input(xi, x.view()).unwrap();
                 let g = graph.param("bn.weight", gamma.clone()).unwrap();
                 let b = graph.param("bn.bias", beta.clone()).unwrap();
                 let fed_x = fed(graph, xi);
-                let y = graph.batch_norm_relu(fed_x, g, b).unwrap();
+                let y = match six {
+                    true => graph.batch_norm_relu6(fed_x, g, b).unwrap(),
+                    false => graph.batch_norm_relu(fed_x, g, b).unwrap(),
+                };
                 let (mean, var) = (
                     mean.view().into_dimensionality().unwrap(),
                     var.view().into_dimensionality().unwrap(),
@@ -808,8 +820,10 @@ fn batch_norm_relu_dx_dweight_dbias_match_finite_difference() {
                 graph.set_training(training);
                 (y, vec![xi, g, b])
             });
+            above_six += z.iter().filter(|&&v| six && v > 6.0).count();
         }
     }
+    assert!(above_six > 0, "the ReLU6 ceiling is exercised");
 }
 
 /// SqueezeNet's fire module: squeeze 1×1 + ReLU, then a 1×1 and a 3×3 (padding 1) expand side

@@ -1300,13 +1300,14 @@ fn grouped_conv1x1_matches_reference_loops() {
 
 /// NaN goes through ReLU (plain, fused into the 1×1 convolution, and ReLU6) as in PyTorch,
 /// so that NaN weights cannot produce a finite loss.
-/// The fused batch norm + ReLU gives the values of batch_norm then relu (the same bits), and
-/// their gradients w.r.t. x, γ and β up to the order of the sums, in both modes, in f64 and
-/// f32, with a NaN scale propagating to its channel's outputs as in the two nodes.
+/// The fused batch norm + ReLU (and + ReLU6) gives the values of batch_norm then relu (relu6)
+/// (the same bits), and their gradients w.r.t. x, γ and β up to the order of the sums, in both
+/// modes, in f64 and f32, with a NaN scale propagating to its channel's outputs as in the two
+/// nodes. For ReLU6, γ is large enough that outputs reach the ceiling.
 #[test]
 fn batch_norm_relu_equals_batch_norm_then_relu() {
     fn run<T: pointwise::Element>(
-        fused: bool,
+        (fused, six): (bool, bool),
         training: bool,
         x: &ArrayD<T>,
         nan_channel: Option<usize>,
@@ -1314,19 +1315,27 @@ fn batch_norm_relu_equals_batch_norm_then_relu() {
         let mut graph = pointwise::Graph::<T>::new();
         let input = graph.input_with_grad("x");
         let c = x.shape()[1];
-        let mut gamma =
-            ArrayD::from_shape_fn(IxDyn(&[c]), |i| T::from_f64(0.5 + 0.3 * i[0] as f64));
+        let scale = if six { 4.0 } else { 1.0 };
+        let mut gamma = ArrayD::from_shape_fn(IxDyn(&[c]), |i| {
+            T::from_f64(scale * (0.5 + 0.3 * i[0] as f64))
+        });
         if let Some(channel) = nan_channel {
             gamma[[channel]] = T::from_f64(f64::NAN);
         }
         let beta = ArrayD::from_shape_fn(IxDyn(&[c]), |i| T::from_f64(0.2 - 0.15 * i[0] as f64));
         let g = graph.param("bn.weight", gamma).unwrap();
         let b = graph.param("bn.bias", beta).unwrap();
-        let y = if fused {
-            graph.batch_norm_relu(input, g, b).unwrap()
-        } else {
-            let z = graph.batch_norm(input, g, b).unwrap();
-            graph.relu(z).unwrap()
+        let y = match (fused, six) {
+            (true, false) => graph.batch_norm_relu(input, g, b).unwrap(),
+            (true, true) => graph.batch_norm_relu6(input, g, b).unwrap(),
+            (false, false) => {
+                let z = graph.batch_norm(input, g, b).unwrap();
+                graph.relu(z).unwrap()
+            }
+            (false, true) => {
+                let z = graph.batch_norm(input, g, b).unwrap();
+                graph.relu6(z).unwrap()
+            }
         };
         let mean = ndarray::Array1::from_elem(c, T::from_f64(0.1));
         let var = ndarray::Array1::from_elem(c, T::from_f64(0.8));
@@ -1348,31 +1357,39 @@ fn batch_norm_relu_equals_batch_norm_then_relu() {
         let grads = [input, g, b].map(|id| graph.grad(id).unwrap().to_owned());
         (graph.value(y).unwrap().to_owned(), grads.to_vec())
     }
-    for case in CASES.iter() {
-        for training in [true, false] {
-            let [n, _, h, w] = case.image();
-            if training && n * h * w < 2 {
-                continue;
-            }
-            let x = random(&case.image(), 9);
-            let (y_fused, grads_fused) = run(true, training, &x, None);
-            let (y_plain, grads_plain) = run(false, training, &x, None);
-            assert_eq!(y_fused, y_plain, "{case:?} training {training}");
-            for (fused, plain) in grads_fused.iter().zip(&grads_plain) {
-                assert_abs_diff_eq!(fused, plain, epsilon = 1e-12);
-            }
-            let x32 = x.mapv(|v| v as f32);
-            let (y_fused, grads_fused) = run(true, training, &x32, None);
-            let (y_plain, grads_plain) = run(false, training, &x32, None);
-            assert_eq!(y_fused, y_plain, "f32 {case:?} training {training}");
-            for (fused, plain) in grads_fused.iter().zip(&grads_plain) {
-                assert_abs_diff_eq!(fused, plain, epsilon = 1e-5);
-            }
+    let mut capped = 0;
+    for (case, six, training) in CASES
+        .iter()
+        .flat_map(|case| [(case, false), (case, true)])
+        .flat_map(|(case, six)| [(case, six, true), (case, six, false)])
+    {
+        let [n, _, h, w] = case.image();
+        if training && n * h * w < 2 {
+            continue;
+        }
+        let x = random(&case.image(), 9);
+        let (y_fused, grads_fused) = run((true, six), training, &x, None);
+        let (y_plain, grads_plain) = run((false, six), training, &x, None);
+        assert_eq!(y_fused, y_plain, "{case:?} six {six} training {training}");
+        capped += y_fused.iter().filter(|&&v| v == 6.0).count();
+        for (fused, plain) in grads_fused.iter().zip(&grads_plain) {
+            assert_abs_diff_eq!(fused, plain, epsilon = 1e-12);
+        }
+        let x32 = x.mapv(|v| v as f32);
+        let (y_fused, grads_fused) = run((true, six), training, &x32, None);
+        let (y_plain, grads_plain) = run((false, six), training, &x32, None);
+        assert_eq!(
+            y_fused, y_plain,
+            "f32 {case:?} six {six} training {training}"
+        );
+        for (fused, plain) in grads_fused.iter().zip(&grads_plain) {
+            assert_abs_diff_eq!(fused, plain, epsilon = 1e-5);
         }
     }
+    assert!(capped > 0, "some ReLU6 outputs reach the ceiling");
     let x = random(&[2, 3, 4, 4], 10);
-    for training in [true, false] {
-        let (y, _) = run(true, training, &x, Some(2));
+    for (training, six) in [(true, false), (false, false), (true, true), (false, true)] {
+        let (y, _) = run((true, six), training, &x, Some(2));
         let (nan, finite): (Vec<_>, Vec<_>) = y.indexed_iter().partition(|(i, _)| i[1] == 2);
         assert!(nan.iter().all(|(_, v)| v.is_nan()), "training {training}");
         assert!(

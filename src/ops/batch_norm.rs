@@ -33,11 +33,12 @@
 //! ```
 //! In evaluation mode μ and s are constants: ∂L/∂xⱼ = γ·s·gⱼ.
 //!
-//! ## Fused ReLU
+//! ## Fused ReLU and ReLU6
 //! Batch norm is nearly always followed by a ReLU; `batch_norm_relu` computes
-//! y = max(γ·x̂ + β, 0) in the same pass. Its backward replaces g by g·𝟙(y > 0) in every
-//! formula above, and finds where y > 0 by computing γ·x̂ + β again from x, which it reads anyway
-//! (the same operations, so the same bits): the ReLU costs no pass and no buffer of its own.
+//! y = max(γ·x̂ + β, 0) in the same pass, `batch_norm_relu6` MobileNet's min(max(·, 0), 6).
+//! The backward pass replaces g by g·𝟙(0 < z) (or 𝟙(0 < z < 6)) in every formula above, with
+//! z = γ·x̂ + β computed again from x, which it reads anyway (the same operations, so the same
+//! bits): the activation costs no pass and no buffer of its own.
 //!
 //! ## Cost
 //! Forward: two passes over x for the statistics (training) and one to normalise; about 5
@@ -48,6 +49,7 @@ use crate::cost::Cost;
 use crate::element::{count, Element};
 use crate::error::{Error, Result};
 use crate::graph::{Backward, Forward, Graph, NodeId, Port};
+use crate::ops::relu::Relu;
 use crate::ops::{GradWrite, Operation};
 use crate::parallel::{in_parts, Along};
 use ndarray::{
@@ -71,8 +73,8 @@ pub struct BatchNorm<T> {
     mean: Array1<T>,
     inv_std: Array1<T>,
     batch_statistics: bool,
-    /// The fused max(·, 0) after the shift.
-    relu: bool,
+    /// The fused ReLU or ReLU6 after the shift, if any.
+    activation: Option<Relu>,
 }
 
 impl<T: Element> Graph<T> {
@@ -80,7 +82,7 @@ impl<T: Element> Graph<T> {
     /// β (C), both parameters; running mean 0 and variance 1 to start, ε = 1e-5, momentum 0.1.
     /// Training or evaluation mode follows [`Graph::set_training`].
     pub fn batch_norm(&mut self, input: NodeId, weight: NodeId, bias: NodeId) -> Result<NodeId> {
-        self.push_batch_norm(input, weight, bias, false)
+        self.push_batch_norm(input, weight, bias, None)
     }
 
     /// The fused max(batch_norm(...), 0): the same values as `relu(batch_norm(...))` with one
@@ -91,7 +93,19 @@ impl<T: Element> Graph<T> {
         weight: NodeId,
         bias: NodeId,
     ) -> Result<NodeId> {
-        self.push_batch_norm(input, weight, bias, true)
+        self.push_batch_norm(input, weight, bias, Some(Relu::Plain))
+    }
+
+    /// The fused min(max(batch_norm(...), 0), 6): the same values as
+    /// `relu6(batch_norm(...))` with one buffer and one pass instead of two (MobileNetV2's
+    /// batch norms after its expansions and depthwise convolutions).
+    pub fn batch_norm_relu6(
+        &mut self,
+        input: NodeId,
+        weight: NodeId,
+        bias: NodeId,
+    ) -> Result<NodeId> {
+        self.push_batch_norm(input, weight, bias, Some(Relu::Six))
     }
 
     fn push_batch_norm(
@@ -99,7 +113,7 @@ impl<T: Element> Graph<T> {
         input: NodeId,
         weight: NodeId,
         bias: NodeId,
-        relu: bool,
+        activation: Option<Relu>,
     ) -> Result<NodeId> {
         let channels = self.param_shape(OP, "weight", weight)?.to_vec();
         check_weights(&channels, Some(self.param_shape(OP, "bias", bias)?))?;
@@ -110,7 +124,7 @@ impl<T: Element> Graph<T> {
             mean: Array1::zeros(channels[0]),
             inv_std: Array1::zeros(channels[0]),
             batch_statistics: true,
-            relu,
+            activation,
         };
         self.push_layer(op, [input, weight], Some(bias), check_weights)
     }
@@ -156,10 +170,10 @@ impl<T: Element> Graph<T> {
 
 impl<T: Element> Operation<T> for BatchNorm<T> {
     fn kind(&self) -> &'static str {
-        if self.relu {
-            "batch_norm+relu"
-        } else {
-            OP
+        match self.activation {
+            None => OP,
+            Some(Relu::Plain) => "batch_norm+relu",
+            Some(Relu::Six) => "batch_norm+relu6",
         }
     }
 
@@ -207,7 +221,7 @@ impl<T: Element> Operation<T> for BatchNorm<T> {
         let y = dims_mut(OP, pass.output(&shape)?)?;
         let (weight, bias) = (dims(OP, weight)?, dims(OP, bias)?);
         let saved = self.saved();
-        normalize(x, weight, bias, saved, self.relu, y)
+        normalize(x, weight, bias, saved, self.activation, y)
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
@@ -215,15 +229,15 @@ impl<T: Element> Operation<T> for BatchNorm<T> {
         let [Port { value: x, grad: dx }, weight, bias] = inputs.ports::<3>()?;
         let (weight, dweight) = accumulating(OP, weight)?;
         let (bias, dbias) = accumulating::<T, Ix1>(OP, bias)?;
-        // With the fused ReLU, β too: where γ·x̂ + β ≤ 0 the gradient stops.
-        let relu = self.relu.then_some(bias);
+        // With a fused activation, β too: where γ·x̂ + β ≤ 0 (or ≥ 6) the gradient stops.
+        let activation = self.activation.map(|activation| (activation, bias));
         let saved = self.saved();
         let dx = match dx {
             Some((dx, write)) => Some((dims_mut(OP, dx)?, write)),
             None => None,
         };
         let (x, dy) = (dims(OP, x)?, dims(OP, dy.view())?);
-        gradients(x, weight, relu, saved, dy, dx, dweight, dbias)
+        gradients(x, weight, activation, saved, dy, dx, dweight, dbias)
     }
 
     /// γ and β: no multiply-adds of the GEMM kind (about 5 operations per value, O(elements)).
@@ -249,10 +263,10 @@ impl<T: Element> BatchNorm<T> {
     }
 }
 
-/// Whether a node of `kind` is a batch norm (plain or with the fused ReLU): both keep running
-/// statistics.
+/// Whether a node of `kind` is a batch norm (plain or with a fused activation): all keep
+/// running statistics.
 pub(crate) fn is_batch_norm(kind: &str) -> bool {
-    kind == OP || kind == "batch_norm+relu"
+    matches!(kind, OP | "batch_norm+relu" | "batch_norm+relu6")
 }
 
 /// Checks x (N, C, H, W) against γ (C); returns the output shape.
@@ -323,16 +337,16 @@ pub fn forward<T: Element>(
         inv_std,
         batch_statistics: true,
     };
-    normalize(x, weight, bias, saved, false, y)
+    normalize(x, weight, bias, saved, None, y)
 }
 
-/// y = γ·(x − μ)·s + β, and with `relu` max(·, 0) in the same pass.
+/// y = γ·(x − μ)·s + β, and the activation, if any, in the same pass.
 fn normalize<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView1<T>,
     bias: ArrayView1<T>,
     Saved { mean, inv_std, .. }: Saved<'_, T>,
-    relu: bool,
+    activation: Option<Relu>,
     y: ArrayViewMut4<T>,
 ) -> Result<()> {
     let expected = output_shape(x.shape(), weight.shape())?;
@@ -352,14 +366,19 @@ fn normalize<T: Element>(
             let scale = weight[c] * inv_std[c];
             let shift = bias[c] - scale * mean[c];
             let zip = Zip::from(y.index_axis_mut(Axis(1), i)).and(x.index_axis(Axis(1), c));
-            if relu {
-                // max(v, 0) that keeps NaN (as PyTorch's ReLU does): a NaN is not ≤ 0.
-                zip.for_each(|y, &x| {
+            // Each loop compiled for one function; the activation keeps NaN, as PyTorch's does.
+            let six = T::from_f64(6.0);
+            match activation {
+                None => zip.for_each(|y, &x| *y = scale * x + shift),
+                Some(Relu::Plain) => {
+                    zip.for_each(|y, &x| *y = Relu::Plain.value(scale * x + shift))
+                }
+                Some(Relu::Six) => zip.for_each(|y, &x| {
+                    // Two selects, as branch-free as ReLU's; a NaN compares false and stays.
                     let v = scale * x + shift;
-                    *y = if v <= T::zero() { T::zero() } else { v };
-                });
-            } else {
-                zip.for_each(|y, &x| *y = scale * x + shift);
+                    let v = if v <= T::zero() { T::zero() } else { v };
+                    *y = if v >= six { six } else { v };
+                }),
             }
         }
         Ok(())
@@ -382,13 +401,13 @@ pub fn backward<T: Element>(
 }
 
 /// The backward pass with dx written as its [`GradWrite`] says (`=` into a gradient that holds
-/// no contribution yet, so that it needs no pass of zeros first); `relu` holds β for the fused
-/// ReLU, whose gate g·𝟙(γ·x̂ + β > 0) replaces g.
+/// no contribution yet, so that it needs no pass of zeros first); `activation` holds a fused
+/// ReLU or ReLU6 and β, whose gate, g·𝟙(0 < γ·x̂ + β) or g·𝟙(0 < γ·x̂ + β < 6), replaces g.
 #[allow(clippy::too_many_arguments)]
 fn gradients<T: Element>(
     x: ArrayView4<T>,
     weight: ArrayView1<T>,
-    relu: Option<ArrayView1<T>>,
+    activation: Option<(Relu, ArrayView1<T>)>,
     saved: Saved<'_, T>,
     dy: ArrayView4<T>,
     dx: Option<(ArrayViewMut4<T>, GradWrite)>,
@@ -407,7 +426,7 @@ fn gradients<T: Element>(
     for (what, values) in [("mean", &saved.mean), ("inverse deviation", &saved.inv_std)] {
         check_same(OP, what, weight.shape(), values.shape())?;
     }
-    if let Some(bias) = &relu {
+    if let Some((_, bias)) = &activation {
         check_same(OP, "bias", weight.shape(), bias.shape())?;
     }
     for (what, buffer) in [("weight gradient", &dweight), ("bias gradient", &dbias)] {
@@ -430,14 +449,13 @@ fn gradients<T: Element>(
         for (i, c) in channels.enumerate() {
             let (mu, s) = (saved.mean[c], saved.inv_std[c]);
             let scale = weight[c] * s;
-            // The forward pass's own expression for y before the ReLU, so the same bits.
-            let shift = relu.as_ref().map(|bias| bias[c] - scale * mu);
-            let gate = |x: T, g: T| {
-                if shift.is_none_or(|shift| scale * x + shift > T::zero()) {
-                    g
-                } else {
-                    T::zero()
-                }
+            // The forward pass's own expression for z before the activation, so the same bits.
+            let shift = activation
+                .as_ref()
+                .map(|(activation, bias)| (*activation, bias[c] - scale * mu));
+            let gate = |x: T, g: T| match shift {
+                None => g,
+                Some((activation, shift)) => activation.gate(scale * x + shift, g),
             };
             let (x_c, g_c) = (x.index_axis(Axis(1), c), dy.index_axis(Axis(1), c));
             let planes = || x_c.outer_iter().zip(g_c.outer_iter());

@@ -392,6 +392,7 @@ pub(crate) fn rebuild<T: Element>(
         "avg_pool" => graph.avg_pool(input(0)?, attribute("window")?, attribute("stride")?),
         "batch_norm" => graph.batch_norm(input(0)?, input(1)?, input(2)?),
         "batch_norm+relu" => graph.batch_norm_relu(input(0)?, input(1)?, input(2)?),
+        "batch_norm+relu6" => graph.batch_norm_relu6(input(0)?, input(1)?, input(2)?),
         "channel_shuffle" => graph.channel_shuffle(input(0)?, attribute("groups")?),
         "concat" => graph.concat(inputs),
         "conv1x1" => graph.conv1x1(input(0)?, input(1)?, bias),

@@ -87,7 +87,7 @@ impl Relu {
     }
 
     /// y for x. A NaN stays NaN: every comparison with it is false.
-    fn value<T: Element>(self, x: T) -> T {
+    pub(crate) fn value<T: Element>(self, x: T) -> T {
         if x <= T::zero() {
             T::zero()
         } else if self == Relu::Six && x >= T::from_f64(6.0) {
@@ -99,7 +99,7 @@ impl Relu {
 
     /// The gradient that passes at x: g strictly between the kinks, else 0. A select, not a
     /// branch: with inputs of random sign a branch mispredicts half the time.
-    fn gate<T: Element>(self, x: T, g: T) -> T {
+    pub(crate) fn gate<T: Element>(self, x: T, g: T) -> T {
         let passes = x > T::zero() && (self == Relu::Plain || x < T::from_f64(6.0));
         if passes {
             g

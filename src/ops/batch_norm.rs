@@ -375,7 +375,7 @@ fn normalize<T: Element>(
                 }
                 Some(Relu::Six) => zip.for_each(|y, &x| {
                     // Written out, with 6 built once: through `Relu::Six.value` (the same
-                    // selects) this loop took 181–198 ms of a MobileNetV2 step against 105–122
+                    // selects) this loop took 180–198 ms of a MobileNetV2 step against 105–129
                     // (batch 16, 1 thread); why was not found. A NaN compares false and stays.
                     let v = scale * x + shift;
                     let v = if v <= T::zero() { T::zero() } else { v };

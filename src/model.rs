@@ -113,7 +113,9 @@ impl Architecture {
         Ok(())
     }
 
-    /// The layers in order, with their channel counts.
+    /// The layers in order, with their channel counts: what each computes, as format-1
+    /// checkpoints store the list (the graph [`Model::new`] builds moves the second ReLU after
+    /// the pool, the same function).
     pub fn layers(&self) -> Vec<Layer> {
         let layer = |name: &str, kind: &str, c_in, c_out| Layer {
             name: name.to_string(),
@@ -202,17 +204,16 @@ impl Model<f32> {
         let input = nn.input("input");
         let mut x = input;
         if let Some(spec) = &architecture.bottleneck {
-            // Each ReLU is fused into the convolution before it (one buffer, one pass); with
-            // a residual, the second ReLU comes after the Add instead.
+            // Each ReLU is fused into the node before it (one buffer, one pass). The second
+            // one follows the pool, which it commutes with (relu(max) = max(relu)): there it
+            // touches a quarter of the values, in the backward pass too. With a residual, the
+            // Add comes before it.
             let hidden = nn.conv1x1_relu("reduce", x, c, spec.reduced, true)?;
-            let features = if spec.residual {
-                let expanded = nn.conv1x1("expand", hidden, spec.reduced, c, true)?;
-                let sum = nn.add(expanded, input)?;
-                nn.relu(sum)?
-            } else {
-                nn.conv1x1_relu("expand", hidden, spec.reduced, c, true)?
-            };
-            x = nn.max_pool(features, spec.pool_window, spec.pool_stride)?;
+            let mut features = nn.conv1x1("expand", hidden, spec.reduced, c, true)?;
+            if spec.residual {
+                features = nn.add(features, input)?;
+            }
+            x = nn.max_pool_relu(features, spec.pool_window, spec.pool_stride)?;
         }
         nn.set_init(WeightInit::LeCunNormal);
         let pooled = nn.global_avg_pool(x)?;

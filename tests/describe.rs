@@ -44,6 +44,9 @@ fn networks() -> Vec<(Graph<f64>, NodeId, NodeId)> {
         let y = fire.concat(&[a, b]).unwrap();
         let y = nn.max_pool(y, 2, 2).unwrap();
         let y = nn.batch_norm("bn", y, 6).unwrap();
+        // Both pools with their ReLU fused (on 2×2 maps, windows of 1 and 2).
+        let y = nn.max_pool_relu(y, 1, 1).unwrap();
+        let y = nn.max_pool_relu6(y, 2, 1).unwrap();
         built.push((graph, x, y));
     }
     {

@@ -229,6 +229,44 @@ fn max_pool_dx_matches_finite_difference() {
     }
 }
 
+/// The fused relu(max_pool(x)) and relu6(max_pool(x)) on pairwise distinct values 0.1·k + 0.05
+/// (k an integer from about −len/2): 0.1 apart ≫ 2·EPS, and 0.05 off both kinks (0 and 6).
+/// Windows whose maximum is negative pass no gradient and the others pass it to their arg-max;
+/// with ReLU6, windows whose maximum is above 6 (in the two largest cases) pass none either.
+#[test]
+fn max_pool_relu_dx_matches_finite_difference() {
+    for (i, case) in CASES.iter().enumerate() {
+        for &(window, stride) in POOLS
+            .iter()
+            .filter(|(w, _)| *w <= case.height.min(case.width))
+        {
+            for six in [false, true] {
+                let name = if six {
+                    "max_pool+relu6"
+                } else {
+                    "max_pool+relu"
+                };
+                check_graph(
+                    &format!("{name} k{window} s{stride} {case:?}"),
+                    i as u64,
+                    |graph| {
+                        let x = graph.input_with_grad("x");
+                        let values = distinct_values(&case.image(), i as u64, 1.0)
+                            .mapv(|v| 0.1 * v.floor() + 0.05);
+                        graph.set_input(x, values.view()).unwrap();
+                        let fed_x = fed(graph, x);
+                        let pooled = match six {
+                            false => graph.max_pool_relu(fed_x, window, stride),
+                            true => graph.max_pool_relu6(fed_x, window, stride),
+                        };
+                        (pooled.unwrap(), vec![x])
+                    },
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn avg_pool_dx_matches_finite_difference() {
     for (i, case) in CASES.iter().enumerate() {

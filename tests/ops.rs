@@ -277,6 +277,77 @@ fn max_pool_2x2_f32_matches_reference_loops_with_ties_and_nan() {
     }
 }
 
+/// The fused relu(max_pool(x)) against max_pool(relu(x)) by the reference loops, bit for bit,
+/// values and gradients, for ReLU and ReLU6: f32 maps of odd sizes and 28×28 (the 2×2 window's
+/// vector path), overlapping and 3×3 windows, ties everywhere (values from a set of seven that
+/// includes 0, negatives and values past 6) and NaN.
+#[test]
+fn max_pool_relu_equals_relu_then_max_pool_with_ties_and_nan() {
+    let shapes = [(1, 1, 2, 2), (2, 3, 5, 7), (1, 2, 9, 17), (2, 2, 28, 28)];
+    for (i, (batch, channels, height, width)) in shapes.into_iter().enumerate() {
+        let x = random(&[batch, channels, height, width], 60 + i as u64).mapv(|v| {
+            match (v * 1000.0).abs() as usize % 13 {
+                0 => f32::NAN,
+                k => [-2.0, -0.5, 0.0, 1.0, 3.0, 6.0, 7.5][k % 7],
+            }
+        });
+        let x = x.into_dimensionality::<Ix4>().unwrap();
+        for activation in [Relu::Plain, Relu::Six] {
+            for (window, stride) in [(1, 1), (2, 1), (2, 2), (3, 2)] {
+                let context = format!("{activation:?} k{window} s{stride} {:?}", x.shape());
+                let Ok(out) = max_pool::output_shape(x.shape(), window, stride) else {
+                    continue; // a window larger than the map
+                };
+                let mut y = Array4::<f32>::zeros(out);
+                let mut argmax = vec![0; y.len()];
+                max_pool::forward_activated(
+                    x.view(),
+                    window,
+                    stride,
+                    activation,
+                    y.view_mut(),
+                    &mut argmax,
+                )
+                .unwrap();
+                let dy = random(&out, 70 + i as u64)
+                    .mapv(|v| v as f32)
+                    .into_dimensionality::<Ix4>()
+                    .unwrap();
+                let mut dx = Array4::<f32>::zeros(x.dim());
+                max_pool::backward_activated(
+                    dy.view(),
+                    y.view(),
+                    activation,
+                    &argmax,
+                    dx.view_mut(),
+                )
+                .unwrap();
+
+                let mut r = ArrayD::<f32>::zeros(IxDyn(x.shape()));
+                relu::forward_reference(activation, x.view().into_dyn(), r.view_mut()).unwrap();
+                let r = r.into_dimensionality::<Ix4>().unwrap();
+                let mut y_ref = Array4::<f32>::zeros(out);
+                max_pool::forward_reference(r.view(), window, stride, y_ref.view_mut()).unwrap();
+                let mut dr = Array4::<f32>::zeros(x.dim());
+                max_pool::backward_reference(r.view(), window, stride, dy.view(), dr.view_mut())
+                    .unwrap();
+                let mut dx_ref = ArrayD::<f32>::zeros(IxDyn(x.shape()));
+                relu::backward_reference(
+                    activation,
+                    x.view().into_dyn(),
+                    dr.view().into_dyn(),
+                    dx_ref.view_mut(),
+                )
+                .unwrap();
+
+                let bits = |a: ArrayD<f32>| a.mapv(f32::to_bits);
+                assert_eq!(bits(y.into_dyn()), bits(y_ref.into_dyn()), "{context}");
+                assert_eq!(bits(dx.into_dyn()), bits(dx_ref), "{context}");
+            }
+        }
+    }
+}
+
 #[test]
 fn max_pool_routes_a_tied_window_to_its_first_maximum() {
     let x = Array4::from_shape_vec((1, 1, 2, 2), vec![1.0, 3.0, 3.0, 2.0]).unwrap();

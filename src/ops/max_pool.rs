@@ -20,6 +20,21 @@
 //! receives the sum. Gradient checks keep windows free of ties, where the max is not
 //! differentiable.
 //!
+//! ## Fused ReLU: pool first
+//! A ReLU (or ReLU6) is monotone, so it commutes with a maximum: `max(relu(z)) = relu(max(z))`
+//! over any window. The tape's `max_pool+relu` node ([`Graph::max_pool_relu`]) therefore pools
+//! the pre-activation z and applies the ReLU to the pooled values, a quarter of them for a 2×2
+//! window, as it stores them:
+//!
+//! ```text
+//! y[n,c,i,j] = relu(z[n,c,h*,w*])                 (h*, w*) = arg max of z over the window
+//! ∂L/∂z[n,c,h*,w*] += dy[n,c,i,j]·1[y[n,c,i,j] > 0]       (and < 6 for ReLU6)
+//! ```
+//! The values are those of `max_pool(relu(z))`, and so are the gradients: where the window's
+//! maximum is positive both pick the same arg-max, and where it is not both pass nothing.
+//! Written the usual way round, the ReLU runs on every element of z, and its backward reads
+//! z-sized tensors twice (the mask y and the gradient); after the pool both are pooled-sized.
+//!
 //! ## Cost
 //! Forward k² compares per output element; backward one add per output element.
 
@@ -27,6 +42,7 @@ use super::{check_image, check_same, dims, dims_mut, each_window, pooled_shape, 
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::graph::{Backward, Forward, Graph, NodeId};
+use crate::ops::relu::Relu;
 use crate::ops::Operation;
 use crate::parallel::{in_parts, Along, Items};
 use ndarray::{ArrayView4, ArrayViewMut4, Axis};
@@ -38,22 +54,51 @@ const OP: &str = "max_pool";
 /// that memory traffic.
 pub type Position = u32;
 
-/// The node on the tape: its window and stride, and the arg-max of every output value of the
-/// last forward pass, one run of positions per sample.
+/// The node on the tape: its window and stride, the ReLU applied to the pooled values if
+/// any, and the arg-max of every output value of the last forward pass, one run of positions
+/// per sample.
 #[derive(Clone, Debug)]
 pub struct MaxPool {
     window: usize,
     stride: usize,
+    activation: Option<Relu>,
     argmax: Vec<Position>,
 }
 
 impl<T: Element> Graph<T> {
     /// Max pooling with a `window`×`window` window every `stride` pixels.
     pub fn max_pool(&mut self, input: NodeId, window: usize, stride: usize) -> Result<NodeId> {
+        self.max_pool_with(input, window, stride, None)
+    }
+
+    /// The fused relu(max_pool(input)): the same values and gradients as
+    /// `max_pool(relu(input))`, with the ReLU on the pooled values (see the module notes).
+    pub fn max_pool_relu(&mut self, input: NodeId, window: usize, stride: usize) -> Result<NodeId> {
+        self.max_pool_with(input, window, stride, Some(Relu::Plain))
+    }
+
+    /// The fused relu6(max_pool(input)), as [`Graph::max_pool_relu`] with a ReLU6.
+    pub fn max_pool_relu6(
+        &mut self,
+        input: NodeId,
+        window: usize,
+        stride: usize,
+    ) -> Result<NodeId> {
+        self.max_pool_with(input, window, stride, Some(Relu::Six))
+    }
+
+    fn max_pool_with(
+        &mut self,
+        input: NodeId,
+        window: usize,
+        stride: usize,
+        activation: Option<Relu>,
+    ) -> Result<NodeId> {
         output_shape(&[1, 1, window.max(1), window.max(1)], window, stride)?;
         let op = MaxPool {
             window,
             stride,
+            activation,
             argmax: Vec::new(),
         };
         self.push_op(op, &[input])
@@ -62,7 +107,11 @@ impl<T: Element> Graph<T> {
 
 impl<T: Element> Operation<T> for MaxPool {
     fn kind(&self) -> &'static str {
-        OP
+        match self.activation {
+            None => OP,
+            Some(Relu::Plain) => "max_pool+relu",
+            Some(Relu::Six) => "max_pool+relu6",
+        }
     }
 
     fn forward(&mut self, mut pass: Forward<'_, T>) -> Result<()> {
@@ -70,12 +119,19 @@ impl<T: Element> Operation<T> for MaxPool {
         let shape = output_shape(x.shape(), self.window, self.stride)?;
         let y = dims_mut(OP, pass.output(&shape)?)?;
         self.argmax.resize(y.len(), 0);
-        forward(x, self.window, self.stride, y, &mut self.argmax)
+        pool(
+            x,
+            self.window,
+            self.stride,
+            self.activation,
+            y,
+            &mut self.argmax,
+        )
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
         let rows = pass.rows();
-        let Backward { dy, mut inputs, .. } = pass;
+        let Backward { y, dy, mut inputs } = pass;
         let Some((dx, write)) = inputs.port(0)?.grad else {
             return Ok(());
         };
@@ -86,7 +142,11 @@ impl<T: Element> Operation<T> for MaxPool {
             r.start * per_sample..r.end * per_sample
         });
         let argmax = self.argmax.get(rows).unwrap_or_default();
-        scatter(dy, argmax, dims_mut(OP, dx)?, write)
+        let gate = match self.activation {
+            Some(activation) => Some((activation, dims(OP, y)?)),
+            None => None,
+        };
+        scatter(dy, gate, argmax, dims_mut(OP, dx)?, write)
     }
 
     fn attributes(&self) -> Vec<(&'static str, usize)> {
@@ -132,6 +192,30 @@ pub fn forward<T: Element>(
     y: ArrayViewMut4<T>,
     argmax: &mut [Position],
 ) -> Result<()> {
+    pool(x, window, stride, None, y, argmax)
+}
+
+/// Forward of the fused node: y = `activation`(window maximum), the arg-max as in
+/// [`forward`].
+pub fn forward_activated<T: Element>(
+    x: ArrayView4<T>,
+    window: usize,
+    stride: usize,
+    activation: Relu,
+    y: ArrayViewMut4<T>,
+    argmax: &mut [Position],
+) -> Result<()> {
+    pool(x, window, stride, Some(activation), y, argmax)
+}
+
+fn pool<T: Element>(
+    x: ArrayView4<T>,
+    window: usize,
+    stride: usize,
+    activation: Option<Relu>,
+    y: ArrayViewMut4<T>,
+    argmax: &mut [Position],
+) -> Result<()> {
     let [_, channels, out_height, out_width] = output_shape(x.shape(), window, stride)?;
     check_same(
         OP,
@@ -164,24 +248,44 @@ pub fn forward<T: Element>(
                 if !avx2::forward_plane_2x2(plane, width, y_plane, out_width, winners) {
                     forward_plane_2x2(plane, width, y_plane, out_width, winners);
                 }
-                continue;
+            } else {
+                plane_maxima(plane, width, window, stride, y_plane, out_width, winners);
             }
-            for (o, (y, winner)) in y_plane.iter_mut().zip(winners.iter_mut()).enumerate() {
-                let (i, j) = (o / out_width, o % out_width);
-                let corner = i * stride * width + j * stride;
-                let mut best = corner;
-                for row in (corner..corner + window * width).step_by(width) {
-                    for position in row..row + window {
-                        if plane[position] > plane[best] {
-                            best = position;
-                        }
-                    }
-                }
-                (*y, *winner) = (plane[best], best as Position);
+            // The plane's outputs are still in L1: the activation costs no pass over memory.
+            // Each activation compiled into its own loop (a runtime test per value is slow).
+            match activation {
+                Some(Relu::Plain) => y_plane.iter_mut().for_each(|y| *y = Relu::Plain.value(*y)),
+                Some(Relu::Six) => y_plane.iter_mut().for_each(|y| *y = Relu::Six.value(*y)),
+                None => {}
             }
         }
         Ok(())
     })
+}
+
+/// Any window and stride on one plane: each window's cells in row-major order.
+fn plane_maxima<T: Element>(
+    plane: &[T],
+    width: usize,
+    window: usize,
+    stride: usize,
+    y_plane: &mut [T],
+    out_width: usize,
+    winners: &mut [Position],
+) {
+    for (o, (y, winner)) in y_plane.iter_mut().zip(winners.iter_mut()).enumerate() {
+        let (i, j) = (o / out_width, o % out_width);
+        let corner = i * stride * width + j * stride;
+        let mut best = corner;
+        for row in (corner..corner + window * width).step_by(width) {
+            for position in row..row + window {
+                if plane[position] > plane[best] {
+                    best = position;
+                }
+            }
+        }
+        (*y, *winner) = (plane[best], best as Position);
+    }
 }
 
 /// Backward: routes each dy to its window's arg-max, dx[arg-max] += dy.
@@ -190,7 +294,20 @@ pub fn backward<T: Element>(
     argmax: &[Position],
     dx: ArrayViewMut4<T>,
 ) -> Result<()> {
-    scatter(dy, argmax, dx, GradWrite::Accumulate)
+    scatter(dy, None, argmax, dx, GradWrite::Accumulate)
+}
+
+/// Backward of the fused node: dx[arg-max] += dy where the output y (= `activation` of the
+/// window maximum) lets a gradient through (0 < y, and y < 6 for ReLU6).
+pub fn backward_activated<T: Element>(
+    dy: ArrayView4<T>,
+    y: ArrayView4<T>,
+    activation: Relu,
+    argmax: &[Position],
+    dx: ArrayViewMut4<T>,
+) -> Result<()> {
+    check_same(OP, "output", dy.shape(), y.shape())?;
+    scatter(dy, Some((activation, y)), argmax, dx, GradWrite::Accumulate)
 }
 
 // ---------------------------------------------------------------- reference loops
@@ -416,11 +533,13 @@ mod avx2 {
 }
 
 /// The backward pass: the samples split between the threads; plane after plane, each
-/// gradient added at its winner's offset. With [`GradWrite::Overwrite`] each plane of dx is
-/// zeroed just before its gradients are scattered into it, while it is in L1, instead of
-/// zeroing all of dx in a separate pass first.
+/// gradient added at its winner's offset, gated by the activation at the output y if one is
+/// fused. With [`GradWrite::Overwrite`] each plane of dx is zeroed just before its gradients
+/// are scattered into it, while it is in L1, instead of zeroing all of dx in a separate pass
+/// first.
 fn scatter<T: Element>(
     dy: ArrayView4<T>,
+    gate: Option<(Relu, ArrayView4<T>)>,
     argmax: &[Position],
     dx: ArrayViewMut4<T>,
     write: GradWrite,
@@ -438,33 +557,75 @@ fn scatter<T: Element>(
     }
     let plane_len = height * width;
     let out_len = dy.len() / (batch * channels);
+    let activation = gate.as_ref().map(|(activation, _)| *activation);
     let parts = (
-        Along(dy, Axis(0)),
+        (Along(dy, Axis(0)), gate.map(|(_, y)| Along(y, Axis(0)))),
         Along(dx, Axis(0)),
         Items(argmax, channels * out_len),
     );
     in_parts(parts, &|(
-        Along(dy, _),
+        (Along(dy, _), y),
         Along(mut dx, _),
         Items(argmax, _),
     )| {
         let dy = row_major(dy.as_slice(), dy.shape())?;
         let dx = row_major(dx.as_slice_mut(), &[])?;
-        for ((dy_plane, winners), dx_plane) in dy
+        let y = match &y {
+            Some(Along(y, _)) => Some(row_major(y.as_slice(), y.shape())?),
+            None => None,
+        };
+        for (plane, ((dy_plane, winners), dx_plane)) in dy
             .chunks_exact(out_len)
             .zip(argmax.chunks_exact(out_len))
             .zip(dx.chunks_exact_mut(plane_len))
+            .enumerate()
         {
             if write == GradWrite::Overwrite {
                 dx_plane.fill(T::zero());
             }
-            for (&g, &position) in dy_plane.iter().zip(winners) {
-                let slot = dx_plane.get_mut(position as usize);
-                *slot.ok_or_else(|| bad_position(plane_len, position as usize))? += g;
+            // Each gate compiled into its own loop: chosen per element, the activation's
+            // test took longer than the scatter.
+            let y_plane = y.map(|y| &y[plane * out_len..(plane + 1) * out_len]);
+            let zero = T::zero();
+            match (activation, y_plane) {
+                (Some(Relu::Plain), Some(y)) => route(dy_plane, y, winners, dx_plane, |y, g| {
+                    if y > zero {
+                        g
+                    } else {
+                        zero
+                    }
+                })?,
+                (Some(Relu::Six), Some(y)) => {
+                    let six = T::from_f64(6.0);
+                    route(dy_plane, y, winners, dx_plane, |y, g| {
+                        if y > zero && y < six {
+                            g
+                        } else {
+                            zero
+                        }
+                    })?
+                }
+                _ => route(dy_plane, dy_plane, winners, dx_plane, |_, g| g)?,
             }
         }
         Ok(())
     })
+}
+
+/// One plane: dx[winner] += gate(y, dy) for each output (y: the output that gates it).
+fn route<T: Element>(
+    dy: &[T],
+    y: &[T],
+    winners: &[Position],
+    dx: &mut [T],
+    gate: impl Fn(T, T) -> T,
+) -> Result<()> {
+    let plane_len = dx.len();
+    for ((&g, &y), &position) in dy.iter().zip(y).zip(winners) {
+        let slot = dx.get_mut(position as usize);
+        *slot.ok_or_else(|| bad_position(plane_len, position as usize))? += gate(y, g);
+    }
+    Ok(())
 }
 
 /// A part of a tensor as one slice in logical order, or the error for a tensor that is not
@@ -521,6 +682,7 @@ mod tests {
             let mut overwritten = Array4::from_elem(x.dim(), f64::NAN);
             scatter(
                 dy.view(),
+                None,
                 &argmax,
                 overwritten.view_mut(),
                 GradWrite::Overwrite,
@@ -528,7 +690,14 @@ mod tests {
             .unwrap();
             assert_eq!(accumulated, overwritten, "k{window} s{stride}");
             let mut twice = accumulated.clone();
-            scatter(dy.view(), &argmax, twice.view_mut(), GradWrite::Accumulate).unwrap();
+            scatter(
+                dy.view(),
+                None,
+                &argmax,
+                twice.view_mut(),
+                GradWrite::Accumulate,
+            )
+            .unwrap();
             assert_eq!(twice, &accumulated * 2.0, "k{window} s{stride}");
         }
     }

@@ -413,6 +413,12 @@ pub(crate) fn rebuild<T: Element>(
         }
         "linear" => graph.linear(input(0)?, input(1)?, bias),
         "max_pool" => graph.max_pool(input(0)?, attribute("window")?, attribute("stride")?),
+        "max_pool+relu" => {
+            graph.max_pool_relu(input(0)?, attribute("window")?, attribute("stride")?)
+        }
+        "max_pool+relu6" => {
+            graph.max_pool_relu6(input(0)?, attribute("window")?, attribute("stride")?)
+        }
         "mse" => graph.mse(input(0)?, input(1)?),
         "relu" => graph.relu(input(0)?),
         "relu6" => graph.relu6(input(0)?),

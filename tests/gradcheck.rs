@@ -903,12 +903,13 @@ type DepthwiseCase = (usize, usize, usize, usize, usize, usize, usize, usize);
 
 /// Batch 1, odd sizes, stride 1 and 2, "same" padding and none, a channel multiplier of 2, a
 /// 1×1 map.
-const DEPTHWISE: [DepthwiseCase; 5] = [
+const DEPTHWISE: [DepthwiseCase; 6] = [
     (1, 3, 1, 3, 1, 1, 5, 4),
     (2, 5, 1, 3, 2, 1, 7, 5),
     (1, 2, 2, 3, 2, 0, 5, 7),
     (3, 3, 1, 1, 1, 0, 1, 1),
     (2, 4, 2, 5, 1, 2, 3, 3),
+    (1, 2, 1, 3, 3, 1, 8, 7),
 ];
 
 #[test]

@@ -10,7 +10,8 @@
 //! forward (0.822 GFLOP) and forward + backward for input, weight and bias from dY = ones
 //! (2.466 GFLOP); W2 = one training step of the bottleneck block (1×1 256→64 + ReLU, 1×1 64→256 +
 //! ReLU, 2×2 max pool, global average pool, linear 256→10, softmax cross-entropy, backward to
-//! every parameter; 4.11 GFLOP), the optimizer update timed apart; W3 = the GEMM of W1's forward
+//! every parameter; 4.11 GFLOP; `Model::new` pools before the second ReLU, the same function),
+//! the optimizer update timed apart; W3 = the GEMM of W1's forward
 //! shape (64×256)·(256×25088) and a 2048³ GEMM, through the crate's GEMM.
 //!
 //! Each thread count runs in a child process of its own, because the thread count of the GEMM
@@ -188,12 +189,14 @@ fn peak_rss_mib() -> f64 {
 }
 
 /// params + gradients + optimizer state (SGD momentum) + saved activations + the batch, in MiB.
-/// Saved activations: what the backward pass must read — the reduce output (N·64·P, its ReLU
-/// mask can be read from it), the expand output (N·256·P) and the pool's arg-max (N·256·P/4).
+/// Saved activations: what the backward pass must read — the reduce output (N·64·P: the
+/// expand's input, and its ReLU mask can be read from it), the pool's output (N·256·P/4: the
+/// ReLU after the pool is gated by it) and its arg-max (N·256·P/4). The expand output, the
+/// pool's input, is read by nothing after the forward pass (the tape keeps it all the same).
 fn theoretical_minimum_mib() -> f64 {
     let params = (C_OUT * C_IN + C_OUT + C_IN * C_OUT + C_IN + CLASSES * C_IN + CLASSES) as f64;
     let pixels = (SIDE * SIDE) as f64;
-    let activations = N as f64 * pixels * (C_OUT as f64 + C_IN as f64 + C_IN as f64 / 4.0);
+    let activations = N as f64 * pixels * (C_OUT as f64 + 2.0 * C_IN as f64 / 4.0);
     let batch = (N * C_IN) as f64 * pixels;
     (3.0 * params + activations + batch) * 4.0 / (1024.0 * 1024.0)
 }

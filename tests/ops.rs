@@ -984,6 +984,30 @@ fn batch_norm_matches_reference_loops_and_pytorch_semantics() {
 
 /// The public passes check every per-channel vector they index: a wrong length is a typed
 /// error, not a panic.
+/// The batch statistics in f32 of values with a large mean and a small spread (1000 ± 0.05):
+/// the squared deviations from the mean keep the variance's digits, where E[x²] − μ² would
+/// lose all of them (x² ≈ 10⁶ carries no digit below 0.06 in f32).
+#[test]
+fn batch_norm_statistics_keep_a_small_variance_under_a_large_mean() {
+    use pointwise::ops::batch_norm;
+    let x64 = r4([5, 2, 28, 28], 170).mapv(|v| 1000.0 + 0.1 * v);
+    let x32 = x64.mapv(|v| v as f32);
+    let (mut mean, mut var) = (Array1::<f32>::zeros(2), Array1::<f32>::zeros(2));
+    batch_norm::statistics(x32.view(), mean.view_mut(), var.view_mut()).unwrap();
+    for c in 0..2 {
+        let channel = x32.index_axis(ndarray::Axis(1), c).mapv(f64::from);
+        let mu = channel.mean().unwrap();
+        let sigma2 = channel.mapv(|v| (v - mu) * (v - mu)).mean().unwrap();
+        assert!(
+            (f64::from(mean[c]) - mu).abs() < 1e-4,
+            "mean {} against {mu}",
+            mean[c]
+        );
+        let relative = (f64::from(var[c]) - sigma2).abs() / sigma2;
+        assert!(relative < 1e-3, "variance {} against {sigma2}", var[c]);
+    }
+}
+
 #[test]
 fn batch_norm_passes_refuse_statistics_of_the_wrong_length() {
     use pointwise::ops::batch_norm;

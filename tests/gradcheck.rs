@@ -232,7 +232,8 @@ fn max_pool_dx_matches_finite_difference() {
 /// The fused relu(max_pool(x)) and relu6(max_pool(x)) on pairwise distinct values 0.1·k + 0.05
 /// (k an integer from about −len/2): 0.1 apart ≫ 2·EPS, and 0.05 off both kinks (0 and 6).
 /// Windows whose maximum is negative pass no gradient and the others pass it to their arg-max;
-/// with ReLU6, windows whose maximum is above 6 (in the two largest cases) pass none either.
+/// with ReLU6, windows whose maximum is above 6 (in the largest case, up to 7.95) pass none
+/// either.
 #[test]
 fn max_pool_relu_dx_matches_finite_difference() {
     for (i, case) in CASES.iter().enumerate() {
@@ -901,8 +902,8 @@ fn squeezenet_fire_module_matches_finite_difference() {
 /// (batch, channels, multiplier, kernel, stride, padding, height, width).
 type DepthwiseCase = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-/// Batch 1, odd sizes, stride 1 and 2, "same" padding and none, a channel multiplier of 2, a
-/// 1×1 map.
+/// Batch 1, odd sizes, stride 1, 2 and 3, "same" padding and none, a channel multiplier of 2,
+/// a 1×1 map.
 const DEPTHWISE: [DepthwiseCase; 6] = [
     (1, 3, 1, 3, 1, 1, 5, 4),
     (2, 5, 1, 3, 2, 1, 7, 5),

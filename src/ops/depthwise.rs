@@ -333,10 +333,11 @@ pub fn backward<T: Element>(
 /// The lanes of dW's partial sums: a vector of f32 on AVX2.
 const LANES: usize = 8;
 
-// The three loops below are written once, generic, and compiled twice: as they are, for any
-// x86-64 (SSE2: four f32 lanes), and inside a function that enables AVX2 and FMA, called where
-// the CPU has them (eight lanes). The arithmetic is the same (no multiply-add is fused, so the
-// results are too); only the vector width the compiler may use differs.
+// The three generic loops below are compiled twice: as they are, for any x86-64 (SSE2: four
+// f32 lanes), and inside a function that enables AVX2 and FMA, called where the CPU has them
+// (eight lanes). The arithmetic is the same (the compiler fuses no multiply-add, so the results
+// are too); only the vector width it may use differs. f32 with a 3×3 kernel goes to the `x86`
+// kernels instead, whose fused multiply-adds round once per tap, not twice.
 
 /// Whether this CPU runs AVX2 and FMA (detected once).
 fn avx2() -> bool {
@@ -352,9 +353,9 @@ fn avx2() -> bool {
 }
 
 /// One run of outputs: `y[j] += Σ_t taps[t]·sources[offsets[t] + j]`. A 3×3 kernel's nine
-/// taps are summed in registers, one store per output (the compiler unrolls the taps and
-/// vectorises along j); other kernels take a pass along the run per tap. Either way each
-/// output sums its taps in order after the bias, as the reference loops do.
+/// taps are summed eight outputs at a time, then stored once; other kernels take a pass along
+/// the run per tap. Either way each output sums its taps in order after the bias, as the
+/// reference loops do.
 fn gather<T: Element>(y: &mut [T], taps: &[T], sources: &[T], offsets: &[usize]) {
     #[cfg(target_arch = "x86_64")]
     if avx2() && x86::gather_3x3(y, taps, sources, offsets) {

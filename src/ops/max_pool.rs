@@ -7,7 +7,7 @@
 //! ## Shapes
 //! x (N, C, H, W) → y (N, C, H′, W′) with H′ = ⌊(H − k)/s⌋ + 1, W′ = ⌊(W − k)/s⌋ + 1.
 //! Saved for backward: for each output element, the position (h·W + w) of its arg-max in its
-//! channel plane, (N·C·H′·W′) 32-bit integers.
+//! channel plane, (N·C·H′·W′) 32-bit integers; the fused node below also reads its output y.
 //!
 //! ## Derivation
 //! ```text

@@ -380,6 +380,15 @@ pub(crate) fn longer_side_as_rows<T: Element>() -> bool {
     backend::<T>() != "avx512"
 }
 
+/// Whether this CPU runs AVX2 and FMA (detected once): the ops with vector kernels of their
+/// own (the depthwise convolution) ask here too.
+pub(crate) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return shallow::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Which implementation [`gemm()`] uses for element type `T` on this CPU: `"avx512"` for the
 /// kernels of this module, `"avx2+gemm"` for this module's AVX2 kernel on products of small
 /// depth and the gemm crate's on the others, `"gemm"` for the gemm crate's alone, `"ndarray"`

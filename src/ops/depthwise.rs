@@ -339,30 +339,17 @@ const LANES: usize = 8;
 // are too); only the vector width it may use differs. f32 with a 3×3 kernel goes to the `x86`
 // kernels instead, whose fused multiply-adds round once per tap, not twice.
 
-/// Whether this CPU runs AVX2 and FMA (detected once).
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// One run of outputs: `y[j] += Σ_t taps[t]·sources[offsets[t] + j]`. A 3×3 kernel's nine
 /// taps are summed eight outputs at a time, then stored once; other kernels take a pass along
 /// the run per tap. Either way each output sums its taps in order after the bias, as the
 /// reference loops do.
 fn gather<T: Element>(y: &mut [T], taps: &[T], sources: &[T], offsets: &[usize]) {
     #[cfg(target_arch = "x86_64")]
-    if avx2() && x86::gather_3x3(y, taps, sources, offsets) {
+    if crate::gemm::avx2_fma() && x86::gather_3x3(y, taps, sources, offsets) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if avx2() {
+    if crate::gemm::avx2_fma() {
         #[target_feature(enable = "avx2,fma")]
         fn wide<T: Element>(y: &mut [T], taps: &[T], sources: &[T], offsets: &[usize]) {
             gather_any(y, taps, sources, offsets)
@@ -402,7 +389,7 @@ fn gather_any<T: Element>(y: &mut [T], taps: &[T], sources: &[T], offsets: &[usi
 /// dx's run: `targets[offsets[t] + j] += taps[t]·dy[j]`, a pass along the run per tap.
 fn scatter<T: Element>(dy: &[T], taps: &[T], targets: &mut [T], offsets: &[usize]) {
     #[cfg(target_arch = "x86_64")]
-    if avx2() {
+    if crate::gemm::avx2_fma() {
         #[target_feature(enable = "avx2,fma")]
         fn wide<T: Element>(dy: &[T], taps: &[T], targets: &mut [T], offsets: &[usize]) {
             scatter_any(dy, taps, targets, offsets)
@@ -431,11 +418,11 @@ fn correlate<T: Element>(
     tails: &mut [T],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if avx2() && x86::correlate_3x3(dy, sources, offsets, sums, tails) {
+    if crate::gemm::avx2_fma() && x86::correlate_3x3(dy, sources, offsets, sums, tails) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if avx2() {
+    if crate::gemm::avx2_fma() {
         #[target_feature(enable = "avx2,fma")]
         fn wide<T: Element>(
             dy: &[T],

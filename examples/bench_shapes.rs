@@ -18,6 +18,7 @@ use ndarray::ArrayD;
 use pointwise::Graph;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
 mod common;
 
@@ -125,6 +126,32 @@ fn fill(shape: &[usize], seed: usize) -> ArrayD<f32> {
     })
 }
 
+/// Median and minimum ms of single steps, counted as `torch_shapes.py` counts PyTorch's: 3
+/// steps to warm up, then `max(5, min(200, ⌊0.5 / GFLOP⌋ + 1))` steps timed one by one. (A
+/// median of single steps leaves out a step another process interrupted; a mean over a batch
+/// of steps would carry it, so the two sides must use the same statistic.)
+fn time_steps(gflop: f64, mut step: impl FnMut()) -> (f64, f64) {
+    for _ in 0..3 {
+        step();
+    }
+    let repeats = ((0.5 / gflop) as usize + 1).clamp(5, 200);
+    let mut samples: Vec<f64> = (0..repeats)
+        .map(|_| {
+            let start = Instant::now();
+            step();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    (samples[samples.len() / 2], samples[0])
+}
+
+/// GFLOP of one forward + backward: 3 products of 2·N·C_in·C_out·H·W each.
+fn gflop(shape: &Shape) -> f64 {
+    let [n, c_in, c_out, h, w] = shape.dims;
+    3.0 * 2.0 * (n * c_in * c_out * h * w) as f64 * 1e-9
+}
+
 /// Median and minimum ms of one forward + backward on `shape`.
 fn measure(shape: &Shape) -> pointwise::Result<(f64, f64)> {
     let [n, c_in, c_out, h, w] = shape.dims;
@@ -147,7 +174,7 @@ fn measure(shape: &Shape) -> pointwise::Result<(f64, f64)> {
     let mut ones = ArrayD::<f32>::ones(output_shape);
     let mut failure = None;
     let timing = pointwise::parallel::install(|| {
-        common::time(|| {
+        time_steps(gflop(shape), || {
             // As the PyTorch side sets `.grad = None`: dX is written, not added to zeros. And
             // as `y.backward(ones)` hands `ones` to autograd, dY is lent, not copied.
             graph.clear_grads();
@@ -201,11 +228,9 @@ fn main() -> ExitCode {
     let peak = common::peak::fma_peak(threads);
     let mut rows = Vec::new();
     for shape in &shapes {
-        let [n, c_in, c_out, h, w] = shape.dims;
-        let gflop = 3.0 * 2.0 * (n * c_in * c_out * h * w) as f64 * 1e-9;
         match measure(shape) {
             Ok((median, min)) => {
-                let rate = gflop / (median * 1e-3);
+                let rate = gflop(shape) / (median * 1e-3);
                 println!(
                     "RESULT\tpointwise\t{}\t{threads}\t{median:.4}\t{rate:.1}",
                     shape.name

@@ -502,18 +502,14 @@ pub struct Operands {
 ///
 /// Two more products run on the same tile. With B *transposed* (dW = Σ dYₙ·Xₙᵀ), B is copied
 /// block by block into strips of 16 columns, its rows contiguous (`transposed_b`), the last
-/// strip of at most 8 columns again one vector wide; A (Xₙ or dYₙ, from memory) is asked for
-/// a row tile ahead (`strip_tiles`). And dX = Wᵀ·dYₙ can return
+/// strip of at most 8 columns again one vector wide. And dX = Wᵀ·dYₙ can return
 /// the row sums of dYₙ (db) as well: the first row of tiles, which loads every value of B,
 /// adds them up on the way (`summing_tiles`).
-#[cfg(target_arch = "x86_64")]
-mod prefetch;
 #[cfg(target_arch = "x86_64")]
 mod samples;
 
 #[cfg(target_arch = "x86_64")]
 mod shallow {
-    use super::prefetch::{Prefetcher, Upcoming};
     use super::Operands;
     use crate::element::with_scratch_in;
     use std::arch::x86_64::*;
@@ -733,44 +729,18 @@ mod shallow {
         // leave half of every tile's FMAs idle: it runs on tiles one vector wide and twice as tall.
         let narrow = n % WIDTH > 0 && n % WIDTH <= 8;
         let wide_end = if narrow { n - n % WIDTH } else { n };
-        let strips = wide_end.div_ceil(WIDTH);
-        let [rsa, csa] = block.a_strides;
         for row in (0..m).step_by(ROWS) {
-            for (strip_index, column) in (0..wide_end).step_by(WIDTH).enumerate() {
+            for column in (0..wide_end).step_by(WIDTH) {
                 let strip = Operands {
                     b: block.b.add(column * k),
                     c: block.c.add(column),
                     ..*block
-                };
-                // A is Xₙ or dYₙ here, read from memory in six runs of K values (one per row
-                // of the tile): runs too short for the hardware prefetcher. So the tiles along
-                // the strips ask for the next row tile's runs, a share of its rows each. dW + db
-                // of MobileNetV2's 14×14 layers, batch 16, 1 thread, with and without it
-                // alternating in one process (min of 38): 576 → 96 6.11 → 5.61 ms, 64 → 384
-                // 5.88 → 5.34, 384 → 64 5.55 → 4.94; W1's 256 → 64 at 28×28 level (14.6 /
-                // 14.4). With one strip (N = 24, the tile asking for all six runs) 56×56's
-                // 144 → 24 went 6.29 → 6.57: there the hardware prefetcher is left alone.
-                let next = row + ROWS;
-                let (first, last) = (
-                    (next + ROWS * strip_index / strips).min(m),
-                    (next + ROWS * (strip_index + 1) / strips).min(m),
-                );
-                let ahead = match csa == 1 && strips >= 2 {
-                    true => Upcoming {
-                        start: block.a.wrapping_offset(first as isize * rsa),
-                        rows: last - first,
-                        // A run of K values starting inside a line may touch one more line.
-                        lines: k.div_ceil(16) + 1,
-                        stride: rsa,
-                    },
-                    false => Upcoming::NONE,
                 };
                 let tile = Tile {
                     row,
                     column: 0,
                     lanes: WIDTH.min(n - column),
                     prefetch: std::ptr::null(),
-                    ahead,
                     row_sums: std::ptr::null_mut(),
                 };
                 // SAFETY: the caller's contract; the tile lies inside C (rows < m, lanes
@@ -1026,7 +996,6 @@ mod shallow {
                         column,
                         lanes: WIDTH.min(end - column),
                         prefetch,
-                        ahead: Upcoming::NONE,
                         row_sums: if row == 0 {
                             row_sums
                         } else {
@@ -1078,8 +1047,7 @@ mod shallow {
     }
 
     /// Where a tile of C starts, how many of its 16 columns are inside C, the columns of B
-    /// whose line in each row k to prefetch on step k (null: none), lines a later tile will
-    /// read, asked for over the tile's steps ([`Upcoming::NONE`]: none), and the vectors into
+    /// whose line in each row k to prefetch on step k (null: none), and the vectors into
     /// which it adds each row k of B it loads (at `row_sums + 8k`; null: none).
     #[derive(Clone, Copy)]
     struct Tile {
@@ -1087,7 +1055,6 @@ mod shallow {
         column: usize,
         lanes: usize,
         prefetch: *const f32,
-        ahead: Upcoming,
         row_sums: *mut f32,
     }
 
@@ -1128,9 +1095,7 @@ mod shallow {
             c.offset(tile.row as isize * rsc).add(tile.column),
         );
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let mut ahead = Prefetcher::new(tile.ahead, k);
         for p in 0..k as isize {
-            ahead.step();
             if !tile.prefetch.is_null() {
                 let line = tile.prefetch.wrapping_offset(p * rsb);
                 // A prefetch reads nothing and never faults, wherever it points.
@@ -1201,7 +1166,6 @@ mod shallow {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::prefetch::{Prefetcher, Upcoming};
     use super::Operands;
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
@@ -1503,6 +1467,78 @@ mod avx512 {
         }
     }
 
+    /// A block of cache lines a tile asks for ahead of its use: `rows` rows of `lines` lines
+    /// (16 floats each), the rows `stride` floats apart from `start`. Nothing when `rows` is 0.
+    #[derive(Clone, Copy)]
+    struct Upcoming {
+        start: *const f32,
+        rows: usize,
+        lines: usize,
+        stride: isize,
+    }
+
+    /// Issues the prefetches of an [`Upcoming`] block evenly over a tile's `depth` steps: one
+    /// every `every` steps (or `burst` per step when there are more lines than steps). Spread
+    /// out, they arrive while the tile computes, where bursts would queue behind each other.
+    struct Prefetcher {
+        block: Upcoming,
+        remaining: usize,
+        every: usize,
+        burst: usize,
+        countdown: usize,
+        row: usize,
+        line: usize,
+    }
+
+    impl Prefetcher {
+        fn new(block: Upcoming, depth: usize) -> Self {
+            let total = block.rows * block.lines;
+            // A tile has depth ≥ 1 steps; no lines (total = 0) means no prefetch.
+            let (every, burst) = match depth.checked_div(total) {
+                None => (usize::MAX, 0),
+                Some(steps) => (steps.max(1), total.div_ceil(depth)),
+            };
+            Prefetcher {
+                block,
+                remaining: total,
+                every,
+                burst,
+                countdown: every,
+                row: 0,
+                line: 0,
+            }
+        }
+
+        /// One step of the tile: a prefetch when its turn has come.
+        #[inline(always)]
+        fn step(&mut self) {
+            if self.remaining == 0 {
+                return;
+            }
+            self.countdown -= 1;
+            if self.countdown != 0 {
+                return;
+            }
+            self.countdown = self.every;
+            for _ in 0..self.burst.min(self.remaining) {
+                let address = self
+                    .block
+                    .start
+                    .wrapping_offset(self.row as isize * self.block.stride)
+                    .wrapping_add(16 * self.line);
+                // SAFETY: a prefetch is only a hint: it never faults and reads nothing the
+                // program sees (the addresses are inside A or B anyway).
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(address.cast::<i8>()) };
+                self.line += 1;
+                if self.line == self.block.lines {
+                    self.line = 0;
+                    self.row += 1;
+                }
+                self.remaining -= 1;
+            }
+        }
+    }
+
     /// C tile (ROWS × VECTORS·16, the last vector masked) ← α·A·B + β·C over `depth` steps.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
@@ -1667,7 +1703,12 @@ mod avx512 {
                             stride: rsb,
                         }
                     } else {
-                        Upcoming::NONE
+                        Upcoming {
+                            start: b,
+                            rows: 0,
+                            lines: 1,
+                            stride: 0,
+                        }
                     };
                     // And the rows of A the next tile will broadcast, when A is large (Xₙ in
                     // dW's path) and so comes from memory too; a small A (W) stays cached.
@@ -1687,7 +1728,12 @@ mod avx512 {
                             stride: rsa,
                         }
                     } else {
-                        Upcoming::NONE
+                        Upcoming {
+                            start: a,
+                            rows: 0,
+                            lines: 1,
+                            stride: 0,
+                        }
                     };
                     // SAFETY: the tile's corner is inside A, B and C (row < m, column < n,
                     // start < k); the tile kernel stays inside by rows, depth and the mask.

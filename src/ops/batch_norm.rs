@@ -42,7 +42,7 @@
 //!
 //! ## Cost
 //! Forward: two passes over x for the statistics (training) and one to normalise; about 5
-//! operations per value. Backward: two passes (the two sums, then dx). No GEMM.
+//! operations per value. Backward: three passes over x and g (Σ g, Σ g·x̂, then dx). No GEMM.
 
 use super::{accumulating, check_image, check_same, dims, dims_mut, sum_pairs};
 use crate::cost::Cost;

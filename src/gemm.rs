@@ -548,9 +548,16 @@ mod shallow {
     /// took 12.4 ms there against 20.9 here; 256 → 256 at K = 25 (batch 64) was level, and at
     /// K = 49 (7×7, batch 32) this path took 2.5 ms against 3.5.
     const MIN_DEPTH_COPIED_B: usize = 32;
-    /// A block of the copied B: DEPTH_BLOCK rows of STRIP_BLOCK columns (a panel of at most
-    /// 128 KiB, in L2; each strip 16 KiB, in L1 while a row tile runs along it).
-    const DEPTH_BLOCK: usize = 256;
+    /// A block of the copied B: up to STRIP_BLOCK columns, and K cut into blocks as even as it
+    /// allows, none deeper than MAX_DEPTH_BLOCK (strips of 2 MiB at most). Each depth block
+    /// reads and writes every tile of C once more, and restarts A's rows at a new offset,
+    /// while B's strip is read in order, whichever cache it comes from: deep blocks won over
+    /// blocks of 256 (strips in L1). dW alone (`conv1x1::backward`, 1 thread, the two in one
+    /// process, fastest of 40): 256 → 64 at 28×28 (batch 32, K = 784) 10.6 → 10.1 ms, 32 → 16
+    /// at 112×112 3.9 → 3.4, 24 → 144 at 56×56 5.9 → 5.4, 960 → 320 at 7×7 (K = 392) 6.1 → 5.9;
+    /// 14×14 maps (K = 196, one block either way) level. The blocks depend on K alone, so that
+    /// each element's sum does not depend on how the threads split C's columns.
+    const MAX_DEPTH_BLOCK: usize = 4096;
     const STRIP_BLOCK: usize = 128;
     const ROWS: usize = 6;
     const WIDTH: usize = 16;
@@ -665,11 +672,10 @@ mod shallow {
     }
 
     /// C ← α·A·B + β·C with B's columns contiguous: B = Dᵀ for a row-major D (N×K), as in dW's
-    /// `dYₙ·Xₙᵀ`. The tile needs B's *rows* contiguous, so each block of B (up to
-    /// [`DEPTH_BLOCK`] × [`STRIP_BLOCK`]) is first copied, transposed, into strips of 16
+    /// `dYₙ·Xₙᵀ`. The tile needs B's *rows* contiguous, so each block of B (see
+    /// [`MAX_DEPTH_BLOCK`] and [`STRIP_BLOCK`]) is first copied, transposed, into strips of 16
     /// columns (strip s holds B[p, 16s..16s+16] for each depth p in turn, zero-padded past N),
-    /// then every row tile of C runs along the block's strips. A strip is read in order from L1;
-    /// a copy with B's own row stride instead (a multiple of 256 bytes on these layers) put a
+    /// then every row tile of C runs along the block's strips. A strip is read in order; a copy with B's own row stride instead (a multiple of 256 bytes on these layers) put a
     /// strip's lines in a few cache sets and ran at half the speed. The depth blocks add into
     /// C in turn: the first with β, the others with β = 1, so each element's sum is the same
     /// whichever columns a thread is given. Returns false (nothing done) if the thread's copy
@@ -685,12 +691,13 @@ mod shallow {
             let Ok(mut scratch) = scratch.try_borrow_mut() else {
                 return false;
             };
-            let strips_len = STRIP_BLOCK.min(n.next_multiple_of(WIDTH)) * DEPTH_BLOCK.min(k);
+            let depth_block = k.div_ceil(k.div_ceil(MAX_DEPTH_BLOCK));
+            let strips_len = STRIP_BLOCK.min(n.next_multiple_of(WIDTH)) * depth_block;
             scratch.resize(strips_len, 0.0);
             for first_column in (0..n).step_by(STRIP_BLOCK) {
                 let columns = STRIP_BLOCK.min(n - first_column);
-                for first_depth in (0..k).step_by(DEPTH_BLOCK) {
-                    let depth = DEPTH_BLOCK.min(k - first_depth);
+                for first_depth in (0..k).step_by(depth_block) {
+                    let depth = depth_block.min(k - first_depth);
                     // SAFETY: D's rows first_column.. (< n) from column first_depth (depth
                     // values each): inside D; the scratch holds the block's strips.
                     unsafe {

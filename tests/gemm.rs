@@ -163,8 +163,15 @@ fn gemm_handles_long_depths_strided_views_and_other_layouts() {
     }
     // Long products with B transposed (dW = dYₙ·Xₙᵀ of a small layer on a large map), with
     // α and β.
-    // Past one block of copied strips both ways (K > 256 and N > 128), with edges in each.
-    for (m, n, k) in [(13, 11, 1100), (16, 32, 784), (1, 1, 256), (7, 300, 513)] {
+    // Past one block of copied strips both ways (K > 4096 and N > 128), with edges in each.
+    for (m, n, k) in [
+        (13, 11, 1100),
+        (16, 32, 784),
+        (1, 1, 256),
+        (7, 300, 513),
+        (5, 19, 4099),
+        (3, 140, 4200),
+    ] {
         let (a, bt, c) = (
             random(m, k, &mut rng),
             random(n, k, &mut rng),

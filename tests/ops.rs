@@ -606,6 +606,10 @@ fn conv1x1_f32_fast_path_matches_reference_loops() {
         (2, 96, 24, 16, 17),
         (1, 16, 96, 20, 20),
         (3, 4, 300, 16, 16),
+        // From 256 pixels with 64 channels or more on both sides, the three products apart:
+        // odd channel counts and map, and a batch of one.
+        (2, 65, 70, 16, 17),
+        (1, 80, 64, 17, 16),
     ];
     for (i, &(batch, c_in, c_out, height, width)) in cases.iter().enumerate() {
         let seed = 10 * i as u64;

@@ -205,12 +205,15 @@ fn pair_gradients<T: pointwise::Element>(
     bits
 }
 
-/// The layers above on one sample (48×48 maps) and on five whose expansion has more output
-/// channels (300) than pixels (256).
-fn pairs<T: pointwise::Element>() -> [Vec<f64>; 2] {
+/// The layers above on one sample (48×48 maps), on five whose expansion has more output
+/// channels (300) than pixels (256), and on three with 64 channels or more on both sides of
+/// each layer (their backward products run apart: dW split between the threads by its rows or
+/// columns, dX packed over the batch).
+fn pairs<T: pointwise::Element>() -> [Vec<f64>; 3] {
     [
         pair_gradients::<T>(1, 16, 96, 48),
         pair_gradients::<T>(5, 16, 300, 16),
+        pair_gradients::<T>(3, 64, 80, 16),
     ]
 }
 

@@ -675,7 +675,8 @@ mod shallow {
     /// `dYₙ·Xₙᵀ`. The tile needs B's *rows* contiguous, so each block of B (see
     /// [`MAX_DEPTH_BLOCK`] and [`STRIP_BLOCK`]) is first copied, transposed, into strips of 16
     /// columns (strip s holds B[p, 16s..16s+16] for each depth p in turn, zero-padded past N),
-    /// then every row tile of C runs along the block's strips. A strip is read in order; a copy with B's own row stride instead (a multiple of 256 bytes on these layers) put a
+    /// then every row tile of C runs along the block's strips. A strip is read in order; a
+    /// copy with B's own row stride instead (a multiple of 256 bytes on these layers) put a
     /// strip's lines in a few cache sets and ran at half the speed. The depth blocks add into
     /// C in turn: the first with β, the others with β = 1, so each element's sum is the same
     /// whichever columns a thread is given. Returns false (nothing done) if the thread's copy

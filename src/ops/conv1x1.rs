@@ -240,11 +240,10 @@ pub(crate) fn gradients<T: Element>(
 }
 
 /// Maps of [`SAMPLE_BY_SAMPLE_PIXELS`] pixels or more (but see [`passes_apart`]): the samples
-/// split between the threads, and
-/// each sample's three products run one after the other — its term of dW, dXₙ = Wᵀ·dYₙ, its
-/// row sums for db (taken by the dX product as it reads dYₙ, where it can) — so that dYₙ is
-/// read from memory once and from cache after (on large maps dY is the largest operand: 77 MB
-/// on MobileNetV2's 16 → 96 layer at 112×112, batch 16).
+/// split between the threads, and each sample's three products run one after the other — its
+/// term of dW, dXₙ = Wᵀ·dYₙ, its row sums for db (taken by the dX product as it reads dYₙ,
+/// where it can) — so that dYₙ is read from memory once and from cache after (on large maps dY
+/// is the largest operand: 77 MB on MobileNetV2's 16 → 96 layer at 112×112, batch 16).
 /// dW and db are sums over the samples. The terms of dW go into slots, each summing a fixed
 /// run of samples in order (see [`samples_per_slot`]), and the slots are added in order after,
 /// so that the sums do not depend on how the threads split the batch; db's row sums are kept

@@ -224,7 +224,7 @@ pub(crate) fn gradients<T: Element>(
     }
     // With dX wanted too on the per-sample products, db's row sums of each dYₙ are taken with
     // its dXₙ (see sample_input_gradient), then added in sample order.
-    let per_sample_dx = pixels >= GROUP_BELOW_PIXELS && !packed_over_samples(pixels, dy.shape()[1]);
+    let per_sample_dx = pixels >= GROUP_BELOW_PIXELS && !packed_over_samples(pixels, outputs);
     let mut row_sums = (dx.is_some() && dbias.is_some() && per_sample_dx)
         .then(|| Array2::zeros((dy.shape()[0], dy.shape()[1])));
     if let Some((dx, write)) = dx {
@@ -783,8 +783,8 @@ fn passes_apart(pixels: usize, inputs: usize, outputs: usize, dx_wanted: bool) -
 }
 
 /// From this many pixels per sample (28×28 maps and up) the backward pass runs sample by
-/// sample ([`sample_by_sample`], unless [`passes_apart`]): there dYₙ no longer stays in cache between separate passes.
-/// On 14×14 maps it does, and sample by sample was the slower choice: against PyTorch in the
+/// sample ([`sample_by_sample`], unless [`passes_apart`]): there dYₙ no longer stays in cache
+/// between separate passes. On 14×14 maps it does, and sample by sample was the slower choice: against PyTorch in the
 /// same rounds, MobileNetV2's 576 → 96 at 14×14 (batch 16) went from 1.03× and 1.00× (1 and
 /// 2 threads) with the passes apart to 0.97× and 0.93×.
 const SAMPLE_BY_SAMPLE_PIXELS: usize = 256;

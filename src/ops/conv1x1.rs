@@ -67,8 +67,8 @@ use crate::parallel::{
     side_by_side, Along, Groups,
 };
 use ndarray::{
-    Array2, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
-    ArrayViewMut3, ArrayViewMut4, Axis, Zip,
+    ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2, ArrayViewMut3,
+    ArrayViewMut4, Axis, Zip,
 };
 
 const OP: &str = "conv1x1";
@@ -225,18 +225,28 @@ pub(crate) fn gradients<T: Element>(
     // With dX wanted too on the per-sample products, db's row sums of each dYₙ are taken with
     // its dXₙ (see sample_input_gradient), then added in sample order.
     let per_sample_dx = pixels >= GROUP_BELOW_PIXELS && !packed_over_samples(pixels, outputs);
-    let mut row_sums = (dx.is_some() && dbias.is_some() && per_sample_dx)
-        .then(|| Array2::zeros((dy.shape()[0], dy.shape()[1])));
-    if let Some((dx, write)) = dx {
-        let sums = row_sums.as_mut().map(|sums| sums.view_mut());
-        input_gradient_and_row_sums(weight, dy, dx, write, sums)?; // dXₙ += Wᵀ·dYₙ
+    match (dx, dbias) {
+        (Some((dx, write)), Some(dbias)) if per_sample_dx => {
+            let shape = (dy.shape()[0], dy.shape()[1]);
+            // The row sums live in the thread's scratch, not allocated on each call.
+            T::with_scratch(shape.0 * shape.1, |sums| {
+                let mut sums = ArrayViewMut2::from_shape(shape, sums)
+                    .map_err(|_| Error::invalid_shape(OP, "scratch view", &[shape.0, shape.1]))?;
+                input_gradient_and_row_sums(weight, dy, dx, write, Some(sums.view_mut()))?;
+                add_row_sums(sums.view(), dbias);
+                Ok(())
+            })
+        }
+        (dx, dbias) => {
+            if let Some((dx, write)) = dx {
+                input_gradient(weight, dy, dx, write)?; // dXₙ += Wᵀ·dYₙ
+            }
+            match dbias {
+                Some(dbias) => bias_gradient(dy, dbias), // db += Σₙ Σₚ dYₙ[:, p]
+                None => Ok(()),
+            }
+        }
     }
-    match (dbias, row_sums) {
-        (Some(dbias), Some(row_sums)) => add_row_sums(row_sums.view(), dbias),
-        (Some(dbias), None) => bias_gradient(dy, dbias)?, // db += Σₙ Σₚ dYₙ[:, p]
-        (None, _) => {}
-    }
-    Ok(())
 }
 
 /// Maps of [`SAMPLE_BY_SAMPLE_PIXELS`] pixels or more (but see [`passes_apart`]): the samples

@@ -7,11 +7,12 @@
 //! cargo run --release --example bench_shapes                       # 1 thread (BENCH_THREADS)
 //! BENCH_THREADS=2 cargo run --release --example bench_shapes
 //! cargo run --release --example bench_shapes -- --shapes FILE      # any list of this format
+//! cargo run --release --example bench_shapes -- --forward --batch 1 # inference at batch 1
 //! ```
 //! Prints one `RESULT pointwise <name> <threads> <median ms> <GFLOP/s>` line per shape
-//! (GFLOP = 3 · 2·N·C_in·C_out·H·W: forward, dX and dW), then a table with the share of the
-//! FMA peak measured in the same run. A shape with H = W = 1 runs as a linear layer (N, C_in):
-//! what a fully-connected layer is.
+//! (GFLOP = 3 · 2·N·C_in·C_out·H·W: forward, dX and dW; 2·N·C_in·C_out·H·W with `--forward`),
+//! then a table with the share of the FMA peak measured in the same run. A shape with H = W = 1
+//! runs as a linear layer (N, C_in): what a fully-connected layer is.
 
 use clap::Parser;
 use ndarray::ArrayD;
@@ -68,12 +69,19 @@ fn mobilenet_v2_layers() -> pointwise::Result<Vec<Shape>> {
     Ok(shapes)
 }
 
-/// Times forward + backward of 1×1 convolutions (and linear layers) on a list of shapes.
+/// Times forward + backward (or the forward pass alone) of 1×1 convolutions and linear layers
+/// on a list of shapes.
 #[derive(Parser)]
 struct Options {
     /// A shapes file: lines `name N C_in C_out H W`, `#` comments (default: MobileNetV2's).
     #[arg(long, value_name = "FILE")]
     shapes: Option<PathBuf>,
+    /// Time the forward pass alone, on an input that needs no gradient (inference).
+    #[arg(long)]
+    forward: bool,
+    /// Run every shape at this batch size instead of its own (1: one image at a time).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    batch: Option<u32>,
 }
 
 struct Shape {
@@ -146,18 +154,23 @@ fn time_steps(gflop: f64, mut step: impl FnMut()) -> (f64, f64) {
     (samples[samples.len() / 2], samples[0])
 }
 
-/// GFLOP of one forward + backward: 3 products of 2·N·C_in·C_out·H·W each.
-fn gflop(shape: &Shape) -> f64 {
+/// GFLOP of one step: 2·N·C_in·C_out·H·W for each product, the forward pass's and, unless
+/// `forward` alone is timed, dX's and dW's.
+fn gflop(shape: &Shape, forward: bool) -> f64 {
     let [n, c_in, c_out, h, w] = shape.dims;
-    3.0 * 2.0 * (n * c_in * c_out * h * w) as f64 * 1e-9
+    let products = if forward { 1.0 } else { 3.0 };
+    products * 2.0 * (n * c_in * c_out * h * w) as f64 * 1e-9
 }
 
-/// Median and minimum ms of one forward + backward on `shape`.
-fn measure(shape: &Shape) -> pointwise::Result<(f64, f64)> {
+/// Median and minimum ms of one forward + backward on `shape`, or of one forward pass alone.
+fn measure(shape: &Shape, forward: bool) -> pointwise::Result<(f64, f64)> {
     let [n, c_in, c_out, h, w] = shape.dims;
     let linear = h == 1 && w == 1;
     let mut graph = Graph::<f32>::new();
-    let x = graph.input_with_grad("x");
+    let x = match forward {
+        true => graph.input("x"),
+        false => graph.input_with_grad("x"),
+    };
     let weight = graph.param("weight", fill(&[c_out, c_in], 1).mapv(|v| v * 0.1))?;
     let bias = graph.param("bias", fill(&[c_out], 2).mapv(|v| v * 0.1))?;
     let (input_shape, output_shape) = if linear {
@@ -174,13 +187,16 @@ fn measure(shape: &Shape) -> pointwise::Result<(f64, f64)> {
     let mut ones = ArrayD::<f32>::ones(output_shape);
     let mut failure = None;
     let timing = pointwise::parallel::install(|| {
-        time_steps(gflop(shape), || {
+        time_steps(gflop(shape, forward), || {
             // As the PyTorch side sets `.grad = None`: dX is written, not added to zeros. And
             // as `y.backward(ones)` hands `ones` to autograd, dY is lent, not copied.
             graph.clear_grads();
-            let step = graph
-                .forward(y)
-                .and_then(|()| graph.backward_from_mut(y, &mut ones));
+            let step = match forward {
+                true => graph.forward(y),
+                false => graph
+                    .forward(y)
+                    .and_then(|()| graph.backward_from_mut(y, &mut ones)),
+            };
             if let Err(error) = step {
                 failure.get_or_insert(error);
             }
@@ -210,7 +226,14 @@ fn main() -> ExitCode {
             }),
     };
     let shapes = match shapes {
-        Ok(shapes) => shapes,
+        Ok(mut shapes) => {
+            if let Some(batch) = options.batch {
+                shapes
+                    .iter_mut()
+                    .for_each(|shape| shape.dims[0] = batch as usize);
+            }
+            shapes
+        }
         Err(error) => {
             eprintln!("error: {error}");
             return ExitCode::from(2);
@@ -228,9 +251,9 @@ fn main() -> ExitCode {
     let peak = common::peak::fma_peak(threads);
     let mut rows = Vec::new();
     for shape in &shapes {
-        match measure(shape) {
+        match measure(shape, options.forward) {
             Ok((median, min)) => {
-                let rate = gflop(shape) / (median * 1e-3);
+                let rate = gflop(shape, options.forward) / (median * 1e-3);
                 println!(
                     "RESULT\tpointwise\t{}\t{threads}\t{median:.4}\t{rate:.1}",
                     shape.name
@@ -243,7 +266,11 @@ fn main() -> ExitCode {
             }
         }
     }
-    println!("\n{threads} thread(s), FMA peak {peak:.1} GFLOP/s (measured in this run)");
+    let pass = match options.forward {
+        true => "forward pass alone",
+        false => "forward + backward",
+    };
+    println!("\n{threads} thread(s), {pass}, FMA peak {peak:.1} GFLOP/s (measured in this run)");
     println!(
         "{:<22} {:>22} {:>10} {:>10} {:>9} {:>6}",
         "layer", "N×C_in→C_out×H×W", "median ms", "min ms", "GFLOP/s", "%peak"

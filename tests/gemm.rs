@@ -171,6 +171,10 @@ fn gemm_handles_long_depths_strided_views_and_other_layouts() {
         (7, 300, 513),
         (5, 19, 4099),
         (3, 140, 4200),
+        // A linear layer's forward pass on a few samples (Y = X·Wᵀ).
+        (1, 512, 1024),
+        (6, 13, 37),
+        (2, 9, 4103),
     ] {
         let (a, bt, c) = (
             random(m, k, &mut rng),

@@ -184,6 +184,68 @@ pub(crate) fn gemm_samples<T: Element>(
     Ok(())
 }
 
+/// Y (N×F1) ← X (N×F)·Wᵀ + 1·bᵀ as dot products of rows, X's with W's: a linear layer's
+/// forward pass on at most 6 samples (see `dots.rs`), where a GEMM would copy or pack all of W
+/// for a few multiply-adds per value. For f32 on AVX2 and FMA with X's and W's rows
+/// contiguous; the threads split W's rows. Returns false, with nothing done, elsewhere.
+pub(crate) fn dot_rows<T: Element>(
+    x: ArrayView2<T>,
+    w: ArrayView2<T>,
+    bias: Option<ArrayView1<T>>,
+    y: ArrayViewMut2<T>,
+) -> Result<bool> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let ((n, f), f1) = (x.dim(), w.nrows());
+        check_length("bias length", f1, bias.as_ref().map_or(f1, |b| b.len()))?;
+        if !check_operands(&x, &w.t(), &y)? {
+            return Ok(true);
+        }
+        let contiguous = |strides: &[isize], len: usize| len == 1 || strides[1] == 1;
+        if TypeId::of::<T>() == TypeId::of::<f32>()
+            && shallow::available()
+            && n <= dots::ROWS
+            && f > 0
+            && contiguous(x.strides(), f)
+            && contiguous(w.strides(), f)
+            && contiguous(y.strides(), f1)
+            && bias.as_ref().is_none_or(|b| f1 == 1 || b.strides()[0] == 1)
+        {
+            let x_rows = x.strides()[0];
+            let bias = bias.map(|b| Along(b, Axis(0)));
+            in_parts(
+                ((Along(w, Axis(0)), Along(y, Axis(1))), bias),
+                &|((Along(w, _), Along(mut y, _)), bias)| {
+                    let outputs = 0..w.nrows();
+                    let d = dots::Dots {
+                        shape: [n, f],
+                        x: x.as_ptr().cast::<f32>(),
+                        x_rows,
+                        w: w.as_ptr().cast::<f32>(),
+                        w_rows: w.strides()[0],
+                        bias: bias
+                            .as_ref()
+                            .map_or(std::ptr::null(), |Along(b, _)| b.as_ptr().cast::<f32>()),
+                        y: y.as_mut_ptr().cast::<f32>(),
+                        y_rows: y.strides()[0],
+                        outputs,
+                    };
+                    // SAFETY: T is f32; the pointers and strides describe this part's views
+                    // (N ≤ 6 rows of F values, its rows of W and columns of Y, its biases),
+                    // X's, W's and Y's rows contiguous; Y is borrowed mutably, so it overlaps
+                    // neither X nor W; AVX2 and FMA were detected.
+                    unsafe { dots::dots(&d) };
+                    Ok(())
+                },
+            )?;
+            return Ok(true);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, w, bias, y);
+    Ok(false)
+}
+
 /// Whether [`gemm()`] splits a product's columns between the threads: called from outside the
 /// ops' own parallel parts (which already use every thread), with work for tens of
 /// microseconds in each part: 2²¹ multiply-adds (a batch-1 layer such as 32 → 16 on 112×112
@@ -507,6 +569,9 @@ pub struct Operands {
 /// adds them up on the way (`summing_tiles`).
 #[cfg(target_arch = "x86_64")]
 mod samples;
+
+#[cfg(target_arch = "x86_64")]
+mod dots;
 
 #[cfg(target_arch = "x86_64")]
 mod shallow {
@@ -1067,7 +1132,7 @@ mod shallow {
     }
 
     /// The mask of the first `lanes` of 8 (a lane is on when its top bit is set).
-    fn lane_mask(lanes: usize) -> __m256i {
+    pub(super) fn lane_mask(lanes: usize) -> __m256i {
         let on = |lane: i32| if (lane as usize) < lanes { -1 } else { 0 };
         // SAFETY: AVX is implied by the AVX2 the caller checked.
         unsafe { _mm256_setr_epi32(on(0), on(1), on(2), on(3), on(4), on(5), on(6), on(7)) }

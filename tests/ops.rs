@@ -1777,15 +1777,23 @@ fn batch_norm_matches_pytorch() {
 }
 
 /// The linear layer's f32 path (one GEMM over the batch per product: on AVX-512 the SIMD
-/// kernel with a transposed operand) against the f64 reference loops, on odd shapes: batch 1,
-/// one feature, channel counts that are not multiples of 16, a large batch; through the tape,
-/// so that dX's first write overwrites a stale buffer.
+/// kernel with a transposed operand; the forward pass on at most 6 samples as dot products of
+/// rows on AVX2) against the f64 reference loops, on odd shapes: batch 1, one feature, channel
+/// counts that are not multiples of 8 or 16, a large batch; through the tape, so that dX's
+/// first write overwrites a stale buffer.
 #[test]
 fn linear_in_f32_matches_the_reference_on_odd_shapes() {
-    for (i, &(batch, c_in, c_out)) in [(1, 1, 1), (1, 17, 5), (7, 33, 19), (130, 100, 70)]
-        .iter()
-        .enumerate()
-    {
+    let shapes = [
+        (1, 1, 1),
+        (1, 17, 5),
+        (2, 40, 9),
+        (3, 1030, 4),
+        (5, 100, 37),
+        (6, 8, 3),
+        (7, 33, 19),
+        (130, 100, 70),
+    ];
+    for (i, &(batch, c_in, c_out)) in shapes.iter().enumerate() {
         let seed = 500 + 10 * i as u64;
         let (x, weight, bias) = (
             r2([batch, c_in], seed),

@@ -208,13 +208,32 @@ fn pair_gradients<T: pointwise::Element>(
 /// The layers above on one sample (48×48 maps), on five whose expansion has more output
 /// channels (300) than pixels (256), and on three with 64 channels or more on both sides of
 /// each layer (their backward products run apart: dW split between the threads by its rows or
-/// columns, dX packed over the batch).
-fn pairs<T: pointwise::Element>() -> [Vec<f64>; 3] {
+/// columns, dX packed over the batch); and a linear layer's outputs on 1 and 5 samples (dot
+/// products of rows, the threads splitting the outputs) and on 9 (one GEMM over the batch).
+fn pairs<T: pointwise::Element>() -> [Vec<f64>; 4] {
     [
         pair_gradients::<T>(1, 16, 96, 48),
         pair_gradients::<T>(5, 16, 300, 16),
         pair_gradients::<T>(3, 64, 80, 16),
+        [1, 5, 9]
+            .into_iter()
+            .flat_map(linear_outputs::<T>)
+            .collect(),
     ]
+}
+
+/// A linear layer 100 → 37 on `batch` samples: its outputs.
+fn linear_outputs<T: pointwise::Element>(batch: usize) -> Vec<f64> {
+    let mut graph = Graph::<T>::new();
+    let mut nn = Layers::new(&mut graph, 11);
+    let x = nn.input("x");
+    let y = nn.linear("head", x, 100, 37, true).unwrap();
+    let input = ndarray::ArrayD::from_shape_fn(vec![batch, 100], |i| {
+        T::from_f64(((i[0] * 7 + i[1] * 13) % 17) as f64 / 17.0 - 0.5)
+    });
+    graph.set_input(x, input.view()).unwrap();
+    graph.forward(y).unwrap();
+    graph.value(y).unwrap().iter().map(|v| v.as_f64()).collect()
 }
 
 /// Same seed, same bits, whatever the thread count — where the matrix products run on

@@ -29,7 +29,7 @@ use super::{
 use crate::cost::{self, Cost};
 use crate::element::Element;
 use crate::error::Result;
-use crate::gemm::gemm;
+use crate::gemm::{dot_rows, gemm};
 use crate::graph::{Backward, Forward, Graph, NodeId};
 use crate::ops::{GradWrite, Operation};
 use crate::parallel::{in_parts, Along};
@@ -97,6 +97,10 @@ pub fn forward<T: Element>(
 ) -> Result<()> {
     let shape = output_shape(x.shape(), weight.shape(), bias.as_ref().map(|b| b.shape()))?;
     super::check_same(OP, "output", &shape, y.shape())?;
+    // A few samples (inference): dot products of X's rows with W's, W read once in order.
+    if dot_rows(x, weight, bias.as_ref().map(|b| b.view()), y.view_mut())? {
+        return Ok(());
+    }
     // The samples (rows of X and Y) split between the threads.
     in_parts((Along(x, Axis(0)), Along(y.view_mut(), Axis(0))), &|(
         Along(x, _),

@@ -185,7 +185,7 @@ pub(crate) fn gemm_samples<T: Element>(
 }
 
 /// Y (N×F1) ← X (N×F)·Wᵀ + 1·bᵀ as dot products of rows, X's with W's: a linear layer's
-/// forward pass on at most 6 samples (see `dots.rs`), where a GEMM would copy or pack all of W
+/// forward pass on at most 8 samples (see `dots.rs`), where a GEMM would copy or pack all of W
 /// for a few multiply-adds per value. For f32 on AVX2 and FMA with X's and W's rows
 /// contiguous; the threads split W's rows. Returns false, with nothing done, elsewhere.
 pub(crate) fn dot_rows<T: Element>(
@@ -231,7 +231,7 @@ pub(crate) fn dot_rows<T: Element>(
                         outputs,
                     };
                     // SAFETY: T is f32; the pointers and strides describe this part's views
-                    // (N ≤ 6 rows of F values, its rows of W and columns of Y, its biases),
+                    // (N ≤ 8 rows of F values, its rows of W and columns of Y, its biases),
                     // X's, W's and Y's rows contiguous; Y is borrowed mutably, so it overlaps
                     // neither X nor W; AVX2 and FMA were detected.
                     unsafe { dots::dots(&d) };

@@ -1777,7 +1777,7 @@ fn batch_norm_matches_pytorch() {
 }
 
 /// The linear layer's f32 path (one GEMM over the batch per product: on AVX-512 the SIMD
-/// kernel with a transposed operand; the forward pass on at most 6 samples as dot products of
+/// kernel with a transposed operand; the forward pass on at most 8 samples as dot products of
 /// rows on AVX2) against the f64 reference loops, on odd shapes: batch 1, one feature, channel
 /// counts that are not multiples of 8 or 16, a large batch; through the tape, so that dX's
 /// first write overwrites a stale buffer.
@@ -1791,6 +1791,8 @@ fn linear_in_f32_matches_the_reference_on_odd_shapes() {
         (5, 100, 37),
         (6, 8, 3),
         (7, 33, 19),
+        (8, 50, 11),
+        (9, 20, 6),
         (130, 100, 70),
     ];
     for (i, &(batch, c_in, c_out)) in shapes.iter().enumerate() {

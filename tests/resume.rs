@@ -208,14 +208,15 @@ fn pair_gradients<T: pointwise::Element>(
 /// The layers above on one sample (48×48 maps), on five whose expansion has more output
 /// channels (300) than pixels (256), and on three with 64 channels or more on both sides of
 /// each layer (their backward products run apart: dW split between the threads by its rows or
-/// columns, dX packed over the batch); and a linear layer's outputs on 1 and 5 samples (dot
-/// products of rows, the threads splitting the outputs) and on 9 (one GEMM over the batch).
+/// columns, dX packed over the batch); and a linear layer's outputs on 1, 5 and 8 samples
+/// (dot products of rows, the threads splitting the outputs) and on 9 (one GEMM over the
+/// batch).
 fn pairs<T: pointwise::Element>() -> [Vec<f64>; 4] {
     [
         pair_gradients::<T>(1, 16, 96, 48),
         pair_gradients::<T>(5, 16, 300, 16),
         pair_gradients::<T>(3, 64, 80, 16),
-        [1, 5, 9]
+        [1, 5, 8, 9]
             .into_iter()
             .flat_map(linear_outputs::<T>)
             .collect(),

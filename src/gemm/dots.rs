@@ -2,7 +2,7 @@
 //! CPUs with AVX2 and FMA.
 //!
 //! ## Why
-//! At inference batch sizes (N = 1 to 6 rows of X) the product is a handful of matrix-vector
+//! At inference batch sizes (N = 1 to 8 rows of X) the product is a handful of matrix-vector
 //! products: 2·N·F·F1 FLOPs against F·F1 values of W that must be read, so its speed is how
 //! fast W streams in. A GEMM kernel first copies or packs W (to make B's rows contiguous),
 //! which writes and re-reads all of it for a few multiply-adds per value: a 1024 → 512 layer at
@@ -15,20 +15,21 @@
 //! for each output o (the threads split them):
 //!   for each depth step of 8V: load 8V values of W's row o, and for each of the N rows of X
 //!                              V FMAs into its V vectors of partial sums (V = 4 for N ≤ 2,
-//!                              else 2: N·V ≤ 12 registers)
+//!                              2 up to 6, 1 for 7 and 8: N·V ≤ 12 registers)
 //!   the last step masked (zeros past F)
 //!   y[i, o] = the 8V lanes of row i added in a fixed order, + b[o]
 //! ```
 //! Each element is summed in the same order whatever outputs a thread is given, so the results
 //! do not depend on the thread count. They depend on N only through the choice of this path
-//! (N ≤ 6 here, a GEMM over the batch above), which the batch decides, never the threads.
+//! (N ≤ 8 here, a GEMM over the batch above), which the batch decides, never the threads.
 
 use super::shallow::lane_mask;
 use std::arch::x86_64::*;
 
-/// The most rows of X: 2 vectors of partial sums each, 12 registers for 6 rows, and W's two
-/// vectors and X's load in the 4 left.
-pub const ROWS: usize = 6;
+/// The most rows of X. From 9 rows on the GEMM over the batch was faster (1024 → 512,
+/// 1 thread, medians of single steps: 9 rows here 0.25–0.26 ms against 0.21–0.23 there, 12
+/// rows 0.39–0.57 against 0.23; 7 rows 0.11 against 0.22, 8 rows 0.14 against 0.21–0.24).
+pub const ROWS: usize = 8;
 
 /// Y (N×F1) ← X (N×F)·Wᵀ + bias, its rows `y_rows` apart (columns contiguous), for the outputs
 /// `outputs.start..outputs.end` of W's rows; X's and W's rows contiguous, `x_rows` and
@@ -53,8 +54,9 @@ pub struct Dots {
 /// rows and Y's columns `outputs` inside them; Y must overlap neither X nor W; AVX2 and FMA
 /// must be available.
 pub unsafe fn dots(d: &Dots) {
-    // SAFETY: the caller's contract. One or two rows take 4 vectors of partial sums each:
-    // with 2, a single row's FMAs would wait on each other (4 cycles each, 2 in flight).
+    // SAFETY: the caller's contract. One or two rows take 4 vectors of partial sums each
+    // (with 2, a single row's FMAs would wait on each other: 4 cycles each, 2 in flight); 7
+    // and 8 rows one each, so that the sums stay in the 16 registers.
     unsafe {
         match d.shape[0] {
             1 => rows::<1, 4>(d),
@@ -62,7 +64,9 @@ pub unsafe fn dots(d: &Dots) {
             3 => rows::<3, 2>(d),
             4 => rows::<4, 2>(d),
             5 => rows::<5, 2>(d),
-            _ => rows::<6, 2>(d),
+            6 => rows::<6, 2>(d),
+            7 => rows::<7, 1>(d),
+            _ => rows::<8, 1>(d),
         }
     }
 }

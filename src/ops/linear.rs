@@ -6,7 +6,10 @@
 //! `tests/ops.rs` shows the equivalence on numbers. Computed as conv1x1 computes it, one GEMM
 //! per sample, each would be a matrix-vector product (P = 1 pixel), which no machine runs
 //! near its peak; so the batch becomes the GEMM's other dimension, and each of the three
-//! products is one GEMM over the whole batch.
+//! products is one GEMM over the whole batch. On a few samples (at most 8: inference) the
+//! forward pass is a few matrix-vector products after all, bound by reading W, and runs as dot
+//! products of X's rows with W's (`gemm::dot_rows`), which read W once, where a GEMM would
+//! first copy all of it.
 //!
 //! ## Shapes
 //! x (N, F), weight (F1, F), bias (F1), y (N, F1). As a convolution: P = 1 pixel per sample.
@@ -88,7 +91,8 @@ pub fn output_shape(x: &[usize], weight: &[usize], bias: Option<&[usize]>) -> Re
     Ok([batch, c_out])
 }
 
-/// Forward: Y = X·Wᵀ + 1·bᵀ, one GEMM over the batch.
+/// Forward: Y = X·Wᵀ + 1·bᵀ, one GEMM over the batch (on at most 8 samples, dot products of
+/// rows).
 pub fn forward<T: Element>(
     x: ArrayView2<T>,
     weight: ArrayView2<T>,

@@ -98,10 +98,11 @@ unsafe fn rows<const R: usize, const V: usize>(d: &Dots) {
         }
         if rest > 0 {
             // SAFETY: the masks' lanes are values whole..F of the rows; the others are not
-            // read (and are zeros, which add nothing).
+            // read (and are zeros, which add nothing), so a vector wholly past F reads nothing
+            // (its address, past the row, is only computed, with wrapping arithmetic).
             unsafe {
                 let load = |row: *const f32, v: usize| {
-                    _mm256_maskload_ps(row.add(whole + 8 * v), masks[v])
+                    _mm256_maskload_ps(row.wrapping_add(whole + 8 * v), masks[v])
                 };
                 let weights: [__m256; V] = std::array::from_fn(|v| load(w, v));
                 for (i, row_sums) in sums.iter_mut().enumerate() {

@@ -792,11 +792,11 @@ fn passes_apart(pixels: usize, inputs: usize, outputs: usize, dx_wanted: bool) -
     dx_wanted && packed_over_samples(pixels, outputs) && inputs >= PACKED_MIN_DEPTH
 }
 
-/// From this many pixels per sample (28×28 maps and up) the backward pass runs sample by
-/// sample ([`sample_by_sample`], unless [`passes_apart`]): there dYₙ no longer stays in cache
-/// between separate passes. On 14×14 maps it does, and sample by sample was the slower choice: against PyTorch in the
-/// same rounds, MobileNetV2's 576 → 96 at 14×14 (batch 16) went from 1.03× and 1.00× (1 and
-/// 2 threads) with the passes apart to 0.97× and 0.93×.
+/// From this many pixels per sample (28×28 maps and up) the backward pass runs sample by sample
+/// ([`sample_by_sample`], unless [`passes_apart`]): there dYₙ no longer stays in cache between
+/// separate passes. On 14×14 maps it does, and sample by sample was the slower choice: against
+/// PyTorch in the same rounds, MobileNetV2's 576 → 96 at 14×14 (batch 16) went from 1.03× and
+/// 1.00× (1 and 2 threads) with the passes apart to 0.97× and 0.93×.
 const SAMPLE_BY_SAMPLE_PIXELS: usize = 256;
 
 /// Outputₙ ← A·Inputₙ + β·Outputₙ (+ bias, ReLU) for every sample, as one packed product

@@ -188,14 +188,17 @@ fn measure(shape: &Shape, forward: bool) -> pointwise::Result<(f64, f64)> {
     let mut failure = None;
     let timing = pointwise::parallel::install(|| {
         time_steps(gflop(shape, forward), || {
-            // As the PyTorch side sets `.grad = None`: dX is written, not added to zeros. And
-            // as `y.backward(ones)` hands `ones` to autograd, dY is lent, not copied.
-            graph.clear_grads();
             let step = match forward {
                 true => graph.forward(y),
-                false => graph
-                    .forward(y)
-                    .and_then(|()| graph.backward_from_mut(y, &mut ones)),
+                false => {
+                    // As the PyTorch side sets `.grad = None`: dX is written, not added to
+                    // zeros. And as `y.backward(ones)` hands `ones` to autograd, dY is lent,
+                    // not copied.
+                    graph.clear_grads();
+                    graph
+                        .forward(y)
+                        .and_then(|()| graph.backward_from_mut(y, &mut ones))
+                }
             };
             if let Err(error) = step {
                 failure.get_or_insert(error);

@@ -799,6 +799,53 @@ fn overwriting_backward_passes_equal_accumulating_into_zeros() {
     }
 }
 
+/// The same for depthwise's dx, on every path that writes it: stride 1 (as a convolution of
+/// dy, and by the scatter when the padding is as wide as the kernel), stride 2 with even and
+/// odd padding and rows of odd length, stride 3, and a channel multiplier of 2.
+#[test]
+fn depthwise_overwriting_input_gradient_equals_accumulating_into_zeros() {
+    use pointwise::ops::depthwise::{self, Window};
+    use pointwise::ops::GradWrite;
+    for (i, (n, c, m, k, stride, padding, h, w)) in [
+        (2, 3, 1, 3, 1, 1, 9, 19),
+        (1, 2, 2, 1, 1, 1, 3, 4),
+        (1, 2, 1, 3, 2, 1, 8, 17),
+        (1, 2, 2, 3, 2, 0, 5, 7),
+        (2, 4, 3, 5, 2, 2, 6, 3),
+        (1, 2, 1, 3, 2, 1, 3, 1),
+        (1, 2, 1, 3, 3, 1, 10, 8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let window = Window { stride, padding };
+        let weight = r4([c * m, 1, k, k], 160 + i as u64);
+        let out = depthwise::output_shape(&[n, c, h, w], weight.shape(), window).unwrap();
+        let dy = r4(out, 170 + i as u64);
+        let mut accumulated = Array4::zeros((n, c, h, w));
+        let write = GradWrite::Accumulate;
+        depthwise::input_gradient(
+            weight.view(),
+            window,
+            dy.view(),
+            accumulated.view_mut(),
+            write,
+        )
+        .unwrap();
+        let mut overwritten = Array4::from_elem((n, c, h, w), f64::NAN);
+        let write = GradWrite::Overwrite;
+        depthwise::input_gradient(
+            weight.view(),
+            window,
+            dy.view(),
+            overwritten.view_mut(),
+            write,
+        )
+        .unwrap();
+        assert_eq!(accumulated, overwritten, "depthwise {window:?} case {i}");
+    }
+}
+
 #[test]
 fn flatten_matches_reference_loops() {
     for (i, case) in CASES.iter().enumerate() {
@@ -1141,6 +1188,10 @@ fn depthwise_matches_reference_loops() {
         (1, 2, 1, 3, 3, 1, 10, 8),
         // Padding as wide as the kernel: dx by the scatter at stride 1 too.
         (1, 2, 2, 1, 1, 1, 3, 4),
+        // Stride 2 on one-column maps: the row's pairs are all remainder (padding odd, then
+        // wider than the map).
+        (1, 2, 1, 3, 2, 1, 3, 1),
+        (2, 1, 2, 1, 2, 3, 2, 1),
     ]
     .into_iter()
     .enumerate()

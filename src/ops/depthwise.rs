@@ -31,14 +31,14 @@
 
 pub use super::Window;
 use super::{
-    check_image, check_ndim, check_same, in_standard_layout, layer_forward, shape_text,
-    window_backward, window_backward_reference, window_forward_reference, Border, LayerForward,
+    check_image, check_ndim, check_same, dims, in_standard_layout, layer_forward, layer_gradients,
+    shape_text, window_backward_reference, window_forward_reference, Border, LayerForward,
 };
 use crate::cost::Cost;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::graph::{Backward, Forward, Graph, NodeId};
-use crate::ops::Operation;
+use crate::ops::{GradWrite, Operation};
 use crate::parallel::{in_parts, Along};
 use ndarray::{
     s, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4, Axis,
@@ -89,7 +89,22 @@ impl<T: Element> Operation<T> for Depthwise {
     }
 
     fn backward(&self, pass: Backward<'_, T>) -> Result<()> {
-        window_backward(OP, pass, self.window, backward)
+        let Backward { dy, mut inputs, .. } = pass;
+        let layer = layer_gradients(OP, inputs.ports::<3>()?)?;
+        let (dy, weight, window) = (dims(OP, dy.view())?, layer.weight, self.window);
+        backward(
+            layer.x,
+            weight,
+            window,
+            dy,
+            None,
+            layer.dweight,
+            layer.dbias,
+        )?;
+        match layer.dx {
+            Some((dx, write)) => input_gradient(weight, window, dy, dx, write),
+            None => Ok(()),
+        }
     }
 
     fn attributes(&self) -> Vec<(&'static str, usize)> {
@@ -229,13 +244,12 @@ pub fn backward<T: Element>(
     if let Some(dbias) = &dbias {
         check_same(OP, "bias gradient", &out[1..2], dbias.shape())?;
     }
+    if let Some(dx) = &dx {
+        check_same(OP, "input gradient", x.shape(), dx.shape())?;
+    }
     let plane = Plane::new(x.shape(), &out, weight.shape()[2], window);
     let multiplier = out[1] / x.shape()[1];
-    let (x, weight, dy) = (
-        x.as_standard_layout(),
-        weight.as_standard_layout(),
-        dy.as_standard_layout(),
-    );
+    let (x, dy) = (x.as_standard_layout(), dy.as_standard_layout());
     let parameters = (
         dweight.map(|d| Along(d, Axis(0))),
         dbias.map(|d| Along(d, Axis(0))),
@@ -277,16 +291,36 @@ pub fn backward<T: Element>(
         }
         Ok(())
     })?;
-    let Some(mut dx) = dx else { return Ok(()) };
-    check_same(OP, "input gradient", x.shape(), dx.shape())?;
-    let kernel = weight.shape()[2];
+    match dx {
+        Some(dx) => input_gradient(weight, window, dy.view(), dx, GradWrite::Accumulate),
+        None => Ok(()),
+    }
+}
+
+/// dx alone, written as `write` says (`=` into a gradient that holds no contribution yet, so
+/// that it needs no pass of zeros first): every pixel of dx is written once, after its sum
+/// over the taps (and the channel's m outputs) is complete. The samples split between the
+/// threads.
+pub fn input_gradient<T: Element>(
+    weight: ArrayView4<T>,
+    window: Window,
+    dy: ArrayView4<T>,
+    mut dx: ArrayViewMut4<T>,
+    write: GradWrite,
+) -> Result<()> {
+    let out = output_shape(dx.shape(), weight.shape(), window)?;
+    check_same(OP, "output gradient", &out, dy.shape())?;
+    let (kernel, multiplier) = (weight.shape()[2], out[1] / dx.shape()[1]);
+    let plane = Plane::new(dx.shape(), &out, kernel, window);
+    let (weight, dy) = (weight.as_standard_layout(), dy.as_standard_layout());
     // At stride 1, dx is itself a depthwise convolution: of dy, padded by K − 1 − p, with the
     // kernel turned by 180°, dx[h,w] = Σ_{a,b} W[K−1−a, K−1−b]·dy_padded[h + a, w + b]. Run as
     // the forward pass runs (a gather, one store per value) instead of a scatter per tap.
+    let plane_shape = dx.shape();
     let transposed = (window.stride == 1 && window.padding < kernel).then(|| {
         let padding = kernel - 1 - window.padding;
         let window = Window { stride: 1, padding };
-        Plane::new(&out, x.shape(), kernel, window)
+        Plane::new(&out, plane_shape, kernel, window)
     });
     in_standard_layout(dx.view_mut(), |dx| {
         in_parts(
@@ -304,7 +338,11 @@ pub fn backward<T: Element>(
                                 transposed.split(flat(dy_n.index_axis(Axis(0), o)), &mut padded);
                                 gather(&mut work, &turned, &padded, &offsets);
                             }
-                            transposed.narrow_add(&work, flat_mut(&mut dx_plane));
+                            let dx_plane = flat_mut(&mut dx_plane);
+                            match write {
+                                GradWrite::Accumulate => transposed.narrow_add(&work, dx_plane),
+                                GradWrite::Overwrite => transposed.narrow(&work, dx_plane),
+                            }
                         }
                     }
                     return Ok(());
@@ -321,7 +359,7 @@ pub fn backward<T: Element>(
                             // dx[source(i,j)] += W[o,0,a,b]·dy[i,j]
                             scatter(&work, taps, &mut phases, &offsets);
                         }
-                        plane.merge_add(&phases, flat_mut(&mut dx_plane));
+                        plane.merge(&phases, flat_mut(&mut dx_plane), write);
                     }
                 }
                 Ok(())
@@ -712,6 +750,9 @@ impl Plane {
         if stride == 1 {
             return self.border().pad(plane, phases);
         }
+        if stride == 2 {
+            return self.split_pairs(plane, phases);
+        }
         let (phase_width, phase_len) = (self.phase_width(), self.phase_len());
         for (index, phase) in phases.chunks_exact_mut(phase_len).enumerate() {
             let (inside, first) = self.phase_columns(index % stride);
@@ -729,11 +770,15 @@ impl Plane {
         }
     }
 
-    /// Adds the image's pixels of the phased, padded gradient into a plane.
-    fn merge_add<T: Element>(&self, phases: &[T], plane: &mut [T]) {
+    /// Writes (`write`: adds or copies) the image's pixels of the phased, padded gradient into a
+    /// plane, every pixel once.
+    fn merge<T: Element>(&self, phases: &[T], plane: &mut [T], write: GradWrite) {
         let stride = self.window.stride;
-        if stride == 1 {
-            return self.border().add_interior(phases, plane);
+        match (stride, write) {
+            (1, GradWrite::Accumulate) => return self.border().add_interior(phases, plane),
+            (1, GradWrite::Overwrite) => return self.border().copy_interior(phases, plane),
+            (2, _) => return self.merge_pairs(phases, plane, write),
+            _ => {}
         }
         let (phase_width, phase_len) = (self.phase_width(), self.phase_len());
         for (index, phase) in phases.chunks_exact(phase_len).enumerate() {
@@ -744,9 +789,69 @@ impl Plane {
                 };
                 let row = &mut plane[h * self.width..][..self.width];
                 let target = row[first..].iter_mut().step_by(stride);
-                target
-                    .zip(&source[inside.clone()])
-                    .for_each(|(x, &g)| *x += g);
+                let pairs = target.zip(&source[inside.clone()]);
+                match write {
+                    GradWrite::Accumulate => pairs.for_each(|(x, &g)| *x += g),
+                    GradWrite::Overwrite => pairs.for_each(|(x, &g)| *x = g),
+                }
+            }
+        }
+    }
+
+    /// [`Plane::split`] at stride 2, a row in one pass: image column w is padded column w + p,
+    /// so the even columns all go to column phase p mod 2 and the odd ones to the other, and
+    /// splitting the row's pairs of neighbours deals it to both (a loop that vectorises; the
+    /// general loop, one strided walk per phase, took 60 % of a stride-2 pass).
+    fn split_pairs<T: Element>(&self, plane: &[T], phases: &mut [T]) {
+        let (phase_width, phase_len) = (self.phase_width(), self.phase_len());
+        let even = self.window.padding % 2;
+        let columns = [self.phase_columns(0).0, self.phase_columns(1).0];
+        // The two column phases of row phase a are blocks 2a and 2a + 1.
+        for (row_phase, blocks) in phases.chunks_exact_mut(2 * phase_len).enumerate() {
+            let (first, second) = blocks.split_at_mut(phase_len);
+            let rows = first
+                .chunks_exact_mut(phase_width)
+                .zip(second.chunks_exact_mut(phase_width));
+            for (k, (row_0, row_1)) in rows.enumerate() {
+                let mut targets = [row_0, row_1];
+                for (target, inside) in targets.iter_mut().zip(&columns) {
+                    target[..inside.start].fill(T::zero());
+                    target[inside.end..].fill(T::zero());
+                }
+                let Some(h) = self.image_row(2 * k + row_phase) else {
+                    targets.iter_mut().for_each(|target| target.fill(T::zero()));
+                    continue;
+                };
+                let [row_0, row_1] = targets;
+                let (inside_0, inside_1) = (columns[0].clone(), columns[1].clone());
+                let (targets_0, targets_1) = (&mut row_0[inside_0], &mut row_1[inside_1]);
+                let (evens, odds) = match even {
+                    0 => (targets_0, targets_1),
+                    _ => (targets_1, targets_0),
+                };
+                deinterleave(&plane[h * self.width..][..self.width], evens, odds);
+            }
+        }
+    }
+
+    /// [`Plane::merge`] at stride 2, a row in one pass (as [`Plane::split_pairs`]).
+    fn merge_pairs<T: Element>(&self, phases: &[T], plane: &mut [T], write: GradWrite) {
+        let (phase_width, phase_len) = (self.phase_width(), self.phase_len());
+        let even = self.window.padding % 2;
+        let columns = [self.phase_columns(0).0, self.phase_columns(1).0];
+        for (row_phase, blocks) in phases.chunks_exact(2 * phase_len).enumerate() {
+            let (first, second) = blocks.split_at(phase_len);
+            let rows = first
+                .chunks_exact(phase_width)
+                .zip(second.chunks_exact(phase_width));
+            for (k, (row_0, row_1)) in rows.enumerate() {
+                let Some(h) = self.image_row(2 * k + row_phase) else {
+                    continue;
+                };
+                let sources = [&row_0[columns[0].clone()], &row_1[columns[1].clone()]];
+                let (evens, odds) = (sources[even], sources[1 - even]);
+                let row = &mut plane[h * self.width..][..self.width];
+                interleave(evens, odds, row, write);
             }
         }
     }
@@ -767,6 +872,74 @@ impl Plane {
             .div_ceil(stride)
             .max(start);
         (start..end, (start * stride + q).saturating_sub(p))
+    }
+}
+
+/// `evens[k] = row[2k]`, `odds[k] = row[2k + 1]`.
+fn deinterleave<T: Element>(row: &[T], evens: &mut [T], odds: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemm::avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        fn wide<T: Element>(row: &[T], evens: &mut [T], odds: &mut [T]) {
+            deinterleave_any(row, evens, odds)
+        }
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { wide(row, evens, odds) };
+    }
+    deinterleave_any(row, evens, odds)
+}
+
+#[inline(always)]
+fn deinterleave_any<T: Element>(row: &[T], evens: &mut [T], odds: &mut [T]) {
+    let (evens, odds) = (
+        &mut evens[..row.len().div_ceil(2)],
+        &mut odds[..row.len() / 2],
+    );
+    let pairs = row.chunks_exact(2);
+    if let [last] = pairs.remainder() {
+        evens[row.len() / 2] = *last;
+    }
+    for ((pair, even), odd) in pairs.zip(evens.iter_mut()).zip(odds.iter_mut()) {
+        *even = pair[0];
+        *odd = pair[1];
+    }
+}
+
+/// `row[2k] += evens[k]`, `row[2k + 1] += odds[k]` (or `=`, as `write` says).
+fn interleave<T: Element>(evens: &[T], odds: &[T], row: &mut [T], write: GradWrite) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemm::avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        fn wide<T: Element>(evens: &[T], odds: &[T], row: &mut [T], write: GradWrite) {
+            interleave_any(evens, odds, row, write)
+        }
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { wide(evens, odds, row, write) };
+    }
+    interleave_any(evens, odds, row, write)
+}
+
+#[inline(always)]
+fn interleave_any<T: Element>(evens: &[T], odds: &[T], row: &mut [T], write: GradWrite) {
+    let (evens, odds) = (&evens[..row.len().div_ceil(2)], &odds[..row.len() / 2]);
+    let last = row.len() / 2;
+    let mut pairs = row.chunks_exact_mut(2);
+    let sources = pairs.by_ref().zip(evens).zip(odds);
+    match write {
+        GradWrite::Accumulate => sources.for_each(|((pair, &even), &odd)| {
+            pair[0] += even;
+            pair[1] += odd;
+        }),
+        GradWrite::Overwrite => sources.for_each(|((pair, &even), &odd)| {
+            pair[0] = even;
+            pair[1] = odd;
+        }),
+    }
+    if let [tail] = pairs.into_remainder() {
+        match write {
+            GradWrite::Accumulate => *tail += evens[last],
+            GradWrite::Overwrite => *tail = evens[last],
+        }
     }
 }
 

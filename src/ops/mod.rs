@@ -271,6 +271,14 @@ impl Border {
         }
     }
 
+    /// Copies the interior of a bordered plane into a plane.
+    pub(crate) fn copy_interior<T: Copy>(self, padded: &[T], plane: &mut [T]) {
+        let (p, padded_width) = (self.padding, self.padded_width());
+        for (r, row) in plane.chunks_exact_mut(self.width.max(1)).enumerate() {
+            row.copy_from_slice(&padded[(r + p) * padded_width + p..][..self.width]);
+        }
+    }
+
     /// Adds the interior of a bordered plane into a plane.
     pub(crate) fn add_interior<T: Element>(self, padded: &[T], plane: &mut [T]) {
         let (p, padded_width) = (self.padding, self.padded_width());

@@ -689,7 +689,7 @@ impl Plane {
         padded_height.div_ceil(self.window.stride) * self.phase_width()
     }
 
-    /// A zeroed buffer for the s² phases.
+    /// A zeroed buffer for the s² phases (or the padded plane), whose border stays zero.
     fn scratch<T: Element>(&self) -> Vec<T> {
         vec![T::zero(); self.window.stride.pow(2) * self.phase_len()]
     }
@@ -743,8 +743,10 @@ impl Plane {
         }
     }
 
-    /// Writes padded pixel (r, c) into phase (r mod s, c mod s) at (⌊r/s⌋, ⌊c/s⌋), zeros
-    /// outside the image (so the buffer need not be cleared). At stride 1, the padded plane.
+    /// Writes padded pixel (r, c) into phase (r mod s, c mod s) at (⌊r/s⌋, ⌊c/s⌋), the image's
+    /// pixels only: the border must be zero, as [`Plane::scratch`] makes it and as it stays
+    /// (nothing writes there), so that a plane of a few pixels costs no pass of zeros. At
+    /// stride 1, the padded plane.
     fn split<T: Element>(&self, plane: &[T], phases: &mut [T]) {
         let stride = self.window.stride;
         if stride == 1 {
@@ -758,12 +760,9 @@ impl Plane {
             let (inside, first) = self.phase_columns(index % stride);
             for (k, target) in phase.chunks_exact_mut(phase_width).enumerate() {
                 let Some(h) = self.image_row(k * stride + index / stride) else {
-                    target.fill(T::zero());
                     continue;
                 };
                 let source = plane[h * self.width + first..].iter().step_by(stride);
-                target[..inside.start].fill(T::zero());
-                target[inside.end..].fill(T::zero());
                 let copied = target[inside.clone()].iter_mut().zip(source);
                 copied.for_each(|(t, &x)| *t = x);
             }
@@ -813,16 +812,9 @@ impl Plane {
                 .chunks_exact_mut(phase_width)
                 .zip(second.chunks_exact_mut(phase_width));
             for (k, (row_0, row_1)) in rows.enumerate() {
-                let mut targets = [row_0, row_1];
-                for (target, inside) in targets.iter_mut().zip(&columns) {
-                    target[..inside.start].fill(T::zero());
-                    target[inside.end..].fill(T::zero());
-                }
                 let Some(h) = self.image_row(2 * k + row_phase) else {
-                    targets.iter_mut().for_each(|target| target.fill(T::zero()));
                     continue;
                 };
-                let [row_0, row_1] = targets;
                 let (inside_0, inside_1) = (columns[0].clone(), columns[1].clone());
                 let (targets_0, targets_1) = (&mut row_0[inside_0], &mut row_1[inside_1]);
                 let (evens, odds) = match even {

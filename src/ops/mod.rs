@@ -123,6 +123,52 @@ pub(crate) fn sum_pairs<T: Element, D: Dimension>(
     lanes.iter().fold(tail, |sum, &lane| sum + lane)
 }
 
+/// Σᵢ f(aᵢ, bᵢ) for an f with two values, (Σ first, Σ second), in one pass over two views
+/// of one shape, each summed as [`sum_pairs`] sums (eight interleaved partial sums where the
+/// views are contiguous): the two sums of a backward pass read their operands once, not twice.
+pub(crate) fn two_sums_of_pairs<T: Element, D: Dimension>(
+    a: ArrayView<T, D>,
+    b: ArrayView<T, D>,
+    f: impl Fn(T, T) -> (T, T),
+) -> (T, T) {
+    let add = |(first, second): (T, T), (a, b): (T, T)| (first + a, second + b);
+    let (Some(a), Some(b)) = (a.as_slice(), b.as_slice()) else {
+        let zero = (T::zero(), T::zero());
+        return ndarray::Zip::from(&a)
+            .and(&b)
+            .fold(zero, |sums, &a, &b| add(sums, f(a, b)));
+    };
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemm::avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        fn wide<T: Element>(a: &[T], b: &[T], f: impl Fn(T, T) -> (T, T)) -> (T, T) {
+            two_sums_of_slices(a, b, f)
+        }
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { wide(a, b, f) };
+    }
+    two_sums_of_slices(a, b, f)
+}
+
+#[inline(always)]
+fn two_sums_of_slices<T: Element>(a: &[T], b: &[T], f: impl Fn(T, T) -> (T, T)) -> (T, T) {
+    let add = |(first, second): (T, T), (a, b): (T, T)| (first + a, second + b);
+    let (a_lanes, b_lanes) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tails = (a_lanes.remainder().iter())
+        .zip(b_lanes.remainder())
+        .fold((T::zero(), T::zero()), |sums, (&a, &b)| add(sums, f(a, b)));
+    let (mut first, mut second) = ([T::zero(); 8], [T::zero(); 8]);
+    for (a, b) in a_lanes.zip(b_lanes) {
+        for lane in 0..8 {
+            let (one, two) = f(a[lane], b[lane]);
+            first[lane] += one;
+            second[lane] += two;
+        }
+    }
+    let total = |tail: T, lanes: [T; 8]| lanes.iter().fold(tail, |sum, &lane| sum + lane);
+    (total(tails.0, first), total(tails.1, second))
+}
+
 /// Runs `work` on `view` when it is in standard layout, else on a standard-layout copy that
 /// is then written back (the tape's own buffers never need the copy).
 pub(crate) fn in_standard_layout<T: Element, D: Dimension>(

@@ -45,7 +45,9 @@
 //! operations per value. Backward: two passes over x and g (Σ g and Σ g·x̂ together, then dx).
 //! No GEMM.
 
-use super::{accumulating, check_image, check_same, dims, dims_mut, sum_pairs, two_sums_of_pairs};
+use super::{
+    accumulating, check_image, check_same, dims, dims_mut, sum_pairs, two_sums_of_pairs, zip_values,
+};
 use crate::cost::Cost;
 use crate::element::{count, Element};
 use crate::error::{Error, Result};
@@ -313,7 +315,8 @@ pub fn statistics<T: Element>(
     )| {
         for (i, c) in channels.enumerate() {
             let planes = x.index_axis(Axis(1), c);
-            let mu = planes.outer_iter().map(|p| p.sum()).sum::<T>() / values;
+            let sums = planes.outer_iter().map(|p| sum_pairs(p, p, |v, _| v));
+            let mu = sums.sum::<T>() / values;
             // Two passes: the squared deviations from the mean, not E[x²] − μ², which cancels.
             let squares = planes
                 .outer_iter()
@@ -366,22 +369,30 @@ fn normalize<T: Element>(
         for (i, c) in channels.enumerate() {
             let scale = weight[c] * inv_std[c];
             let shift = bias[c] - scale * mean[c];
-            let zip = Zip::from(y.index_axis_mut(Axis(1), i)).and(x.index_axis(Axis(1), c));
-            // Each loop compiled for one function; the activation keeps NaN, as PyTorch's does.
+            // Plane by plane (contiguous in a standard layout), each loop compiled for one
+            // function; the activation keeps NaN, as PyTorch's does.
             let six = T::from_f64(6.0);
-            match activation {
-                None => zip.for_each(|y, &x| *y = scale * x + shift),
-                Some(Relu::Plain) => {
-                    zip.for_each(|y, &x| *y = Relu::Plain.value(scale * x + shift))
+            let (mut y_c, x_c) = (y.index_axis_mut(Axis(1), i), x.index_axis(Axis(1), c));
+            for (y, x) in y_c.outer_iter_mut().zip(x_c.outer_iter()) {
+                match activation {
+                    None => zip_values(y, x, x, |_, x, _| scale * x + shift),
+                    Some(Relu::Plain) => {
+                        zip_values(y, x, x, |_, x, _| Relu::Plain.value(scale * x + shift))
+                    }
+                    Some(Relu::Six) => zip_values(y, x, x, |_, x, _| {
+                        // Written out, with 6 built once: through `Relu::Six.value` (the same
+                        // selects) this loop took 180–198 ms of a MobileNetV2 step against
+                        // 105–129 (batch 16, 1 thread); why was not found. A NaN compares
+                        // false and stays.
+                        let v = scale * x + shift;
+                        let v = if v <= T::zero() { T::zero() } else { v };
+                        if v >= six {
+                            six
+                        } else {
+                            v
+                        }
+                    }),
                 }
-                Some(Relu::Six) => zip.for_each(|y, &x| {
-                    // Written out, with 6 built once: through `Relu::Six.value` (the same
-                    // selects) this loop took 180–198 ms of a MobileNetV2 step against 105–129
-                    // (batch 16, 1 thread); why was not found. A NaN compares false and stays.
-                    let v = scale * x + shift;
-                    let v = if v <= T::zero() { T::zero() } else { v };
-                    *y = if v >= six { six } else { v };
-                }),
             }
         }
         Ok(())
@@ -530,10 +541,14 @@ impl<T: Element> Channel<'_, T> {
             None => (T::zero(), T::zero()),
         };
         let gradient = |x: T, g: T| scale * (gate(x, g) - mean_g - (x - mu) * s * mean_g_xhat);
-        let zip = Zip::from(&mut dx).and(&self.x).and(&self.g);
-        match write {
-            GradWrite::Overwrite => zip.for_each(|dx, &x, &g| *dx = gradient(x, g)),
-            GradWrite::Accumulate => zip.for_each(|dx, &x, &g| *dx += gradient(x, g)),
+        let planes = dx
+            .outer_iter_mut()
+            .zip(self.x.outer_iter().zip(self.g.outer_iter()));
+        for (dx, (x, g)) in planes {
+            match write {
+                GradWrite::Overwrite => zip_values(dx, x, g, |_, x, g| gradient(x, g)),
+                GradWrite::Accumulate => zip_values(dx, x, g, |dx, x, g| dx + gradient(x, g)),
+            }
         }
         (sum_g, sum_g_xhat)
     }

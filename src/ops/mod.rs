@@ -99,7 +99,8 @@ fn wrong_dims<D: Dimension>(op: &'static str, shape: &[usize]) -> Error {
 
 /// Σᵢ f(aᵢ, bᵢ) over two views of one shape. Contiguous views are summed in eight
 /// interleaved partial sums: independent chains that the compiler turns into vector adds (one
-/// running sum is a single dependency chain it may not reorder), and that round less in f32.
+/// running sum is a single dependency chain it may not reorder), and that round less in f32;
+/// compiled for AVX2 on CPUs that have it (the same sums, in one vector instead of two).
 pub(crate) fn sum_pairs<T: Element, D: Dimension>(
     a: ArrayView<T, D>,
     b: ArrayView<T, D>,
@@ -110,6 +111,20 @@ pub(crate) fn sum_pairs<T: Element, D: Dimension>(
             .and(&b)
             .fold(T::zero(), |sum, &a, &b| sum + f(a, b));
     };
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemm::avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        fn wide<T: Element>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+            sum_slices(a, b, f)
+        }
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { wide(a, b, f) };
+    }
+    sum_slices(a, b, f)
+}
+
+#[inline(always)]
+fn sum_slices<T: Element>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     let (a_lanes, b_lanes) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail = (a_lanes.remainder().iter())
         .zip(b_lanes.remainder())
@@ -167,6 +182,41 @@ fn two_sums_of_slices<T: Element>(a: &[T], b: &[T], f: impl Fn(T, T) -> (T, T)) 
     }
     let total = |tail: T, lanes: [T; 8]| lanes.iter().fold(tail, |sum, &lane| sum + lane);
     (total(tails.0, first), total(tails.1, second))
+}
+
+/// `out = f(out, a, b)` value by value over three views of one shape (an elementwise pass of
+/// a memory-bound op: batch norm's normalisation and dx); where all three are contiguous the
+/// loop is compiled for AVX2 on CPUs that have it (eight lanes instead of SSE2's four). An f
+/// that ignores `out` never reads it.
+pub(crate) fn zip_values<T: Element, D: Dimension>(
+    mut out: ArrayViewMut<T, D>,
+    a: ArrayView<T, D>,
+    b: ArrayView<T, D>,
+    f: impl Fn(T, T, T) -> T,
+) {
+    let (Some(out), Some(a), Some(b)) = (out.as_slice_mut(), a.as_slice(), b.as_slice()) else {
+        ndarray::Zip::from(&mut out)
+            .and(&a)
+            .and(&b)
+            .for_each(|out, &a, &b| *out = f(*out, a, b));
+        return;
+    };
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemm::avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        fn wide<T: Element>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T, T) -> T) {
+            zip_slices(out, a, b, f)
+        }
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { wide(out, a, b, f) };
+    }
+    zip_slices(out, a, b, f)
+}
+
+#[inline(always)]
+fn zip_slices<T: Element>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T, T) -> T) {
+    let values = out.iter_mut().zip(a.iter().zip(b));
+    values.for_each(|(out, (&a, &b))| *out = f(*out, a, b));
 }
 
 /// Runs `work` on `view` when it is in standard layout, else on a standard-layout copy that

@@ -32,7 +32,8 @@
 pub use super::Window;
 use super::{
     check_image, check_ndim, check_same, dims, in_standard_layout, layer_forward, layer_gradients,
-    shape_text, window_backward_reference, window_forward_reference, Border, LayerForward,
+    shape_text, sum_pairs, window_backward_reference, window_forward_reference, Border,
+    LayerForward,
 };
 use crate::cost::Cost;
 use crate::element::Element;
@@ -269,7 +270,8 @@ pub fn backward<T: Element>(
             for (x_n, dy_n) in x.outer_iter().zip(dy.outer_iter()) {
                 let grad = flat(dy_n.index_axis(Axis(0), o));
                 if let Some(Along(dbias, _)) = dbias.as_mut() {
-                    dbias[i] += ArrayView1::from(grad).sum();
+                    let grad = ArrayView1::from(grad);
+                    dbias[i] += sum_pairs(grad, grad, |g, _| g);
                 }
                 if dweight.is_none() {
                     continue;

@@ -17,12 +17,12 @@
 //! ## Cost
 //! Forward one add per element; backward two adds per element.
 
-use super::check_same;
+use super::{check_same, zip_values};
 use crate::element::Element;
 use crate::error::Result;
 use crate::graph::{Backward, Forward, Graph, NodeId};
 use crate::ops::{GradWrite, Operation};
-use ndarray::{ArrayViewD, ArrayViewMutD, Zip};
+use ndarray::{ArrayViewD, ArrayViewMutD};
 
 const OP: &str = "add";
 
@@ -72,16 +72,9 @@ pub fn output_shape<'a>(a: &'a [usize], b: &[usize]) -> Result<&'a [usize]> {
 }
 
 /// Forward: y = a + b.
-pub fn forward<T: Element>(
-    a: ArrayViewD<T>,
-    b: ArrayViewD<T>,
-    mut y: ArrayViewMutD<T>,
-) -> Result<()> {
+pub fn forward<T: Element>(a: ArrayViewD<T>, b: ArrayViewD<T>, y: ArrayViewMutD<T>) -> Result<()> {
     check_same(OP, "output", output_shape(a.shape(), b.shape())?, y.shape())?;
-    Zip::from(&mut y)
-        .and(&a)
-        .and(&b)
-        .for_each(|y, &a, &b| *y = a + b);
+    zip_values(y, a, b, |_, a, b| a + b);
     Ok(())
 }
 

@@ -27,13 +27,13 @@
 //! compares, read x and dy, write dx (or add to it, one more read, when an earlier contribution
 //! is there).
 
-use super::{check_same, elementwise_forward};
+use super::{check_same, elementwise_forward, zip_values};
 use crate::element::Element;
 use crate::error::Result;
 use crate::graph::{Backward, Forward, Graph, NodeId, Port};
 use crate::ops::{GradWrite, Operation};
 use crate::parallel::{in_parts, Along};
-use ndarray::{ArrayViewD, ArrayViewMutD, Axis, Zip};
+use ndarray::{ArrayViewD, ArrayViewMutD, Axis};
 
 /// The node on the tape, and which of the two functions it is: nothing saved; backward reads
 /// its input x.
@@ -116,10 +116,8 @@ pub fn forward<T: Element>(relu: Relu, x: ArrayViewD<T>, y: ArrayViewMutD<T>) ->
     check_same(relu.name(), "output", x.shape(), y.shape())?;
     let parts = (Along(x, Axis(0)), Along(y, Axis(0)));
     let apply = |relu: Relu| {
-        move |(Along(x, _), Along(mut y, _)): (Along<ArrayViewD<T>>, Along<ArrayViewMutD<T>>)| {
-            Zip::from(&mut y)
-                .and(&x)
-                .for_each(|y, &x| *y = relu.value(x));
+        move |(Along(x, _), Along(y, _)): (Along<ArrayViewD<T>>, Along<ArrayViewMutD<T>>)| {
+            zip_values(y, x.view(), x.view(), |_, x, _| relu.value(x));
             Ok(())
         }
     };
@@ -157,21 +155,20 @@ fn write_gradient<T: Element>(
         Along<ArrayViewMutD<'a, T>>,
     );
     let parts = (Along(x, Axis(0)), Along(dy, Axis(0)), Along(dx, Axis(0)));
-    let gradient = |(Along(x, _), Along(dy, _), Along(mut dx, _)): Parts<T>| {
-        let zip = Zip::from(&mut dx).and(&x).and(&dy);
+    let gradient = |(Along(x, _), Along(dy, _), Along(dx, _)): Parts<T>| {
         // Each arm a loop of its own, compiled for one function and one write.
         match (relu, write) {
             (Relu::Plain, GradWrite::Overwrite) => {
-                zip.for_each(|dx, &x, &g| *dx = Relu::Plain.gate(x, g))
+                zip_values(dx, x, dy, |_, x, g| Relu::Plain.gate(x, g))
             }
             (Relu::Plain, GradWrite::Accumulate) => {
-                zip.for_each(|dx, &x, &g| *dx += Relu::Plain.gate(x, g))
+                zip_values(dx, x, dy, |dx, x, g| dx + Relu::Plain.gate(x, g))
             }
             (Relu::Six, GradWrite::Overwrite) => {
-                zip.for_each(|dx, &x, &g| *dx = Relu::Six.gate(x, g))
+                zip_values(dx, x, dy, |_, x, g| Relu::Six.gate(x, g))
             }
             (Relu::Six, GradWrite::Accumulate) => {
-                zip.for_each(|dx, &x, &g| *dx += Relu::Six.gate(x, g))
+                zip_values(dx, x, dy, |dx, x, g| dx + Relu::Six.gate(x, g))
             }
         }
         Ok(())

@@ -184,10 +184,10 @@ fn two_sums_of_slices<T: Element>(a: &[T], b: &[T], f: impl Fn(T, T) -> (T, T)) 
     (total(tails.0, first), total(tails.1, second))
 }
 
-/// `out = f(out, a, b)` value by value over three views of one shape (an elementwise pass of
-/// a memory-bound op: batch norm's normalisation and dx); where all three are contiguous the
-/// loop is compiled for AVX2 on CPUs that have it (eight lanes instead of SSE2's four). An f
-/// that ignores `out` never reads it.
+/// `out = f(out, a, b)` value by value over three views of one shape (the elementwise passes
+/// of batch norm, ReLU and add); where all three are contiguous the loop is compiled for AVX2
+/// on CPUs that have it (eight lanes instead of SSE2's four), and an f that ignores `out`
+/// compiles to no load of it.
 pub(crate) fn zip_values<T: Element, D: Dimension>(
     mut out: ArrayViewMut<T, D>,
     a: ArrayView<T, D>,

@@ -44,7 +44,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gemm::{gemm, gemm_bias_relu, longer_side_as_rows};
 use crate::graph::{Backward, Forward, Graph, NodeId};
-use crate::ops::Operation;
+use crate::ops::{GradWrite, Operation};
 use crate::parallel::{
     in_parts, sample_matrix, sample_matrix_mut, samples_per_group, side_by_side, Along,
 };
@@ -365,7 +365,9 @@ fn col2im_padded<T: Element>(
     let plane = planes.border.padded_len();
     let targets = dx.chunks_exact_mut(dims.1 * dims.2);
     for (source, target) in padded.chunks_exact(plane).zip(targets) {
-        planes.border.add_interior(source, target);
+        planes
+            .border
+            .write_interior(source, target, GradWrite::Accumulate);
     }
 }
 

@@ -218,7 +218,7 @@ pub fn forward<T: Element>(
                     let taps = taps(&weight, o);
                     work.fill(bias.as_ref().map_or(T::zero(), |b| b[o]));
                     gather(&mut work, taps, &phases, &offsets);
-                    plane.narrow(&work, flat_mut(&mut y_plane));
+                    plane.narrow(&work, flat_mut(&mut y_plane), GradWrite::Overwrite);
                 }
             }
             Ok(())
@@ -340,11 +340,7 @@ pub fn input_gradient<T: Element>(
                                 transposed.split(flat(dy_n.index_axis(Axis(0), o)), &mut padded);
                                 gather(&mut work, &turned, &padded, &offsets);
                             }
-                            let dx_plane = flat_mut(&mut dx_plane);
-                            match write {
-                                GradWrite::Accumulate => transposed.narrow_add(&work, dx_plane),
-                                GradWrite::Overwrite => transposed.narrow(&work, dx_plane),
-                            }
+                            transposed.narrow(&work, flat_mut(&mut dx_plane), write);
                         }
                     }
                     return Ok(());
@@ -728,20 +724,15 @@ impl Plane {
         }
     }
 
-    /// Adds the work grid's outputs into an output plane.
-    fn narrow_add<T: Element>(&self, work: &[T], plane: &mut [T]) {
+    /// Writes the work grid's outputs into an output plane, as `write` says (`+=` or `=`).
+    fn narrow<T: Element>(&self, work: &[T], plane: &mut [T], write: GradWrite) {
         let step = self.phase_width();
         for (i, row) in plane.chunks_exact_mut(self.out_width.max(1)).enumerate() {
             let source = &work[i * step..][..self.out_width];
-            row.iter_mut().zip(source).for_each(|(x, &g)| *x += g);
-        }
-    }
-
-    /// Copies the work grid's outputs into an output plane.
-    fn narrow<T: Element>(&self, work: &[T], plane: &mut [T]) {
-        let step = self.phase_width();
-        for (i, row) in plane.chunks_exact_mut(self.out_width.max(1)).enumerate() {
-            row.copy_from_slice(&work[i * step..][..self.out_width]);
+            match write {
+                GradWrite::Accumulate => row.iter_mut().zip(source).for_each(|(x, &g)| *x += g),
+                GradWrite::Overwrite => row.copy_from_slice(source),
+            }
         }
     }
 
@@ -776,8 +767,7 @@ impl Plane {
     fn merge<T: Element>(&self, phases: &[T], plane: &mut [T], write: GradWrite) {
         let stride = self.window.stride;
         match (stride, write) {
-            (1, GradWrite::Accumulate) => return self.border().add_interior(phases, plane),
-            (1, GradWrite::Overwrite) => return self.border().copy_interior(phases, plane),
+            (1, _) => return self.border().write_interior(phases, plane, write),
             (2, _) => return self.merge_pairs(phases, plane, write),
             _ => {}
         }

@@ -367,20 +367,20 @@ impl Border {
         }
     }
 
-    /// Copies the interior of a bordered plane into a plane.
-    pub(crate) fn copy_interior<T: Copy>(self, padded: &[T], plane: &mut [T]) {
-        let (p, padded_width) = (self.padding, self.padded_width());
-        for (r, row) in plane.chunks_exact_mut(self.width.max(1)).enumerate() {
-            row.copy_from_slice(&padded[(r + p) * padded_width + p..][..self.width]);
-        }
-    }
-
-    /// Adds the interior of a bordered plane into a plane.
-    pub(crate) fn add_interior<T: Element>(self, padded: &[T], plane: &mut [T]) {
+    /// Writes the interior of a bordered plane into a plane, as `write` says (`+=` or `=`).
+    pub(crate) fn write_interior<T: Element>(
+        self,
+        padded: &[T],
+        plane: &mut [T],
+        write: GradWrite,
+    ) {
         let (p, padded_width) = (self.padding, self.padded_width());
         for (r, row) in plane.chunks_exact_mut(self.width.max(1)).enumerate() {
             let source = &padded[(r + p) * padded_width + p..][..self.width];
-            row.iter_mut().zip(source).for_each(|(x, &s)| *x += s);
+            match write {
+                GradWrite::Accumulate => row.iter_mut().zip(source).for_each(|(x, &s)| *x += s),
+                GradWrite::Overwrite => row.copy_from_slice(source),
+            }
         }
     }
 }

@@ -766,9 +766,9 @@ impl Plane {
     /// plane, every pixel once.
     fn merge<T: Element>(&self, phases: &[T], plane: &mut [T], write: GradWrite) {
         let stride = self.window.stride;
-        match (stride, write) {
-            (1, _) => return self.border().write_interior(phases, plane, write),
-            (2, _) => return self.merge_pairs(phases, plane, write),
+        match stride {
+            1 => return self.border().write_interior(phases, plane, write),
+            2 => return self.merge_pairs(phases, plane, write),
             _ => {}
         }
         let (phase_width, phase_len) = (self.phase_width(), self.phase_len());

@@ -52,7 +52,7 @@
 
 use super::{
     check_image, check_layer_gradients, check_ndim, check_same, dims, dims_mut, grad_shapes,
-    layer_forward, layer_gradients, shape_text, LayerForward,
+    layer_forward, layer_gradients, shape_text, zip_values, LayerForward,
 };
 use crate::cost::{self, Cost};
 use crate::element::Element;
@@ -68,7 +68,7 @@ use crate::parallel::{
 };
 use ndarray::{
     ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2, ArrayViewMut3,
-    ArrayViewMut4, Axis, Zip,
+    ArrayViewMut4, Axis,
 };
 
 const OP: &str = "conv1x1";
@@ -739,9 +739,13 @@ fn relu_mask<T: Element>(y: ArrayView4<T>, dy: ArrayViewMut4<T>) -> Result<()> {
         Along(mut dy, _),
     )| {
         // A select, not a branch, as in relu::backward.
-        Zip::from(&mut dy)
-            .and(&y)
-            .for_each(|dy, &y| *dy = if y > T::zero() { *dy } else { T::zero() });
+        zip_values(dy.view_mut(), y, y, |dy, y, _| {
+            if y > T::zero() {
+                dy
+            } else {
+                T::zero()
+            }
+        });
         Ok(())
     })
 }

@@ -8,11 +8,22 @@
 //! BENCH_THREADS=2 cargo run --release --example bench_shapes
 //! cargo run --release --example bench_shapes -- --shapes FILE      # any list of this format
 //! cargo run --release --example bench_shapes -- --forward --batch 1 # inference at batch 1
+//! # side by side, layer by layer: each shape here, then the same shape on a peer's program
+//! cargo run --release --example bench_shapes -- --rounds 3 \
+//!     --peer 'python3 ../shared/peers/shapes/torch_shapes.py {shapes} {threads}'
 //! ```
 //! Prints one `RESULT pointwise <name> <threads> <median ms> <GFLOP/s>` line per shape
 //! (GFLOP = 3 · 2·N·C_in·C_out·H·W: forward, dX and dW; 2·N·C_in·C_out·H·W with `--forward`),
 //! then a table with the share of the FMA peak measured in the same run. A shape with H = W = 1
 //! runs as a linear layer (N, C_in): what a fully-connected layer is.
+//!
+//! With `--peer`, each shape is timed here and then at once by the peer's command (given a
+//! file holding that one shape, and the thread count), so that both sides of a ratio are
+//! measured within a few seconds of each other: on a shared machine the load changes from
+//! minute to minute, and a whole list timed on one side and then on the other compares two
+//! different machines. The peer prints `RESULT <system> <name> <threads> <median ms> …` lines
+//! (`torch_shapes.py` does, one per memory layout); the closing table takes, per layer and
+//! side, the median of the rounds' medians, and the peer's fastest system.
 
 use clap::Parser;
 use ndarray::ArrayD;
@@ -82,6 +93,14 @@ struct Options {
     /// Run every shape at this batch size instead of its own (1: one image at a time).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     batch: Option<u32>,
+    /// A peer's command to time each shape right after this side does, run by `sh -c` with
+    /// `{shapes}` replaced by a file holding that one shape and `{threads}` by the thread
+    /// count (also set as OMP_NUM_THREADS); it prints `RESULT` lines.
+    #[arg(long, value_name = "COMMAND")]
+    peer: Option<String>,
+    /// How many times to go through the list (each layer's figure: the median of the rounds').
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
 }
 
 struct Shape {
@@ -252,20 +271,33 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let peak = common::peak::fma_peak(threads);
-    let mut rows = Vec::new();
-    for shape in &shapes {
-        match measure(shape, options.forward) {
-            Ok((median, min)) => {
-                let rate = gflop(shape, options.forward) / (median * 1e-3);
-                println!(
-                    "RESULT\tpointwise\t{}\t{threads}\t{median:.4}\t{rate:.1}",
-                    shape.name
-                );
-                rows.push((shape, median, min, rate));
+    // Per shape, this side's median of each round; per (peer system, shape), the peer's.
+    let mut ours: Vec<Vec<(f64, f64)>> = vec![Vec::new(); shapes.len()];
+    let mut theirs: Vec<(String, String, f64)> = Vec::new();
+    for _ in 0..options.rounds {
+        for (shape, rounds) in shapes.iter().zip(&mut ours) {
+            match measure(shape, options.forward) {
+                Ok((median, min)) => {
+                    let rate = gflop(shape, options.forward) / (median * 1e-3);
+                    println!(
+                        "RESULT\tpointwise\t{}\t{threads}\t{median:.4}\t{rate:.1}",
+                        shape.name
+                    );
+                    rounds.push((median, min));
+                }
+                Err(error) => {
+                    eprintln!("error: {}: {error}", shape.name);
+                    return ExitCode::FAILURE;
+                }
             }
-            Err(error) => {
-                eprintln!("error: {}: {error}", shape.name);
-                return ExitCode::FAILURE;
+            if let Some(command) = &options.peer {
+                match run_peer(command, shape, threads) {
+                    Ok(lines) => theirs.extend(lines),
+                    Err(error) => {
+                        eprintln!("error: peer on {}: {error}", shape.name);
+                        return ExitCode::FAILURE;
+                    }
+                }
             }
         }
     }
@@ -279,7 +311,14 @@ fn main() -> ExitCode {
         "layer", "N×C_in→C_out×H×W", "median ms", "min ms", "GFLOP/s", "%peak"
     );
     let mut total = 0.0;
-    for (shape, median, min, rate) in &rows {
+    let mut medians = Vec::new();
+    for (shape, rounds) in shapes.iter().zip(&ours) {
+        let median = median_of(rounds.iter().map(|&(median, _)| median).collect());
+        let min = rounds
+            .iter()
+            .map(|&(_, min)| min)
+            .fold(f64::INFINITY, f64::min);
+        let rate = gflop(shape, options.forward) / (median * 1e-3);
         let [n, c_in, c_out, h, w] = shape.dims;
         println!(
             "{:<22} {:>22} {median:>10.3} {min:>10.3} {rate:>9.1} {:>5.0}%",
@@ -290,7 +329,119 @@ fn main() -> ExitCode {
         if !shape.name.starts_with("linear") {
             total += median;
         }
+        medians.push(median);
     }
     println!("sum of the convolution layers' medians: {total:.2} ms");
+    if options.peer.is_some() {
+        side_by_side(&shapes, &medians, &theirs, options.rounds);
+    }
     ExitCode::SUCCESS
+}
+
+/// The median of some values (the mean of the middle two for an even count).
+fn median_of(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Runs the peer's command on `shape` alone; returns its `RESULT` lines as (system, name,
+/// median ms), echoing them.
+fn run_peer(
+    command: &str,
+    shape: &Shape,
+    threads: usize,
+) -> Result<Vec<(String, String, f64)>, String> {
+    let path = std::env::temp_dir().join(format!("pointwise-peer-{}.txt", std::process::id()));
+    let [n, c_in, c_out, h, w] = shape.dims;
+    let line = format!("{} {n} {c_in} {c_out} {h} {w}\n", shape.name);
+    std::fs::write(&path, line).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let command = command
+        .replace("{shapes}", &path.display().to_string())
+        .replace("{threads}", &threads.to_string());
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&command)
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .output()
+        .map_err(|e| format!("cannot run `{command}`: {e}"));
+    let _ = std::fs::remove_file(&path);
+    let output = output?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!("`{command}` failed ({}): {stderr}", output.status));
+    }
+    let mut lines = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let ["RESULT", system, name, _, ms, ..] = fields[..] {
+            if let Ok(ms) = ms.parse::<f64>() {
+                println!("{line}");
+                lines.push((system.to_string(), name.to_string(), ms));
+            }
+        }
+    }
+    match lines.is_empty() {
+        true => Err(format!("`{command}` printed no RESULT line")),
+        false => Ok(lines),
+    }
+}
+
+/// The table of ratios: per layer this side's median against the peer's fastest system (the
+/// median of each system's rounds), the sums over the convolution layers, and the layers where
+/// this side is slower.
+fn side_by_side(shapes: &[Shape], medians: &[f64], theirs: &[(String, String, f64)], rounds: u32) {
+    println!("\nside by side, each layer here then on the peer, {rounds} round(s); medians of the rounds' medians");
+    println!(
+        "{:<22} {:>12} {:>12} {:>8}  peer's fastest",
+        "layer", "this, ms", "peer, ms", "ratio"
+    );
+    let (mut ours_total, mut theirs_total, mut slower) = (0.0, 0.0, Vec::new());
+    for (shape, &median) in shapes.iter().zip(medians) {
+        let mut systems: Vec<&str> = theirs
+            .iter()
+            .filter(|(_, name, _)| *name == shape.name)
+            .map(|(system, _, _)| system.as_str())
+            .collect();
+        systems.sort_unstable();
+        systems.dedup();
+        let best = systems
+            .iter()
+            .map(|&system| {
+                let times = theirs
+                    .iter()
+                    .filter(|(s, name, _)| s == system && *name == shape.name)
+                    .map(|&(_, _, ms)| ms)
+                    .collect();
+                (median_of(times), system)
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        let Some((peer, system)) = best else {
+            println!("{:<22} {median:>12.3} {:>12} {:>8}", shape.name, "-", "-");
+            continue;
+        };
+        let ratio = peer / median;
+        println!(
+            "{:<22} {median:>12.3} {peer:>12.3} {ratio:>7.2}×  {system}",
+            shape.name
+        );
+        if !shape.name.starts_with("linear") {
+            ours_total += median;
+            theirs_total += peer;
+            if ratio < 1.0 {
+                slower.push(format!("{} {ratio:.2}×", shape.name));
+            }
+        }
+    }
+    println!(
+        "sum of the convolution layers: {ours_total:.2} against {theirs_total:.2} ms ({:.2}×); slower here: {}",
+        theirs_total / ours_total,
+        match slower.is_empty() {
+            true => "none".to_string(),
+            false => format!("{} ({})", slower.len(), slower.join(", ")),
+        }
+    );
 }

@@ -351,6 +351,11 @@ impl<T: Element> Model<T> {
     }
 
     fn step(&mut self) -> Result<T> {
+        // Forward and backward handed to the thread pool once (see parallel::on_the_pool).
+        crate::parallel::on_the_pool(|| self.forward_and_backward())
+    }
+
+    fn forward_and_backward(&mut self) -> Result<T> {
         let loss_node = self.roles.loss;
         self.graph.clear_grads();
         self.graph.forward(loss_node)?;

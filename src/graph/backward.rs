@@ -20,8 +20,10 @@ impl<T: Element> Graph<T> {
     /// tape. Used by [`crate::gradcheck`] with a random upstream gradient.
     pub fn backward_from(&mut self, target: NodeId, upstream: ArrayViewD<T>) -> Result<()> {
         self.check_backward(target, upstream.shape())?;
-        self.in_chunks(target, |graph, chunk| {
-            graph.sweep(target, Some(upstream.view()), chunk)
+        crate::parallel::on_the_pool(|| {
+            self.in_chunks(target, |graph, chunk| {
+                graph.sweep(target, Some(upstream.view()), chunk)
+            })
         })?;
         self.settle_unreached_leaves();
         Ok(())
@@ -41,14 +43,16 @@ impl<T: Element> Graph<T> {
         if !lendable {
             return self.backward_from(target, upstream.view());
         }
-        self.in_chunks(target, |graph, _| {
-            std::mem::swap(&mut graph.nodes[target.0].grad, upstream);
-            let swept = graph.sweep(target, None, None);
-            let seed = &mut graph.nodes[target.0];
-            std::mem::swap(&mut seed.grad, upstream);
-            // The caller holds the target's gradient: the graph's buffer holds none.
-            seed.grad_written = false;
-            swept
+        crate::parallel::on_the_pool(|| {
+            self.in_chunks(target, |graph, _| {
+                std::mem::swap(&mut graph.nodes[target.0].grad, upstream);
+                let swept = graph.sweep(target, None, None);
+                let seed = &mut graph.nodes[target.0];
+                std::mem::swap(&mut seed.grad, upstream);
+                // The caller holds the target's gradient: the graph's buffer holds none.
+                seed.grad_written = false;
+                swept
+            })
         })?;
         self.settle_unreached_leaves();
         Ok(())

@@ -9,6 +9,10 @@ use std::time::Instant;
 impl<T: Element> Graph<T> {
     /// Evaluates every node up to and including `target`, in creation order.
     pub fn forward(&mut self, target: NodeId) -> Result<()> {
+        crate::parallel::on_the_pool(|| self.forward_nodes(target))
+    }
+
+    fn forward_nodes(&mut self, target: NodeId) -> Result<()> {
         self.node(target)?;
         let current = self.current_to.take();
         let (training, profiling) = (self.training, self.profiling);

@@ -28,6 +28,7 @@
 use clap::Parser;
 use ndarray::ArrayD;
 use pointwise::Graph;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -401,23 +402,15 @@ fn side_by_side(shapes: &[Shape], medians: &[f64], theirs: &[(String, String, f6
     );
     let (mut ours_total, mut theirs_total, mut slower) = (0.0, 0.0, Vec::new());
     for (shape, &median) in shapes.iter().zip(medians) {
-        let mut systems: Vec<&str> = theirs
-            .iter()
-            .filter(|(_, name, _)| *name == shape.name)
-            .map(|(system, _, _)| system.as_str())
-            .collect();
-        systems.sort_unstable();
-        systems.dedup();
-        let best = systems
-            .iter()
-            .map(|&system| {
-                let times = theirs
-                    .iter()
-                    .filter(|(s, name, _)| s == system && *name == shape.name)
-                    .map(|&(_, _, ms)| ms)
-                    .collect();
-                (median_of(times), system)
-            })
+        let mut by_system: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for (system, name, ms) in theirs {
+            if *name == shape.name {
+                by_system.entry(system).or_default().push(*ms);
+            }
+        }
+        let best = by_system
+            .into_iter()
+            .map(|(system, times)| (median_of(times), system))
             .min_by(|a, b| a.0.total_cmp(&b.0));
         let Some((peer, system)) = best else {
             println!("{:<22} {median:>12.3} {:>12} {:>8}", shape.name, "-", "-");

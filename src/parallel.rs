@@ -295,9 +295,9 @@ pub(crate) fn fill<T: Copy + Send + Sync, D: Dimension>(
 
 /// Runs `work` on one of the pool's threads and returns its result. The ops' parallel parts
 /// then split from inside the pool (onto its own work queues). The tape's passes move there
-/// by themselves when more than one thread splits their work, but each move is a hand-off from outside, which costs an
-/// occasional allocation in rayon's injector queue: run a training loop in here for steps
-/// that allocate nothing at any thread count.
+/// by themselves when more than one thread splits their work, but each move is a hand-off
+/// from outside, which costs an occasional allocation in rayon's injector queue: run a
+/// training loop in here for steps that allocate nothing at any thread count.
 pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     let mut result = None;
     rayon::scope(|_| result = Some(work()));

@@ -125,19 +125,31 @@ fn product<T: Element>(
 /// sample n of B (N, K, P) and C (N, M, P): a 1×1 layer's forward pass (A = W) or its dX
 /// (A = Wᵀ, β = 1 to accumulate) over a batch. For f32 on AVX2 without AVX-512, and unless the
 /// product is one to split between the threads, one packed product over the samples' columns
-/// side by side (see `samples.rs`); otherwise one product per sample.
+/// side by side (see `samples.rs`); otherwise one product per sample. With `row_sums` (N × K,
+/// no bias or ReLU), row n gets sample n's `Σₚ Bₙ[k, p]` as [`gemm_and_row_sums_of_b`] would
+/// give it: dX's sample terms of db.
 pub(crate) fn gemm_samples<T: Element>(
     a: ArrayView2<T>,
     b: ArrayView3<T>,
     beta: T,
-    bias: Option<ArrayView1<T>>,
-    relu: bool,
+    (bias, relu): (Option<ArrayView1<T>>, bool),
     mut c: ArrayViewMut3<T>,
+    mut row_sums: Option<ArrayViewMut2<T>>,
 ) -> Result<()> {
     if let Some(bias) = &bias {
         check_length("bias length", a.nrows(), bias.len())?;
     }
     check_length("samples of C", b.shape()[0], c.shape()[0])?;
+    if let Some(sums) = &row_sums {
+        check_length("samples of the row sums", b.shape()[0], sums.nrows())?;
+        check_length("row sums of B", b.shape()[1], sums.ncols())?;
+        if bias.is_some() || relu {
+            return Err(Error::invalid_config(
+                "gemm_samples",
+                "row sums of B are taken with a plain product (no bias or ReLU)",
+            ));
+        }
+    }
     let (Some(b_0), Some(c_0)) = (b.outer_iter().next(), c.outer_iter_mut().next()) else {
         return Ok(());
     };
@@ -154,6 +166,9 @@ pub(crate) fn gemm_samples<T: Element>(
         && bias
             .as_ref()
             .is_none_or(|b| b.len() <= 1 || b.strides()[0] == 1)
+        && row_sums
+            .as_ref()
+            .is_none_or(|sums| sums.is_standard_layout())
     {
         let operands = samples::Samples {
             shape: [m, k, pixels],
@@ -169,15 +184,23 @@ pub(crate) fn gemm_samples<T: Element>(
             relu,
             c: c.as_mut_ptr().cast::<f32>(),
             c_strides: [c.strides()[0], c.strides()[1]],
+            b_row_sums: row_sums
+                .as_mut()
+                .map_or(std::ptr::null_mut(), |sums| sums.as_mut_ptr().cast::<f32>()),
         };
         // SAFETY: T is f32; the pointers and strides describe the views, whose shapes were
-        // checked ((M×K), N × (K×P), N × (M×P), non-empty); C is borrowed mutably, so it
-        // overlaps neither, and its samples are apart; AVX2 and FMA were detected.
+        // checked ((M×K), N × (K×P), N × (M×P), the row sums N × K row-major, non-empty); C
+        // and the sums are borrowed mutably, so they overlap nothing else, and C's samples are
+        // apart; AVX2 and FMA were detected.
         if unsafe { samples::gemm_f32(&operands) } {
             return Ok(());
         }
     }
-    for (b_n, c_n) in b.outer_iter().zip(c.outer_iter_mut()) {
+    for (n, (b_n, c_n)) in b.outer_iter().zip(c.outer_iter_mut()).enumerate() {
+        if let Some(sums) = row_sums.as_mut() {
+            gemm_and_row_sums_of_b(a, b_n, beta, c_n, sums.row_mut(n))?;
+            continue;
+        }
         let bias = bias.as_ref().map(|b| b.view());
         product(T::one(), a, b_n, beta, Epilogue { bias, relu }, c_n)?;
     }
@@ -1844,7 +1867,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::{gemm_and_row_sums_of_b, gemm_samples};
-    use ndarray::{s, Array1, Array2, Array3};
+    use ndarray::{s, Array1, Array2, Array3, Axis};
 
     /// The row sums of B taken with the product (by the AVX2 kernel's first row of tiles where
     /// it runs: few rows, shallow, a copied Wᵀ; with masked last columns) against a plain sum,
@@ -1938,7 +1961,7 @@ mod tests {
                 let bias_values = Array1::from_shape_fn(m, |i| value(i, 9));
                 let bias_view = bias.then(|| bias_values.view());
                 let c_view = c.slice_mut(s![.., 1..m + 1, ..]);
-                gemm_samples(a.view(), b, beta, bias_view, relu, c_view).unwrap();
+                gemm_samples(a.view(), b, beta, (bias_view, relu), c_view, None).unwrap();
                 for ((n, i, j), &got) in c.indexed_iter() {
                     let old = f64::from(c0[[n, i, j]]);
                     if i == 0 || i == m + 1 {
@@ -1967,6 +1990,67 @@ mod tests {
                     let error = (f64::from(got) - want).abs();
                     let bound = (k + 2) as f64 * f64::from(f32::EPSILON) / 2.0 * size;
                     assert!(error <= bound, "{case}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// The row sums of B that the products over the samples take (dX's sample terms of db)
+    /// have the bits the per-sample products' row sums have — in the packed product (maps of
+    /// 16k pixels) and where it falls back (other maps, an A too large to pack) — and taking
+    /// them leaves C's bits as they were.
+    #[test]
+    fn row_sums_over_the_samples_match_the_per_sample_ones() {
+        let value = |i: usize, j: usize| ((i * 31 + j * 17) % 23) as f32 / 23.0 - 0.5;
+        for (m, k, pixels, samples) in [
+            (13, 700, 64, 3),
+            (6, 64, 32, 5),
+            (20, 96, 16, 1),
+            (64, 256, 784, 2),
+            (7, 130, 196, 2),
+            (300, 260, 32, 2),
+        ] {
+            let a_t = Array2::from_shape_fn((k, m), |(i, j)| value(i, j));
+            let a = a_t.t();
+            let wide_b = Array3::from_shape_fn((samples, k + 3, pixels), |(n, i, j)| {
+                value(n * 7 + i, j + 2)
+            });
+            let b = wide_b.slice(s![.., 1..k + 1, ..]);
+            let c0 = Array3::from_shape_fn((samples, m, pixels), |(n, i, j)| value(i + 3, n + j));
+            let (mut plain, mut summed) = (c0.clone(), c0.clone());
+            let mut sums = Array2::from_elem((samples, k), f32::NAN);
+            gemm_samples(a, b, 1.0, (None, false), plain.view_mut(), None).unwrap();
+            let summing = Some(sums.view_mut());
+            gemm_samples(a, b, 1.0, (None, false), summed.view_mut(), summing).unwrap();
+            let case = format!("{m}×{k}·{samples}×({k}×{pixels})");
+            assert!(
+                plain
+                    .iter()
+                    .zip(&summed)
+                    .all(|(p, s)| p.to_bits() == s.to_bits()),
+                "{case}: C changed"
+            );
+            for (n, b_n) in b.outer_iter().enumerate() {
+                let (mut c_n, mut want) = (c0.index_axis(Axis(0), n).to_owned(), Array1::zeros(k));
+                gemm_and_row_sums_of_b(a, b_n, 1.0, c_n.view_mut(), want.view_mut()).unwrap();
+                for (row, (&got, &want)) in sums.row(n).iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{case}: sample {n} row {row}"
+                    );
+                }
+                // And they are B's row sums, to f32's rounding of `pixels` terms.
+                for (row, &got) in sums.row(n).iter().enumerate() {
+                    let terms = b_n
+                        .row(row)
+                        .iter()
+                        .map(|&v| f64::from(v))
+                        .collect::<Vec<_>>();
+                    let exact: f64 = terms.iter().sum();
+                    let size: f64 = terms.iter().map(|v| v.abs()).sum();
+                    let bound = pixels as f64 * f64::from(f32::EPSILON) / 2.0 * size;
+                    assert!((f64::from(got) - exact).abs() <= bound, "{case}: row {row}");
                 }
             }
         }

@@ -58,6 +58,9 @@ pub struct Samples {
     pub c: *mut f32,
     /// (sample, row) strides of C.
     pub c_strides: [isize; 2],
+    /// Where to write each sample's row sums of B, Σₚ Bₙ[k, p] at `b_row_sums + n·K + k`
+    /// (a layer's db beside its dX), or null. Taken only where P is a multiple of 16.
+    pub b_row_sums: *mut f32,
 }
 
 const ROWS: usize = 6;
@@ -86,26 +89,34 @@ pub unsafe fn gemm_f32(s: &Samples) -> bool {
     let padded_rows = m.next_multiple_of(ROWS);
     let a_len = padded_rows * k;
     let b_len = WIDTH * k;
-    if a_len * 4 > MAX_PACKED_A_BYTES {
+    let sums_len = if s.b_row_sums.is_null() { 0 } else { 8 * k };
+    if a_len * 4 > MAX_PACKED_A_BYTES || (sums_len > 0 && !s.shape[2].is_multiple_of(WIDTH)) {
         return false;
     }
     PACKED.with(|buffer| {
         let Ok(mut buffer) = buffer.try_borrow_mut() else {
             return false;
         };
-        if buffer.len() < a_len + b_len {
-            buffer.resize(a_len + b_len, 0.0);
+        if buffer.len() < a_len + b_len + sums_len {
+            buffer.resize(a_len + b_len + sums_len, 0.0);
         }
-        let (packed_a, packed_b) = buffer.split_at_mut(a_len);
-        // SAFETY: the caller's contract; the buffers hold the packed A and a block of B.
-        unsafe { run(s, packed_a.as_mut_ptr(), packed_b.as_mut_ptr()) };
+        let (packed_a, rest) = buffer.split_at_mut(a_len);
+        let (packed_b, lanes) = rest.split_at_mut(b_len);
+        let lanes = match sums_len {
+            0 => std::ptr::null_mut(),
+            _ => lanes.as_mut_ptr(),
+        };
+        // SAFETY: the caller's contract; the buffers hold the packed A, a block of B and,
+        // with row sums, 8 lanes for each row of B.
+        unsafe { run(s, packed_a.as_mut_ptr(), packed_b.as_mut_ptr(), lanes) };
         true
     })
 }
 
-/// The loops of the module's outline.
+/// The loops of the module's outline; with `lanes` (8·K values, or null), each sample's row
+/// sums of B as well (see [`pack_b`]).
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run(s: &Samples, packed_a: *mut f32, packed_b: *mut f32) {
+unsafe fn run(s: &Samples, packed_a: *mut f32, packed_b: *mut f32, lanes: *mut f32) {
     let [m, k, pixels] = s.shape;
     let columns = s.samples * pixels;
     let depth_blocks = k.div_ceil(MAX_DEPTH_BLOCK);
@@ -124,8 +135,15 @@ unsafe fn run(s: &Samples, packed_a: *mut f32, packed_b: *mut f32) {
             )
         };
     }
+    if !lanes.is_null() {
+        unsafe { std::ptr::write_bytes(lanes, 0, 8 * k) };
+    }
     for column in (0..columns).step_by(WIDTH) {
-        let lanes = WIDTH.min(columns - column);
+        if !lanes.is_null() && column > 0 && column % pixels == 0 {
+            // The previous sample's panels are all packed: its sums are complete.
+            unsafe { finish_row_sums(s, column / pixels - 1, lanes) };
+        }
+        let panel_lanes = WIDTH.min(columns - column);
         for first_depth in (0..k).step_by(depth_block) {
             let depth = depth_block.min(k - first_depth);
             let block_a = unsafe { packed_a.add(padded_rows * first_depth) };
@@ -133,7 +151,7 @@ unsafe fn run(s: &Samples, packed_a: *mut f32, packed_b: *mut f32) {
                 first: first_depth == 0,
                 last: first_depth + depth == k,
             };
-            unsafe { pack_b(s, column, first_depth, depth, packed_b) };
+            unsafe { pack_b(s, column, first_depth, depth, packed_b, lanes) };
             // The next panel's rows of B (this depth block; its first and last columns) are
             // asked for while the first row tile runs, one step of depth at a time.
             let next = column + WIDTH;
@@ -149,7 +167,7 @@ unsafe fn run(s: &Samples, packed_a: *mut f32, packed_b: *mut f32) {
                 let tile = Tile {
                     row,
                     column,
-                    lanes,
+                    lanes: panel_lanes,
                     depth,
                     prefetch: if row == 0 {
                         prefetch
@@ -168,6 +186,28 @@ unsafe fn run(s: &Samples, packed_a: *mut f32, packed_b: *mut f32) {
                     }
                 }
             }
+        }
+    }
+    if !lanes.is_null() {
+        unsafe { finish_row_sums(s, s.samples - 1, lanes) };
+    }
+}
+
+/// Sample n's row sums of B from their 8 lanes, added in order (the order of the crate's other
+/// row sums, `sum_in_lanes`), written to `b_row_sums + n·K`; the lanes are zeroed for the next
+/// sample.
+///
+/// # Safety
+/// `lanes` holds 8·K values; `s.b_row_sums` holds samples·K.
+unsafe fn finish_row_sums(s: &Samples, n: usize, lanes: *mut f32) {
+    let k = s.shape[1];
+    for row in 0..k {
+        // SAFETY: row < K, inside the lanes and sample n's sums.
+        unsafe {
+            let row_lanes = std::slice::from_raw_parts_mut(lanes.add(8 * row), 8);
+            let sum = row_lanes.iter().fold(0.0, |total, &lane| total + lane);
+            *s.b_row_sums.add(n * k + row) = sum;
+            row_lanes.fill(0.0);
         }
     }
 }
@@ -203,16 +243,46 @@ unsafe fn pack_a(s: &Samples, first: usize, depth: usize, target: *mut f32) {
 /// The 16 columns of the wide B from `column` at depths first..first + depth, as one panel at
 /// `target`: for each depth p in turn, the 16 values side by side (zeros past the last
 /// sample). A panel's columns may come from two samples (or more, on maps under 16 pixels).
+/// With `lanes` (not null; P a multiple of 16, so that a panel is 16 columns of one sample),
+/// the two vectors of each row are added to that row's 8 lanes as they pass, `lanes[row] +=
+/// v₀ + v₁`: B's row sums, taken while B streams from memory to be packed anyway, where a
+/// pass of their own would read all of B again (25.7 MB for dY of W2's 64 → 256 layer).
 ///
 /// # Safety
-/// The elements named exist in B; `target` holds 16·depth values.
+/// The elements named exist in B; `target` holds 16·depth values; `lanes`, when not null,
+/// holds 8·K values.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pack_b(s: &Samples, column: usize, first: usize, depth: usize, target: *mut f32) {
+unsafe fn pack_b(
+    s: &Samples,
+    column: usize,
+    first: usize,
+    depth: usize,
+    target: *mut f32,
+    lanes: *mut f32,
+) {
     let pixels = s.shape[2];
     let columns = s.samples * pixels;
     let rsb = s.b_strides[1];
     let source = |j: usize| source(s, j, first);
     let q = column % pixels;
+    if q + WIDTH <= pixels && !lanes.is_null() {
+        let from = source(column);
+        for p in 0..depth as isize {
+            // SAFETY: as below, and row first + p's 8 lanes.
+            unsafe {
+                let row = from.offset(p * rsb);
+                let to = target.offset(p * WIDTH as isize);
+                let (low, high) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
+                _mm256_storeu_ps(to, low);
+                _mm256_storeu_ps(to.add(8), high);
+                let sums = lanes.add(8 * (first + p as usize));
+                let pair = _mm256_add_ps(low, high);
+                _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_loadu_ps(sums), pair));
+            }
+        }
+        return;
+    }
+    debug_assert!(lanes.is_null(), "row sums need whole panels of one sample");
     if q + WIDTH <= pixels {
         // One sample: two vectors per depth.
         let from = source(column);

@@ -52,7 +52,7 @@
 
 use super::{
     check_image, check_layer_gradients, check_ndim, check_same, dims, dims_mut, grad_shapes,
-    layer_forward, layer_gradients, shape_text, zip_values, LayerForward,
+    layer_forward, layer_gradients, shape_text, sum_pairs, zip_values, LayerForward,
 };
 use crate::cost::{self, Cost};
 use crate::element::Element;
@@ -175,7 +175,7 @@ fn forward_epilogue<T: Element>(
     }
     if packed_over_samples(out[2] * out[3], weight.ncols()) {
         // (F1×F)·[X₁ … X_N] (F × N·P) → [Y₁ … Y_N], one packed product
-        return over_the_batch(weight, x, T::zero(), bias, relu, y);
+        return over_the_batch(weight, x, T::zero(), (bias, relu), y, None);
     }
     each_sample(x, y, &|x_n, y_n| {
         // (F1×F)·(F×P) → (F1×P)
@@ -222,11 +222,10 @@ pub(crate) fn gradients<T: Element>(
     if let Some(dweight) = dweight {
         weight_gradient(x, dy, dweight)?; // dW += Σₙ dYₙ·Xₙᵀ
     }
-    // With dX wanted too on the per-sample products, db's row sums of each dYₙ are taken with
-    // its dXₙ (see sample_input_gradient), then added in sample order.
-    let per_sample_dx = pixels >= GROUP_BELOW_PIXELS && !packed_over_samples(pixels, outputs);
+    // With dX wanted too, db's row sums of each dYₙ are taken by dX's product as it reads dYₙ
+    // (see `sums_with_dx`), then added in sample order.
     match (dx, dbias) {
-        (Some((dx, write)), Some(dbias)) if per_sample_dx => {
+        (Some((dx, write)), Some(dbias)) if sums_with_dx(pixels, outputs) => {
             let shape = (dy.shape()[0], dy.shape()[1]);
             // The row sums live in the thread's scratch, not allocated on each call.
             T::with_scratch(shape.0 * shape.1, |sums| {
@@ -378,10 +377,12 @@ fn by_sample<T: Element>(
     Ok(())
 }
 
-/// sums[o] ← Σₚ dYₙ[o, p] for every output channel o: one sample's term of db.
+/// sums[o] ← Σₚ dYₙ[o, p] for every output channel o: one sample's term of db, read while
+/// dYₙ is still in cache from its term of dW, in eight partial sums ([`sum_pairs`]: vector
+/// adds, where ndarray's `sum` ran one value at a time).
 fn row_sums_of<T: Element>(dy_n: ArrayView2<T>, mut sums: ArrayViewMut1<T>) {
     for (sum, row) in sums.iter_mut().zip(dy_n.outer_iter()) {
-        *sum = row.sum();
+        *sum = sum_pairs(row, row, |value, _| value);
     }
 }
 
@@ -529,11 +530,12 @@ fn input_gradient_and_row_sums<T: Element>(
     )?;
     let expected = [dy.shape()[0], weight.ncols(), dy.shape()[2], dy.shape()[3]];
     check_same(OP, "input gradient", &expected, dx.shape())?;
-    if dy.shape()[2] * dy.shape()[3] < GROUP_BELOW_PIXELS {
-        debug_assert!(
-            row_sums.is_none(),
-            "row sums are taken on the per-sample products"
-        );
+    let pixels = dy.shape()[2] * dy.shape()[3];
+    debug_assert!(
+        row_sums.is_none() || sums_with_dx(pixels, weight.nrows()),
+        "row sums are taken where sums_with_dx says"
+    );
+    if pixels < GROUP_BELOW_PIXELS {
         return in_groups(
             dy,
             dx,
@@ -545,10 +547,16 @@ fn input_gradient_and_row_sums<T: Element>(
             },
         );
     }
-    if packed_over_samples(dy.shape()[2] * dy.shape()[3], weight.nrows()) {
-        debug_assert!(row_sums.is_none(), "row sums are taken per sample");
+    if packed_over_samples(pixels, weight.nrows()) {
         // (F×F1)·[dY₁ … dY_N] (F1 × N·P) → [dX₁ … dX_N], one packed product
-        return over_the_batch(weight.t(), dy, write.beta::<T>(), None, false, dx);
+        return over_the_batch(
+            weight.t(),
+            dy,
+            write.beta::<T>(),
+            (None, false),
+            dx,
+            row_sums,
+        );
     }
     let row_sums = row_sums.map(|sums| Along(sums, Axis(0)));
     in_parts((Along(dy, Axis(0)), Along(dx, Axis(0)), row_sums), &|(
@@ -782,6 +790,17 @@ fn packed_over_samples(pixels: usize, depth: usize) -> bool {
 /// See [`packed_over_samples`].
 const PACKED_MIN_DEPTH: usize = 64;
 
+/// Whether db's row sums of each dYₙ are taken by dX's product as it reads dYₙ, rather than in
+/// a pass of their own over dY: by the per-sample products (maps of at least
+/// [`GROUP_BELOW_PIXELS`] pixels that are not [`packed_over_samples`]), and by the packed
+/// product where a map's pixels are a multiple of 16, so that each 16-column panel it packs
+/// is one sample's (`gemm/samples.rs`). On W2's 64 → 256 layer at 28×28 (batch 32) the pass
+/// of its own read all of dY, 25.7 MB, from memory once more.
+fn sums_with_dx(pixels: usize, outputs: usize) -> bool {
+    pixels >= GROUP_BELOW_PIXELS
+        && (!packed_over_samples(pixels, outputs) || pixels.is_multiple_of(16))
+}
+
 /// Whether the backward pass on a map of [`SAMPLE_BY_SAMPLE_PIXELS`] or more runs its products
 /// apart (dW, then dX, then db) rather than [`sample_by_sample`]: when dX is wanted and both
 /// channel counts reach [`PACKED_MIN_DEPTH`], dX as one product packed over the batch
@@ -804,30 +823,27 @@ fn passes_apart(pixels: usize, inputs: usize, outputs: usize, dx_wanted: bool) -
 const SAMPLE_BY_SAMPLE_PIXELS: usize = 256;
 
 /// Outputₙ ← A·Inputₙ + β·Outputₙ (+ bias, ReLU) for every sample, as one packed product
-/// over each thread's samples side by side ([`gemm_samples`]); the samples split between the
-/// threads.
+/// over each thread's samples side by side ([`gemm_samples`]), and with `row_sums` (N × rows
+/// of Inputₙ) each input's row sums; the samples split between the threads.
+#[allow(clippy::type_complexity)]
 fn over_the_batch<T: Element>(
     a: ArrayView2<T>,
     inputs: ArrayView4<T>,
     beta: T,
-    bias: Option<ArrayView1<T>>,
-    relu: bool,
+    (bias, relu): (Option<ArrayView1<T>>, bool),
     outputs: ArrayViewMut4<T>,
+    row_sums: Option<ArrayViewMut2<T>>,
 ) -> Result<()> {
-    in_parts((Along(inputs, Axis(0)), Along(outputs, Axis(0))), &|(
-        Along(inputs, _),
-        Along(outputs, _),
-    )| {
-        let (inputs, outputs) = (samples_matrices(inputs)?, samples_matrices(outputs)?);
-        gemm_samples(
-            a,
-            inputs,
-            beta,
-            bias.as_ref().map(|b| b.view()),
-            relu,
-            outputs,
-        )
-    })
+    let row_sums = row_sums.map(|sums| Along(sums, Axis(0)));
+    in_parts(
+        (Along(inputs, Axis(0)), Along(outputs, Axis(0)), row_sums),
+        &|(Along(inputs, _), Along(outputs, _), row_sums)| {
+            let (inputs, outputs) = (samples_matrices(inputs)?, samples_matrices(outputs)?);
+            let bias = bias.as_ref().map(|b| b.view());
+            let sums = row_sums.map(|Along(sums, _)| sums);
+            gemm_samples(a, inputs, beta, (bias, relu), outputs, sums)
+        },
+    )
 }
 
 /// One product per group of samples (the samples split between the threads first): the

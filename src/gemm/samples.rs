@@ -136,6 +136,7 @@ unsafe fn run(s: &Samples, packed_a: *mut f32, packed_b: *mut f32, lanes: *mut f
         };
     }
     if !lanes.is_null() {
+        // The lanes start at zero for the first sample (`finish_row_sums` zeroes them after).
         unsafe { std::ptr::write_bytes(lanes, 0, 8 * k) };
     }
     for column in (0..columns).step_by(WIDTH) {

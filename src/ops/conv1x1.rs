@@ -802,7 +802,7 @@ fn sums_with_dx(pixels: usize, outputs: usize) -> bool {
 }
 
 /// Whether the backward pass on a map of [`SAMPLE_BY_SAMPLE_PIXELS`] or more runs its products
-/// apart (dW, then dX, then db) rather than [`sample_by_sample`]: when dX is wanted and both
+/// apart (dW, then dX with db's row sums) rather than [`sample_by_sample`]: when dX is wanted and both
 /// channel counts reach [`PACKED_MIN_DEPTH`], dX as one product packed over the batch
 /// ([`over_the_batch`]) outruns the per-sample products by more than reading dY once more
 /// costs. The whole backward pass, the two ways alternating in one process (fastest of 30):
@@ -825,7 +825,6 @@ const SAMPLE_BY_SAMPLE_PIXELS: usize = 256;
 /// Outputₙ ← A·Inputₙ + β·Outputₙ (+ bias, ReLU) for every sample, as one packed product
 /// over each thread's samples side by side ([`gemm_samples`]), and with `row_sums` (N × rows
 /// of Inputₙ) each input's row sums; the samples split between the threads.
-#[allow(clippy::type_complexity)]
 fn over_the_batch<T: Element>(
     a: ArrayView2<T>,
     inputs: ArrayView4<T>,

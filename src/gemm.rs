@@ -334,6 +334,13 @@ fn sum_in_lanes<T: Element>(row: ArrayView1<T>) -> T {
             *lane += value(start + l) + value(start + 8 + l);
         }
     }
+    sum_of_lanes(&lanes)
+}
+
+/// A sum kept in lanes, finished: the lanes added in order, lane 0 first. Every kernel here
+/// that sums in lanes (B's row sums, with dX on either kernel; a linear layer's dot products)
+/// finishes this way, so that a layer's db has the same bits whichever path took it.
+fn sum_of_lanes<T: Element>(lanes: &[T]) -> T {
     lanes.iter().fold(T::zero(), |total, &lane| total + lane)
 }
 
@@ -744,7 +751,7 @@ mod shallow {
             unsafe { tiles(operands, block, sums.as_mut_ptr()) };
             for (row, lanes) in sums.chunks_exact(8).enumerate() {
                 // The order of `sum_in_lanes`, which sums where this kernel does not.
-                let sum = lanes.iter().fold(0.0, |total, &lane| total + lane);
+                let sum = super::sum_of_lanes(lanes);
                 // SAFETY: row < K, inside the caller's K values.
                 unsafe { *operands.b_row_sums.add(row) = sum };
             }

@@ -121,7 +121,7 @@ unsafe fn rows<const R: usize, const V: usize>(d: &Dots) {
             let mut lanes = [0.0f32; 8];
             // SAFETY: 8 floats.
             unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
-            let mut dot = lanes.iter().fold(0.0, |total, &lane| total + lane);
+            let mut dot = super::sum_of_lanes(&lanes);
             if !d.bias.is_null() {
                 // SAFETY: bias[o], o < F1.
                 dot += unsafe { *d.bias.add(o) };

@@ -206,8 +206,7 @@ unsafe fn finish_row_sums(s: &Samples, n: usize, lanes: *mut f32) {
         // SAFETY: row < K, inside the lanes and sample n's sums.
         unsafe {
             let row_lanes = std::slice::from_raw_parts_mut(lanes.add(8 * row), 8);
-            let sum = row_lanes.iter().fold(0.0, |total, &lane| total + lane);
-            *s.b_row_sums.add(n * k + row) = sum;
+            *s.b_row_sums.add(n * k + row) = super::sum_of_lanes(row_lanes);
             row_lanes.fill(0.0);
         }
     }
@@ -266,38 +265,28 @@ unsafe fn pack_b(
     let rsb = s.b_strides[1];
     let source = |j: usize| source(s, j, first);
     let q = column % pixels;
-    if q + WIDTH <= pixels && !lanes.is_null() {
+    if q + WIDTH <= pixels {
+        // One sample: two vectors per depth (with lanes, their sum added to the row's).
         let from = source(column);
         for p in 0..depth as isize {
-            // SAFETY: as below, and row first + p's 8 lanes.
+            // SAFETY: 16 values of row first + p of one sample, the panel's row p, and that
+            // row's 8 lanes.
             unsafe {
                 let row = from.offset(p * rsb);
                 let to = target.offset(p * WIDTH as isize);
                 let (low, high) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
                 _mm256_storeu_ps(to, low);
                 _mm256_storeu_ps(to.add(8), high);
-                let sums = lanes.add(8 * (first + p as usize));
-                let pair = _mm256_add_ps(low, high);
-                _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_loadu_ps(sums), pair));
+                if !lanes.is_null() {
+                    let sums = lanes.add(8 * (first + p as usize));
+                    let pair = _mm256_add_ps(low, high);
+                    _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_loadu_ps(sums), pair));
+                }
             }
         }
         return;
     }
     debug_assert!(lanes.is_null(), "row sums need whole panels of one sample");
-    if q + WIDTH <= pixels {
-        // One sample: two vectors per depth.
-        let from = source(column);
-        for p in 0..depth as isize {
-            // SAFETY: 16 values of row first + p of one sample, and the panel's row p.
-            unsafe {
-                let row = from.offset(p * rsb);
-                let to = target.offset(p * WIDTH as isize);
-                _mm256_storeu_ps(to, _mm256_loadu_ps(row));
-                _mm256_storeu_ps(to.add(8), _mm256_loadu_ps(row.add(8)));
-            }
-        }
-        return;
-    }
     if pixels >= WIDTH {
         // At most two samples: each part loaded under its mask, at an address shifted so that
         // its lanes land in their place (masked lanes are neither read nor faulted), then
